@@ -1,0 +1,227 @@
+"""The course harness: run profiles, device, seeding, and the student-notebook build.
+
+Every notebook starts with
+
+    from sdlearn.course import profile, device, seed_everything
+    P = profile()          # sizes for this machine: P.image_size, P.vae_steps, ...
+
+and reads every size from `P`, never from a literal, so the same notebook is a
+one-minute smoke test in CI, a ten-minute run on a laptop and a full run on a GPU.
+
+    python -m sdlearn.course build-notebooks [--check]
+
+writes notebooks/ (the student notebooks) from solutions/ with nbgrader's own
+preprocessors, and keeps the Colab set-up cell and the README's notebook table
+in step with `REPO` below.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROFILES = ("smoke", "cpu", "gpu")
+
+
+def knob(smoke, cpu, gpu):
+    """One profile-dependent size: its value in the smoke, cpu and gpu profiles."""
+    return field(metadata=dict(smoke=smoke, cpu=cpu, gpu=gpu))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The sizes notebooks use. One line per knob: (smoke, cpu, gpu).
+
+    smoke: CI, every notebook well under a minute on 2 CPU cores (proves it runs).
+    cpu:   a laptop, each training notebook about 10 minutes on 2 cores, results a person recognises.
+    gpu:   Colab / a datacentre GPU, the whole course in minutes, the best results.
+    """
+
+    name: str = knob("smoke", "cpu", "gpu")
+    # shared
+    image_size: int = knob(32, 32, 64)            # shapes images, pixels per side
+    batch_size: int = knob(16, 64, 128)           # training batch
+    num_eval: int = knob(32, 200, 400)            # prompts scored by the judge
+    num_workers: int = knob(0, 0, 2)              # DataLoader workers
+    # 01 self-attention
+    attn_max_tokens: int = knob(256, 1024, 4096)  # largest HW in the attention cost sweep
+    # 02 cross-attention / text encoder
+    clip_steps: int = knob(20, 600, 1500)         # contrastive pretraining steps
+    # 03 VAE
+    vae_steps: int = knob(20, 2000, 4000)
+    # 04 DDPM noising
+    sample_steps: int = knob(10, 50, 50)          # reverse-process steps when sampling
+    toy_steps: int = knob(20, 200, 400)           # reverse steps on the 2-D toy
+    # 05 UNet (pixel-space DDPM)
+    pixel_steps: int = knob(10, 1500, 4000)
+    # 06 latent diffusion
+    ldm_steps: int = knob(10, 2000, 8000)
+    # 07 SDXL refiner
+    refiner_steps: int = knob(10, 1000, 4000)
+    # 08 MMDiT
+    mmdit_steps: int = knob(10, 2000, 8000)
+
+    @classmethod
+    def named(cls, name: str) -> "Profile":
+        if name not in PROFILES:
+            raise ValueError(
+                f"unknown run profile {name!r}: SDLEARN_PROFILE must be one of {', '.join(PROFILES)}"
+            )
+        return cls(**{f.name: f.metadata[name] for f in fields(cls)})
+
+
+def profile(name: str | None = None) -> Profile:
+    """The run profile: `name`, else $SDLEARN_PROFILE, else gpu when CUDA is available, else cpu."""
+    name = name or os.environ.get("SDLEARN_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+    return Profile.named(name.strip().lower())
+
+
+def device() -> torch.device:
+    """$SDLEARN_DEVICE if set, else cuda when available, else cpu."""
+    if "SDLEARN_DEVICE" in os.environ:
+        return torch.device(os.environ["SDLEARN_DEVICE"])
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch (all devices); return a torch.Generator seeded the same."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------
+# Student notebooks
+
+REPO = "sdlearn/sdlearn"  # the GitHub repository, "owner/name": Colab badges and installs read it
+ROOT = Path(__file__).resolve().parent.parent
+COLAB_TAG = "colab-setup"
+
+
+def colab_cell_source() -> str:
+    return (
+        "# Colab only: install sdlearn (does nothing elsewhere)\n"
+        "import sys, subprocess\n"
+        "if 'google.colab' in sys.modules:\n"
+        f"    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', 'sdlearn @ git+https://github.com/{REPO}'], check=True)"
+    )
+
+
+def colab_badge(notebook: str) -> str:
+    url = f"https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{notebook}"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+
+
+def _with_colab_cell(nb):
+    """The notebook with the Colab set-up cell first (inserted, or rewritten to the current REPO)."""
+    import nbformat
+
+    cell = nbformat.v4.new_code_cell(colab_cell_source(), metadata={"tags": [COLAB_TAG]})
+    cell.id = COLAB_TAG
+    first = nb.cells[0] if nb.cells else None
+    if first is not None and COLAB_TAG in first.get("metadata", {}).get("tags", []):
+        first.source = cell.source
+    else:
+        nb.cells.insert(0, cell)
+    return nb
+
+
+def _check_nbgrader_metadata(nb, path: Path) -> None:
+    """Every solution region must sit in an nbgrader solution cell with a unique grade_id."""
+    ids = set()
+    for i, cell in enumerate(nb.cells):
+        meta = cell.get("metadata", {}).get("nbgrader")
+        if "### BEGIN SOLUTION" in cell.source and not (meta and meta.get("solution")):
+            raise ValueError(f"{path.name} cell {i}: has '### BEGIN SOLUTION' but no nbgrader solution metadata")
+        if meta:
+            gid = meta.get("grade_id")
+            if not gid or gid in ids:
+                raise ValueError(f"{path.name} cell {i}: nbgrader grade_id missing or repeated ({gid!r})")
+            ids.add(gid)
+
+
+def student_version(nb):
+    """Clear solutions and outputs with nbgrader's preprocessors: what a learner receives."""
+    import copy
+
+    from nbgrader.preprocessors import ClearOutput, ClearSolutions
+
+    nb = copy.deepcopy(nb)
+    resources = {}
+    for pre in (ClearSolutions(), ClearOutput()):
+        nb, resources = pre.preprocess(nb, resources)
+    return nb
+
+
+def _readme_table(names: list[str]) -> str:
+    rows = ["| notebook | open |", "| --- | --- |"]
+    rows += [f"| [{n}](notebooks/{n}) | {colab_badge(n)} |" for n in names]
+    return "\n".join(rows)
+
+
+README_BEGIN, README_END = "<!-- notebooks:begin -->", "<!-- notebooks:end -->"
+
+
+def build_notebooks(root: Path = ROOT, check: bool = False) -> list[str]:
+    """Write notebooks/ from solutions/; return the paths that changed (or would change, with check)."""
+    import nbformat
+
+    sol_dir, out_dir = root / "solutions", root / "notebooks"
+    sources = sorted(sol_dir.glob("*.ipynb"))
+    if not sources:
+        raise FileNotFoundError(f"no notebooks in {sol_dir}")
+    writes: dict[Path, str] = {}
+    for src in sources:
+        nb = nbformat.read(src, as_version=4)
+        _check_nbgrader_metadata(nb, src)
+        nb = _with_colab_cell(nb)
+        writes[src] = nbformat.writes(nb) + "\n"
+        writes[out_dir / src.name] = nbformat.writes(student_version(nb)) + "\n"
+    stale = [p for p in out_dir.glob("*.ipynb") if p.name not in {s.name for s in sources}]
+    readme = root / "README.md"
+    if readme.exists():
+        text = readme.read_text()
+        if README_BEGIN in text and README_END in text:
+            head, rest = text.split(README_BEGIN, 1)
+            _, tail = rest.split(README_END, 1)
+            table = _readme_table([s.name for s in sources])
+            writes[readme] = f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}"
+    changed = [str(p.relative_to(root)) for p, t in writes.items() if not p.exists() or p.read_text() != t]
+    changed += [str(p.relative_to(root)) for p in stale]
+    if not check:
+        out_dir.mkdir(exist_ok=True)
+        for p, t in writes.items():
+            if not p.exists() or p.read_text() != t:
+                p.write_text(t)
+        for p in stale:
+            p.unlink()
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdlearn.course")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-notebooks", help="write notebooks/ (student versions) from solutions/")
+    b.add_argument("--check", action="store_true", help="write nothing; exit 1 if notebooks/ is out of date")
+    sub.add_parser("profile", help="print the active run profile")
+    args = parser.parse_args(argv)
+    if args.cmd == "profile":
+        print(profile())
+        return 0
+    changed = build_notebooks(check=args.check)
+    if args.check and changed:
+        print("out of date (run: python -m sdlearn.course build-notebooks):\n  " + "\n  ".join(changed))
+        return 1
+    print(("up to date" if args.check else "wrote") + f": {len(changed)} file(s) changed" + "".join(f"\n  {c}" for c in changed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Datasets for the course.
+
+The main one is a tiny synthetic text-to-image dataset: coloured shapes on black, with captions that are
+exactly true ("a red circle on the left and a blue square on the right"), so that a program
+(sdlearn.metrics) can check whether a generated image follows its prompt. It is generated on the fly,
+deterministically, with no downloads.
+
+For learners with internet there are also thin wrappers that turn MNIST / Fashion-MNIST / CIFAR-10 and a
+folder of image + .txt pairs into the same (image [3,size,size] in [-1,1], caption) form.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+# -----------------------------------------------------------------------------
+# vocabulary
+
+COLORS = ("red", "yellow", "green", "cyan", "blue", "magenta")  # pure hues, 60 degrees apart
+COLOR_RGB = {  # in [0,1]
+    "red": (1.0, 0.0, 0.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "blue": (0.0, 0.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0),
+}
+SHAPES = ("circle", "square", "triangle", "cross")  # triangle points up, cross is a plus sign
+POSITIONS = ("left", "right", "top", "bottom", "center")
+POSITION_XY = {  # anchor centres in unit coordinates (x right, y down)
+    "left": (0.2, 0.5),
+    "right": (0.8, 0.5),
+    "top": (0.5, 0.2),
+    "bottom": (0.5, 0.8),
+    "center": (0.5, 0.5),
+}
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+# (colour, shape) pairs never seen in training: a Latin square, so every colour and every shape
+# appears in at most one pair and each word is still seen with its other partners
+HELDOUT_PAIRS = (("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"))
+SPLITS = ("train", "heldout")
+
+SIZE_RANGE = (0.26, 0.30)  # object side, as a fraction of the canvas
+JITTER = 0.02  # max offset of an object's centre from its anchor, unit coordinates
+SUPERSAMPLE = 4  # render at 4x and average-pool: anti-aliasing
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    color: str
+    shape: str
+    position: str
+
+
+def caption(objects: Sequence[ShapeObject]) -> str:
+    """[ShapeObject("red","circle","left")] -> "a red circle on the left" (objects joined by " and ")."""
+    return " and ".join(f"a {o.color} {o.shape} {POSITION_PHRASES[o.position]}" for o in objects)
+
+
+_PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASES.items()}
+_OBJECT_RE = re.compile(
+    rf"a ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) ({'|'.join(POSITION_PHRASES.values())})"
+)
+GRAMMAR = (
+    '"a <color> <shape> <position phrase>[ and a <color> <shape> <position phrase>]" with '
+    f"color in {{{', '.join(COLORS)}}}, shape in {{{', '.join(SHAPES)}}}, "
+    f"position phrase in {{{', '.join(POSITION_PHRASES.values())}}}, each position used at most once"
+)
+
+
+def parse_caption(text: str) -> list[ShapeObject]:
+    """Inverse of caption(): "a red circle on the left and ..." -> [ShapeObject("red","circle","left"), ...]."""
+    if not isinstance(text, str):
+        raise ValueError(f"caption must be a str, got {type(text).__name__}; expected {GRAMMAR}")
+    parts = " ".join(text.strip().lower().split()).split(" and ")
+    objects = []
+    for part in parts:
+        m = _OBJECT_RE.fullmatch(part)
+        if m is None:
+            raise ValueError(f"cannot parse caption {text!r} (at {part!r}); expected {GRAMMAR}")
+        objects.append(ShapeObject(m[1], m[2], _PHRASE_TO_POSITION[m[3]]))
+    positions = [o.position for o in objects]
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"caption {text!r} puts two objects at the same position; expected {GRAMMAR}")
+    return objects
+
+
+# -----------------------------------------------------------------------------
+# rendering
+
+
+@dataclass(frozen=True)
+class Placement:
+    """An object placed on the canvas: centre (cx, cy) and side s, in unit coordinates."""
+    obj: ShapeObject
+    cx: float
+    cy: float
+    s: float
+
+
+def _check_size(size) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
+        raise ValueError(f"size must be an int >= 16, got {size!r}")
+
+
+def _disjoint(a: Placement, b: Placement, margin: float) -> bool:
+    """Bounding boxes separated by at least `margin` along x or along y."""
+    gap_x = abs(a.cx - b.cx) - (a.s + b.s) / 2
+    gap_y = abs(a.cy - b.cy) - (a.s + b.s) / 2
+    return max(gap_x, gap_y) >= margin
+
+
+def layout(objects: Sequence[ShapeObject], rng: np.random.Generator | None = None,
+           margin: float = 1 / 32, tries: int = 100) -> list[Placement]:
+    """Place objects near their anchors: side ~ U[0.26, 0.30], centre jitter ~ U[-0.02, 0.02].
+
+    Resamples (with the same rng) until all bounding boxes are `margin` apart. rng=None: no randomness,
+    side 0.28. If `tries` draws all fail (only for tiny canvases) objects shrink to fit on their anchors.
+    """
+    if rng is None:
+        return [Placement(o, *POSITION_XY[o.position], sum(SIZE_RANGE) / 2) for o in objects]
+    for _ in range(tries):
+        placed = []
+        for o in objects:
+            ax, ay = POSITION_XY[o.position]
+            s = rng.uniform(*SIZE_RANGE)
+            dx, dy = rng.uniform(-JITTER, JITTER, size=2)
+            placed.append(Placement(o, ax + dx, ay + dy, s))
+        if all(_disjoint(a, b, margin) for i, a in enumerate(placed) for b in placed[i + 1:]):
+            return placed
+    s = min(SIZE_RANGE[0], 0.3 - margin)  # neighbouring anchors are 0.3 apart along x or y
+    return [Placement(o, *POSITION_XY[o.position], s) for o in objects]
+
+
+def shape_mask(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Inside-test for a shape of side 2 centred at 0: x, y are coordinates relative to the centre / (s/2)."""
+    if shape == "circle":
+        return x**2 + y**2 <= 1
+    if shape == "square":
+        return (x.abs() <= 1) & (y.abs() <= 1)
+    if shape == "triangle":  # apex at (0,-1), base from (-1,1) to (1,1)
+        return (y <= 1) & (x.abs() <= (y + 1) / 2)
+    if shape == "cross":  # plus sign, arms 1/3 of the side wide
+        return ((x.abs() <= 1) & (y.abs() <= 1 / 3)) | ((y.abs() <= 1) & (x.abs() <= 1 / 3))
+    raise ValueError(f"unknown shape {shape!r}, expected one of {SHAPES}")
+
+
+def _draw(placements: Sequence[Placement], size: int, supersample: int = SUPERSAMPLE) -> torch.Tensor:
+    """Placements -> [3,size,size] in [-1,1]. No size check (augmentation renders small originals)."""
+    n = size * supersample
+    u = (torch.arange(n, dtype=torch.float32) + 0.5) / n  # pixel centres in unit coordinates
+    y, x = torch.meshgrid(u, u, indexing="ij")  # [n,n] each
+    img = torch.zeros(3, n, n)
+    for p in placements:
+        inside = shape_mask(p.obj.shape, (x - p.cx) / (p.s / 2), (y - p.cy) / (p.s / 2))  # [n,n]
+        rgb = torch.tensor(COLOR_RGB[p.obj.color]).view(3, 1, 1)
+        img = torch.where(inside, rgb, img)
+    img = F.avg_pool2d(img[None], supersample)[0]  # [3,size,size] in [0,1]
+    return img * 2 - 1
+
+
+def render(objects: Sequence[ShapeObject | Placement], size: int, rng: np.random.Generator | None = None,
+           supersample: int = SUPERSAMPLE) -> torch.Tensor:
+    """Draw a scene -> [3,size,size] float32 in [-1,1], black background, anti-aliased.
+
+    objects: ShapeObjects (laid out with layout(objects, rng, margin=1 px)) or ready Placements.
+    """
+    _check_size(size)
+    size = int(size)
+    if all(isinstance(o, ShapeObject) for o in objects):
+        objects = layout(objects, rng, margin=1 / size)
+    return _draw(objects, size, supersample)
+
+
+# -----------------------------------------------------------------------------
+# the shapes dataset
+
+_TRAIN_PAIRS = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]  # 20 pairs
+
+
+@dataclass
+class ShapesSample:
+    image: torch.Tensor  # [3,H,W] float32 in [-1,1]
+    caption: str
+    objects: tuple[ShapeObject, ...]
+    original_size: tuple[int, int]  # (h, w) the scene was rendered at
+    crop_top_left: tuple[int, int]  # (top, left) of the crop, in rescaled pixels
+    target_size: tuple[int, int]  # (h, w) of image
+
+
+class ShapesDataset(Dataset):
+    """Coloured shapes on black with exact captions; ds[i] -> (image [3,size,size] in [-1,1], caption).
+
+    Item i is a pure function of (seed, split, i). split="train" never shows a HELDOUT_PAIRS object;
+    split="heldout" shows exactly one per image (the other object, if any, is a training pair).
+    augment=True: SDXL-style random original size + rescale + crop, recorded in ds.item(i).
+    """
+
+    def __init__(self, size: int = 32, split: str = "train", seed: int = 0, max_objects: int = 2,
+                 length: int | None = None, augment: bool = False):
+        _check_size(size)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
+        if max_objects not in (1, 2):
+            raise ValueError(f"max_objects must be 1 or 2, got {max_objects!r}")
+        if length is None:
+            length = 50_000 if split == "train" else 1_000
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length must be a positive int or None, got {length!r}")
+        self.size, self.split, self.seed = int(size), split, int(seed)
+        self.max_objects, self.length, self.augment = max_objects, length, augment
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        sample = self.item(i)
+        return sample.image, sample.caption
+
+    def objects(self, rng: np.random.Generator) -> list[ShapeObject]:
+        """Draw the scene's objects: 1..max_objects, distinct positions, split-dependent pairs."""
+        n = int(rng.integers(1, self.max_objects + 1))
+        positions = [POSITIONS[k] for k in rng.choice(len(POSITIONS), size=n, replace=False)]
+        pairs = [_TRAIN_PAIRS[k] for k in rng.integers(len(_TRAIN_PAIRS), size=n)]
+        if self.split == "heldout":  # one object, chosen at random, gets a held-out pair
+            pairs[int(rng.integers(n))] = HELDOUT_PAIRS[int(rng.integers(len(HELDOUT_PAIRS)))]
+        return [ShapeObject(c, s, p) for (c, s), p in zip(pairs, positions)]
+
+    def item(self, i: int) -> ShapesSample:
+        if not -self.length <= i < self.length:
+            raise IndexError(f"index {i} out of range for a dataset of length {self.length}")
+        i = int(i) % self.length
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
+        objects = self.objects(rng)
+        size = self.size
+        placements = layout(objects, rng, margin=1 / size)
+        if not self.augment:
+            image = _draw(placements, size)
+            return ShapesSample(image, caption(objects), tuple(objects), (size, size), (0, 0), (size, size))
+        # SDXL-style: a really smaller/larger original, rescaled to [1, 1.25] x size, then a random crop
+        o = int(rng.integers(size // 2, 2 * size + 1))
+        side = round(size * rng.uniform(1.0, 1.25))
+        top, left = (int(v) for v in rng.integers(0, side - size + 1, size=2))
+        image = _draw(placements, o)[None]  # [1,3,o,o]
+        image = F.interpolate(image, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        image = image[0, :, top:top + size, left:left + size].clamp(-1, 1).contiguous()  # [3,size,size]
+        return ShapesSample(image, caption(objects), tuple(objects), (o, o), (top, left), (size, size))
+
+
+# -----------------------------------------------------------------------------
+# real data (needs internet once, e.g. on Colab)
+
+
+def _to_model_range(img, size: int) -> torch.Tensor:
+    """PIL image -> RGB, shorter side resized to size, centre crop -> [3,size,size] float32 in [-1,1]."""
+    from torchvision.transforms import functional as TF
+    img = TF.center_crop(TF.resize(img.convert("RGB"), size, antialias=True), size)
+    return TF.pil_to_tensor(img).float() / 127.5 - 1
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+class TorchvisionCaptions(Dataset):
+    """MNIST / Fashion-MNIST / CIFAR-10 with class-name captions; ds[i] -> (image [3,size,size] in [-1,1], caption).
+
+    Captions: "a handwritten digit 7", "a photo of a sneaker", "a photo of a cat".
+    """
+    NAMES = ("mnist", "fashion-mnist", "cifar10")
+
+    def __init__(self, name: str, root: str | Path, size: int = 32, train: bool = True, download: bool = False):
+        from torchvision import datasets
+        if name not in self.NAMES:
+            raise ValueError(f"unknown dataset {name!r}, supported: {', '.join(self.NAMES)}")
+        cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
+        try:
+            self.ds = cls(str(root), train=train, download=download)
+        except RuntimeError as e:
+            raise RuntimeError(f"{name} not found under {str(root)!r} ({e}); "
+                               f"pass download=True to download it (needs internet)") from e
+        self.name, self.size = name, size
+        if name == "mnist":
+            self.captions = [f"a handwritten digit {k}" for k in range(10)]
+        else:  # "T-shirt/top" -> "t-shirt", "Ankle boot" -> "ankle boot"
+            names = [c.split("/")[0].lower() for c in self.ds.classes]
+            self.captions = [f"a photo of {_article(c)} {c}" for c in names]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        img, label = self.ds[i]
+        return _to_model_range(img, self.size), self.captions[int(label)]
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class ImageCaptionFolder(Dataset):
+    """A folder of images, each with a same-stem .txt caption (cat.png + cat.txt), searched recursively.
+
+    ds[i] -> (image [3,size,size] in [-1,1], caption): RGB, shorter side resized to size, centre-cropped.
+    """
+
+    def __init__(self, root: str | Path, size: int = 32):
+        self.root, self.size = Path(root), size
+        layout_hint = "expected layout: root/name.png + root/name.txt (images: png, jpg, jpeg, webp)"
+        if not self.root.is_dir():
+            raise ValueError(f"{str(self.root)!r} is not a folder; {layout_hint}")
+        files = sorted(p for p in self.root.rglob("*") if p.is_file())
+        images = {p.with_suffix(""): p for p in files if p.suffix.lower() in IMAGE_EXTS}
+        texts = {p.with_suffix(""): p for p in files if p.suffix.lower() == ".txt"}
+        n_images = sum(p.suffix.lower() in IMAGE_EXTS for p in files)
+        if n_images != len(images):
+            raise ValueError(f"several images share a stem in {str(self.root)!r}; one image per caption, "
+                             f"{layout_hint}")
+        orphans = [images[k] for k in images.keys() - texts.keys()] + [texts[k] for k in texts.keys() - images.keys()]
+        if orphans:
+            names = ", ".join(sorted(str(p.relative_to(self.root)) for p in orphans))
+            raise ValueError(f"files without a partner in {str(self.root)!r}: {names}; {layout_hint}")
+        if not images:
+            raise ValueError(f"no image/caption pairs found in {str(self.root)!r}; {layout_hint}")
+        self.pairs = [(images[k], texts[k]) for k in sorted(images)]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        from PIL import Image
+        image_path, text_path = self.pairs[i]
+        with Image.open(image_path) as img:
+            image = _to_model_range(img, self.size)
+        return image, text_path.read_text(encoding="utf-8").strip()
