@@ -10,6 +10,7 @@ folder of image + .txt pairs into the same (image [3,size,size] in [-1,1], capti
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,33 +117,41 @@ def _check_size(size) -> None:
         raise ValueError(f"size must be an int >= 16, got {size!r}")
 
 
-def _disjoint(a: Placement, b: Placement, margin: float) -> bool:
-    """Bounding boxes separated by at least `margin` along x or along y."""
-    gap_x = abs(a.cx - b.cx) - (a.s + b.s) / 2
-    gap_y = abs(a.cy - b.cy) - (a.s + b.s) / 2
-    return max(gap_x, gap_y) >= margin
+def _fit(placed: Sequence[Placement], margin: float) -> float:
+    """Largest factor (capped at 1) the sides can be scaled by so that all bounding boxes are `margin` apart
+    along x or along y."""
+    f = 1.0
+    for i, a in enumerate(placed):
+        for b in placed[i + 1:]:
+            f = min(f, (max(abs(a.cx - b.cx), abs(a.cy - b.cy)) - margin) / ((a.s + b.s) / 2))
+    return f
 
 
 def layout(objects: Sequence[ShapeObject], rng: np.random.Generator | None = None,
            margin: float = 1 / 32, tries: int = 100) -> list[Placement]:
     """Place objects near their anchors: side ~ U[0.26, 0.30], centre jitter ~ U[-0.02, 0.02].
 
-    Resamples (with the same rng) until all bounding boxes are `margin` apart. rng=None: no randomness,
-    side 0.28. If `tries` draws all fail (only for tiny canvases) objects shrink to fit on their anchors.
+    Resamples (with the same rng) until all bounding boxes are `margin` apart. If all `tries` draws fail
+    (only on tiny canvases, where 1 px is a lot) the draw that needs the least shrinking is shrunk to fit.
+    rng=None: no randomness, objects of side 0.28 on their anchors.
     """
     if rng is None:
-        return [Placement(o, *POSITION_XY[o.position], sum(SIZE_RANGE) / 2) for o in objects]
-    for _ in range(tries):
-        placed = []
-        for o in objects:
-            ax, ay = POSITION_XY[o.position]
-            s = rng.uniform(*SIZE_RANGE)
-            dx, dy = rng.uniform(-JITTER, JITTER, size=2)
-            placed.append(Placement(o, ax + dx, ay + dy, s))
-        if all(_disjoint(a, b, margin) for i, a in enumerate(placed) for b in placed[i + 1:]):
-            return placed
-    s = min(SIZE_RANGE[0], 0.3 - margin)  # neighbouring anchors are 0.3 apart along x or y
-    return [Placement(o, *POSITION_XY[o.position], s) for o in objects]
+        draws = [[Placement(o, *POSITION_XY[o.position], sum(SIZE_RANGE) / 2) for o in objects]]
+    else:
+        draws = []
+        for _ in range(tries):
+            placed = []
+            for o in objects:
+                ax, ay = POSITION_XY[o.position]
+                s = rng.uniform(*SIZE_RANGE)
+                dx, dy = rng.uniform(-JITTER, JITTER, size=2)
+                placed.append(Placement(o, ax + dx, ay + dy, s))
+            if _fit(placed, margin) >= 1:
+                return placed
+            draws.append(placed)
+    best = max(draws, key=lambda placed: _fit(placed, margin))
+    f = min(_fit(best, margin), 1.0)
+    return [Placement(p.obj, p.cx, p.cy, p.s * f) for p in best]
 
 
 def shape_mask(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -182,6 +191,8 @@ def render(objects: Sequence[ShapeObject | Placement], size: int, rng: np.random
     size = int(size)
     if all(isinstance(o, ShapeObject) for o in objects):
         objects = layout(objects, rng, margin=1 / size)
+    elif not all(isinstance(o, Placement) for o in objects):
+        raise TypeError("objects must be all ShapeObjects or all Placements")
     return _draw(objects, size, supersample)
 
 
@@ -230,7 +241,7 @@ class ShapesDataset(Dataset):
         sample = self.item(i)
         return sample.image, sample.caption
 
-    def objects(self, rng: np.random.Generator) -> list[ShapeObject]:
+    def sample_objects(self, rng: np.random.Generator) -> list[ShapeObject]:
         """Draw the scene's objects: 1..max_objects, distinct positions, split-dependent pairs."""
         n = int(rng.integers(1, self.max_objects + 1))
         positions = [POSITIONS[k] for k in rng.choice(len(POSITIONS), size=n, replace=False)]
@@ -240,11 +251,12 @@ class ShapesDataset(Dataset):
         return [ShapeObject(c, s, p) for (c, s), p in zip(pairs, positions)]
 
     def item(self, i: int) -> ShapesSample:
+        i = operator.index(i)
         if not -self.length <= i < self.length:
             raise IndexError(f"index {i} out of range for a dataset of length {self.length}")
-        i = int(i) % self.length
+        i %= self.length
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
-        objects = self.objects(rng)
+        objects = self.sample_objects(rng)
         size = self.size
         placements = layout(objects, rng, margin=1 / size)
         if not self.augment:
