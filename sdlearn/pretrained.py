@@ -90,6 +90,21 @@ def load_file_checked(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupted?): {e}") from e
 
 
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """model.load_state_dict(state), but a mismatch names the parameter and both shapes."""
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit {type(model).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (a checkpoint of another model or config?)")
+    for k, v in state.items():
+        if ours[k].shape != v.shape:
+            raise ValueError(f"{source} does not fit {type(model).__name__}: parameter {k!r} has shape "
+                             f"{list(v.shape)} in the file but {list(ours[k].shape)} in the model "
+                             f"(a checkpoint of another config?)")
+    model.load_state_dict(state)
+
+
 def load(name: str, size: int | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """The released model `name` at image `size` (default: the active profile's), in eval mode."""
     file = _resolve(name, size)
@@ -98,7 +113,7 @@ def load(name: str, size: int | None = None, device: str | torch.device = "cpu")
     cls = getattr(importlib.import_module(module_name), cls_name)
     config = _config_class(cls)(**json.loads(meta["config"]))
     model = cls(config)
-    model.load_state_dict(state)
+    load_state_checked(model, state, str(file))
     return model.to(device).eval()
 
 
