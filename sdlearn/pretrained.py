@@ -42,6 +42,7 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], dest: Path, metadata: dic
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a release is for everyone
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
