@@ -52,8 +52,16 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], dest: Path, metadata: dic
 def save(model: nn.Module, name: str, size: int, command: str, dest: Path | None = None, **extra: str) -> Path:
     """Release `model` (which has a dataclass `.config`) as name-size, recording the reproducing command."""
     cls = type(model)
+    module = cls.__module__
+    if module == "__main__":  # saved by `python -m sdlearn.x ...`: record the importable name
+        import sys
+
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is None:
+            raise ValueError(f"cannot release a {cls.__qualname__} defined in a script: define it in a module")
+        module = spec.name
     meta = {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "class": f"{module}.{cls.__qualname__}",
         "config": json.dumps(dataclasses.asdict(model.config)),
         "command": command,
         **extra,

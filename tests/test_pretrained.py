@@ -59,3 +59,24 @@ def test_failed_save_keeps_the_good_file(weights, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         pretrained.save(Tiny(TinyConfig()), "tiny", 32, command="bad")
     assert dest.read_bytes() == good and list(weights.iterdir()) == [dest]
+
+
+def test_a_release_saved_by_python_dash_m_names_the_importable_module(weights, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "pkg" / "mod.py"
+    script.parent.mkdir()
+    script.write_text(
+        "import sys\nfrom dataclasses import dataclass\nfrom pathlib import Path\nfrom torch import nn\n"
+        "from sdlearn import pretrained\n"
+        "@dataclass\nclass C:\n    w: int = 2\n"
+        "class M(nn.Module):\n    def __init__(self, config: C):\n        super().__init__(); self.config = config; self.l = nn.Linear(config.w, 1)\n"
+        "if __name__ == '__main__':\n    pretrained.save(M(C()), 'm', 32, command='x', dest=Path(sys.argv[1]))\n")
+    (script.parent / "__init__.py").write_text("")
+    out = tmp_path / "m-32.safetensors"
+    r = subprocess.run([sys.executable, "-m", "pkg.mod", str(out)], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from safetensors import safe_open
+    with safe_open(out, framework="pt") as f:
+        assert f.metadata()["class"] == "pkg.mod.M"
