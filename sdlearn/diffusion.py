@@ -1,0 +1,490 @@
+"""Denoising diffusion: noise schedules, the forward process, DDPM and DDIM reverse steps, guidance.
+
+    schedule = NoiseSchedule("scaled_linear")                  # Stable Diffusion's, 1000 steps
+    x_t = schedule.add_noise(x0, noise, t)                     # q(x_t | x_0) in closed form, t: LongTensor [B]
+    loss = F.mse_loss(model(x_t, t), schedule.target("eps", x0, noise, t))
+    x0 = sample(lambda x, t: model(x, t, context), torch.randn(shape), schedule, steps=50)
+
+Notation (Ho et al. 2020): beta_t is the variance added at step t, alpha_t = 1 - beta_t,
+abar_t = alpha_0 * ... * alpha_t (`alphas_cumprod`), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
+SNR(t) = abar_t / (1 - abar_t). Timesteps are 0-based as in diffusers: t in [0, num_steps), and a
+step t -> t_prev = -1 lands on the clean sample (abar_{-1} = 1, diffusers' set_alpha_to_one).
+
+Precision: betas and alphas_cumprod are float32 tensors on the CPU, computed exactly as diffusers
+computes them (so `alphas_cumprod` is bit-identical to DDPMScheduler's for any num_steps; a float64
+cumprod would drift from it by up to ~1e-6 at 1e5 steps). Coefficients derived from them (square roots,
+1 - abar, posterior coefficients) are computed, like diffusers does, in float32, or in float64 when the
+sample is float64, and moved to the sample's device when used ("index-time move"): a schedule works with
+tensors on any device. So the steps match diffusers' schedulers to float32 rounding at every t; near t = 0
+float32 loses digits in 1 - abar_t / abar_prev (about 5e-4 relative at t = 1 of the linear schedule, as
+in diffusers): pass float64 samples for the exact values. snr() is computed in float64.
+
+The reverse steps are plain functions with one signature, in the k-diffusion manner:
+
+    x_prev = ddpm_step(schedule, model_output, x, t, t_prev, prediction="eps", noise=None, generator=None)
+    x_prev = ddim_step(schedule, model_output, x, t, t_prev, prediction="eps", noise=None, generator=None, eta=0.0)
+
+and `sample` is the loop around them. A model is anything called as `model(x, t)` -> a tensor shaped
+like x, with t a LongTensor [B] on x's device; wrap a conditional model in a lambda that closes over
+its context, or in `guided(...)` for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+_SCHEDULE_ALIASES = {"squaredcos_cap_v2": "cosine"}  # diffusers' name
+
+PREDICTIONS = ("eps", "x0", "v")
+_PREDICTION_ALIASES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}  # diffusers' names
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _prediction(kind: str) -> str:
+    kind = _PREDICTION_ALIASES.get(kind, kind)
+    if kind not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {kind!r}, expected one of {PREDICTIONS} "
+                         f"(or diffusers' {tuple(_PREDICTION_ALIASES)})")
+    return kind
+
+
+def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021 eq. 17: abar(t) = cos^2((t/T + s)/(1 + s) pi/2), beta_t = 1 - abar_t/abar_{t-1} <= 0.999."""
+    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    betas = [min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)]
+    return torch.tensor(betas, dtype=torch.float32)  # as diffusers' betas_for_alpha_bar
+
+
+class NoiseSchedule:
+    """The variances beta_0..beta_{T-1} of the forward process and everything derived from them.
+
+    kind: "linear" (Ho et al. 2020, betas 1e-4..0.02), "scaled_linear" (Stable Diffusion: linear in
+    sqrt(beta), 0.00085..0.012) or "cosine" (Nichol & Dhariwal 2021; diffusers' "squaredcos_cap_v2").
+    Tensors (float32, CPU, as diffusers'): betas, alphas, alphas_cumprod, each [num_steps].
+    """
+
+    def __init__(self, kind: str = "linear", num_steps: int = 1000, beta_start: float | None = None,
+                 beta_end: float | None = None):
+        kind = _SCHEDULE_ALIASES.get(kind, kind)
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule kind {kind!r}, expected one of {SCHEDULES}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if kind == "cosine":
+            if beta_start is not None or beta_end is not None:
+                raise ValueError("the cosine schedule is defined by abar(t), it takes no beta_start / beta_end")
+            betas = cosine_betas(num_steps)
+        else:
+            b0, b1 = DEFAULT_BETAS[kind]
+            beta_start = b0 if beta_start is None else float(beta_start)
+            beta_end = b1 if beta_end is None else float(beta_end)
+            if not 0 < beta_start <= beta_end < 1:
+                raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+            if kind == "linear":
+                betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float32)
+            else:
+                betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float32) ** 2
+        self.kind, self.num_steps = kind, num_steps
+        self.beta_start, self.beta_end = beta_start, beta_end
+        self.betas = betas  # [T] float32
+        self.alphas = 1.0 - betas  # [T]
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # [T], bit-identical to diffusers'
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __repr__(self) -> str:
+        betas = "" if self.kind == "cosine" else f", beta_start={self.beta_start}, beta_end={self.beta_end}"
+        return f"NoiseSchedule({self.kind!r}, num_steps={self.num_steps}{betas})"
+
+    # -- timesteps ---------------------------------------------------------------------------------------
+
+    def check_t(self, t, batch: int | None = None) -> torch.Tensor:
+        """t as a LongTensor ([] or [B]), after checking its dtype, shape and range [0, num_steps)."""
+        if isinstance(t, bool) or not isinstance(t, (numbers.Integral, torch.Tensor)):
+            raise TypeError(f"timesteps must be an int or an integer tensor, got {type(t).__name__}")
+        t = torch.as_tensor(t)
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+            raise TypeError(f"timesteps must be integers (a LongTensor), got dtype {t.dtype}")
+        if t.ndim > 1:
+            raise ValueError(f"timesteps must be a scalar or a 1-D tensor [B], got shape {tuple(t.shape)}")
+        if batch is not None and t.ndim == 1 and t.shape[0] != batch:
+            raise ValueError(f"timestep tensor has batch size {t.shape[0]} but the sample has batch size {batch}")
+        if t.numel() and (t.min() < 0 or t.max() >= self.num_steps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_steps}), got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        return t.long()
+
+    def gather(self, values: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
+        """values[t] shaped to broadcast over x: [B,1,...,1] (or [] for a scalar t), on x's device,
+        in x's compute dtype (float64 for a float64 x, else float32)."""
+        t = self.check_t(t, batch=x.shape[0] if x.ndim else None)
+        v = values[t.cpu()].to(compute_dtype(x))  # [B] or []; cast on the CPU: some devices (mps) lack float64
+        if t.ndim == 1:
+            v = v.view(-1, *([1] * (x.ndim - 1)))  # [B,1,...,1]: broadcast over every dim but the batch
+        return v.to(x.device)
+
+    def timesteps(self, steps: int, spacing: str = "leading", offset: int = 0) -> torch.Tensor:
+        """`steps` timesteps from noisy to clean, as diffusers' set_timesteps -> LongTensor [steps], descending.
+
+        "leading" (diffusers' default): 0, k, 2k, ... with k = T // steps, reversed (plus `offset`, SD uses 1);
+        "trailing": T-1, T-1-k, ... (always starts at the noisiest step; Lin et al. 2023 table 2);
+        "linspace": round(linspace(0, T-1, steps)), reversed.
+        """
+        T = self.num_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if steps > T:
+            raise ValueError(f"asked for {steps} sampling steps but the schedule has only {T} timesteps")
+        if spacing == "leading":
+            ts = torch.arange(steps) * (T // steps) + offset
+        elif spacing == "trailing":
+            ts = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)).long() - 1
+            ts = ts.flip(0)
+        elif spacing == "linspace":
+            ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+        else:
+            raise ValueError(f"unknown timestep spacing {spacing!r}, expected one of {SPACINGS}")
+        ts = ts.flip(0).long()
+        self.check_t(ts)
+        return ts
+
+    def snr(self, t) -> torch.Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) (Kingma et al. 2021), float64."""
+        abar = self.alphas_cumprod[self.check_t(t)].double()
+        return abar / (1 - abar)
+
+    def log_snr(self, t) -> torch.Tensor:
+        return self.snr(t).log()
+
+    # -- the forward process and the parameterisations ---------------------------------------------------
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """q(x_t | x_0) in closed form (Ho et al. eq. 4): sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; any shape [B,...]."""
+        if x0.shape != noise.shape:
+            raise ValueError(f"x0 and noise must have the same shape, got {tuple(x0.shape)} and {tuple(noise.shape)}")
+        abar = self.gather(self.alphas_cumprod, t, x0)  # [B,1,...]
+        return (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).to(x0.dtype)
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022, section 4; SD 2.x 768-v)."""
+        abar = self.gather(self.alphas_cumprod, t, x0)
+        return (abar.sqrt() * noise - (1 - abar).sqrt() * x0).to(x0.dtype)
+
+    def target(self, prediction: str, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """What a model trained with `prediction` ("eps" | "x0" | "v") should output for x_t = add_noise(x0, noise, t)."""
+        prediction = _prediction(prediction)
+        if prediction == "eps":
+            return noise
+        if prediction == "x0":
+            return x0
+        return self.velocity(x0, noise, t)
+
+    def to_x0(self, prediction: str, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The model's estimate of x_0: from eps, (x_t - sqrt(1-abar) eps) / sqrt(abar); from v, sqrt(abar) x_t - sqrt(1-abar) v."""
+        prediction = _prediction(prediction)
+        abar = self.gather(self.alphas_cumprod, t, x_t)
+        if prediction == "eps":
+            x0 = (x_t - (1 - abar).sqrt() * model_output) / abar.sqrt()
+        elif prediction == "x0":
+            x0 = model_output
+        else:
+            x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * model_output
+        return x0.to(x_t.dtype)
+
+    def to_eps(self, prediction: str, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The model's estimate of eps: from x0, (x_t - sqrt(abar) x0) / sqrt(1-abar); from v, sqrt(abar) v + sqrt(1-abar) x_t."""
+        prediction = _prediction(prediction)
+        abar = self.gather(self.alphas_cumprod, t, x_t)
+        if prediction == "eps":
+            eps = model_output
+        elif prediction == "x0":
+            eps = (x_t - abar.sqrt() * model_output) / (1 - abar).sqrt()
+        else:
+            eps = abar.sqrt() * model_output + (1 - abar).sqrt() * x_t
+        return eps.to(x_t.dtype)
+
+    def abar_pair(self, t, t_prev, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(abar_t, abar_{t_prev}) as 0-d tensors of `dtype` for one step t -> t_prev, with abar_{-1} = 1."""
+        if isinstance(t_prev, bool) or not isinstance(t_prev, (numbers.Integral, torch.Tensor)):
+            raise TypeError(f"t_prev must be an int, got {type(t_prev).__name__}")
+        t, t_prev = int(self.check_t(t)), int(t_prev)
+        if not -1 <= t_prev < t:
+            raise ValueError(f"a reverse step goes from t to an earlier t_prev in [-1, t), got t={t}, t_prev={t_prev}")
+        abar = self.alphas_cumprod.to(dtype)
+        return abar[t], abar[t_prev] if t_prev >= 0 else torch.ones((), dtype=dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision schedule coefficients are computed in for a sample x: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# -----------------------------------------------------------------------------
+# the reverse process
+
+
+def posterior(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int | None = None):
+    """q(x_{t_prev} | x_t, x_0) = N(mean, variance I) (Ho et al. eq. 6-7) -> (mean, variance as a float).
+
+    With a_t = abar_t / abar_prev (alpha_t for a single step, t_prev = t - 1, the default) and b_t = 1 - a_t:
+    mean = sqrt(abar_prev) b_t / (1 - abar_t) x0 + sqrt(a_t) (1 - abar_prev) / (1 - abar_t) x_t,
+    variance = (1 - abar_prev) / (1 - abar_t) b_t   ("fixed_small", beta tilde). At t_prev = -1: mean = x0, variance 0.
+    """
+    t = int(t)
+    abar_t, abar_prev = schedule.abar_pair(t, t - 1 if t_prev is None else t_prev, compute_dtype(x_t))
+    a_t = abar_t / abar_prev  # alpha_t of the (possibly strided) step
+    b_t = 1 - a_t  # beta_t
+    c_x0 = abar_prev**0.5 * b_t / (1 - abar_t)
+    c_xt = a_t**0.5 * (1 - abar_prev) / (1 - abar_t)
+    variance = (1 - abar_prev) / (1 - abar_t) * b_t
+    mean = float(c_x0) * x0 + float(c_xt) * x_t
+    return mean, float(variance)
+
+
+def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn on the generator's device (as diffusers' randn_tensor)."""
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
+def _check_output(model_output: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(model_output, torch.Tensor) or model_output.shape != x.shape:
+        got = tuple(model_output.shape) if isinstance(model_output, torch.Tensor) else type(model_output).__name__
+        raise ValueError(f"the model output must have the sample's shape {tuple(x.shape)}, got {got}")
+
+
+def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_prev: int,
+              prediction: str = "eps", noise: torch.Tensor | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """One ancestral step x_t -> x_{t_prev} (Ho et al. algorithm 2, via eq. 6-7 with the predicted x0).
+
+    x_prev = posterior mean(x0_hat, x_t) + sqrt(posterior variance) z, z ~ N(0, I) (or `noise`), no noise at t = 0.
+    Equals diffusers' DDPMScheduler.step (clip_sample=False, variance_type="fixed_small").
+    """
+    _check_output(model_output, x)
+    x0 = schedule.to_x0(prediction, model_output, x, int(t))
+    mean, variance = posterior(schedule, x0, x, t, t_prev)
+    if int(t) > 0:  # diffusers draws noise for every t > 0 (variance is 0 only when t_prev = -1)
+        z = _randn(x, generator) if noise is None else noise
+        mean = mean + variance**0.5 * z
+    return mean
+
+
+def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_prev: int,
+              prediction: str = "eps", noise: torch.Tensor | None = None,
+              generator: torch.Generator | None = None, eta: float = 0.0) -> torch.Tensor:
+    """One DDIM step x_t -> x_{t_prev} over any subset of timesteps (Song et al. 2021 eq. 12 and 16).
+
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+    eta = 0: deterministic (DDIM); eta = 1: the DDPM ancestral step. Equals diffusers' DDIMScheduler.step
+    (clip_sample=False, set_alpha_to_one=True).
+    """
+    _check_output(model_output, x)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    abar_t, abar_prev = schedule.abar_pair(t, t_prev, compute_dtype(x))
+    x0 = schedule.to_x0(prediction, model_output, x, int(t))
+    eps = schedule.to_eps(prediction, model_output, x, int(t))
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5  # eq. 16
+    direction = (1 - abar_prev - sigma**2).clamp_min(0) ** 0.5  # "direction pointing to x_t"
+    x_prev = float(abar_prev**0.5) * x0 + float(direction) * eps
+    sigma = float(sigma)
+    if eta > 0:  # as diffusers: noise is drawn whenever eta > 0
+        z = _randn(x, generator) if noise is None else noise
+        x_prev = x_prev + sigma * z
+    return x_prev
+
+
+SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
+
+
+@torch.no_grad()
+def sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, schedule: NoiseSchedule,
+           steps: int | Sequence[int] = 50, sampler: str = "ddim", eta: float = 0.0, prediction: str = "eps",
+           spacing: str = "leading", generator: torch.Generator | None = None, progress: bool = True,
+           callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """Run the reverse process from x = x_T (pure noise, [B,...]) to a sample x_0.
+
+    model(x [B,...], t LongTensor [B]) -> eps, x0 or v (per `prediction`), shaped like x.
+    steps: how many steps (timesteps from `schedule.timesteps(steps, spacing)`, diffusers' "leading" by default)
+    or an explicit descending sequence of timesteps. sampler: "ddim" (with eta) or "ddpm" (ancestral).
+    callback({"i", "t", "x", "denoised", "x_prev"}) after every step, e.g. to record a trajectory.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}, expected one of {tuple(SAMPLERS)}")
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError("eta is DDIM's; the DDPM sampler is DDIM with eta=1 (use sampler='ddim', eta=...)")
+    prediction = _prediction(prediction)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        ts = schedule.timesteps(steps, spacing)
+    else:
+        ts = schedule.check_t(torch.as_tensor(list(steps)))
+        if ts.ndim != 1 or len(ts) == 0 or (ts[1:] >= ts[:-1]).any():
+            raise ValueError(f"explicit timesteps must be a non-empty strictly decreasing sequence, got {ts.tolist()}")
+    ts = ts.tolist()
+    extra = {"eta": eta} if sampler == "ddim" else {}
+    step = SAMPLERS[sampler]
+    for i in tqdm(range(len(ts)), desc=f"{sampler} sampling", disable=not progress, leave=False):
+        t, t_prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # [B]
+        out = model(x, t_batch)
+        x_prev = step(schedule, out, x, t, t_prev, prediction=prediction, generator=generator, **extra)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": schedule.to_x0(prediction, out, x, t), "x_prev": x_prev})
+        x = x_prev
+    return x
+
+
+# -----------------------------------------------------------------------------
+# classifier-free guidance (Ho & Salimans 2022)
+
+
+def cfg(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022 eq. 6, diffusers' convention): uncond + w (cond - uncond).
+
+    w = 1: the conditional model alone; w = 0: the unconditional one; w > 1: pushed further towards the condition.
+    """
+    return pred_uncond + w * (pred_cond - pred_uncond)
+
+
+def guided(model: Callable, context: torch.Tensor, uncond_context: torch.Tensor, w: float) -> Callable:
+    """Wrap model(x, t, context) into a guided model(x, t) that runs cond and uncond in one batch of 2B.
+
+    context: [B, ...] the condition; uncond_context: the "empty prompt" condition, [B, ...] or [1, ...].
+    """
+    if uncond_context.shape[0] == 1 and context.shape[0] != 1:
+        uncond_context = uncond_context.expand(context.shape[0], *uncond_context.shape[1:])
+    if uncond_context.shape != context.shape:
+        raise ValueError(f"context {tuple(context.shape)} and uncond_context {tuple(uncond_context.shape)} "
+                         "must have the same shape (or uncond_context a batch of 1)")
+    both = torch.cat([uncond_context, context])  # [2B, ...]
+
+    def guided_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != context.shape[0]:
+            raise ValueError(f"sample batch {x.shape[0]} != context batch {context.shape[0]}")
+        pred = model(torch.cat([x, x]), torch.cat([t, t]), both.to(x.device))  # [2B, ...]
+        pred_uncond, pred_cond = pred.chunk(2)
+        return cfg(pred_uncond, pred_cond, w)
+
+    return guided_model
+
+
+# -----------------------------------------------------------------------------
+# a toy whose exact denoiser is known: a mixture of isotropic Gaussians
+
+
+class GaussianMixture:
+    """p(x0) = sum_k w_k N(mu_k, std^2 I): noised by the forward process it stays a mixture,
+    sum_k w_k N(sqrt(abar) mu_k, (abar std^2 + 1 - abar) I), so the ideal noise prediction is exact:
+    eps*(x_t, t) = E[eps | x_t] = -sqrt(1 - abar_t) * score(x_t) (Tweedie's formula).
+    """
+
+    def __init__(self, means: torch.Tensor, std: float, weights: torch.Tensor | None = None):
+        self.means = torch.as_tensor(means, dtype=torch.float64)  # [K,D]
+        if self.means.ndim != 2:
+            raise ValueError(f"means must be [K,D], got shape {tuple(self.means.shape)}")
+        K = self.means.shape[0]
+        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+        if w.shape != (K,) or (w < 0).any():
+            raise ValueError(f"weights must be [K={K}] and non-negative, got {tuple(w.shape)}")
+        self.weights, self.std = w / w.sum(), float(std)
+
+    @classmethod
+    def ring(cls, k: int = 8, radius: float = 2.0, std: float = 0.1) -> "GaussianMixture":
+        angle = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
+        return cls(torch.stack([angle.cos(), angle.sin()], 1) * radius, std)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, weights: torch.Tensor | None = None):
+        """n samples x0 [n,D] (float32) and their components [n]."""
+        w = self.weights if weights is None else torch.as_tensor(weights).double()
+        k = torch.multinomial(w, n, replacement=True, generator=generator)  # [n]
+        x = self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        return x.float(), k
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The exact eps*(x_t, t) [B,D]; weights [K] or [B,K] (a per-sample condition) replace the mixture's."""
+        abar = schedule.gather(schedule.alphas_cumprod, t, x_t).double()  # [B,1]
+        x = x_t.double()  # [B,D]
+        var = abar * self.std**2 + 1 - abar  # [B,1], variance of each noised component
+        mu = abar.sqrt()[:, :, None] * self.means.to(x.device)[None]  # [B,K,D], the noised means
+        w = self.weights if weights is None else torch.as_tensor(weights).double().to(x.device)
+        logits = w.clamp_min(1e-300).log() - ((x[:, None] - mu) ** 2).sum(-1) / (2 * var)  # [B,K]
+        r = logits.softmax(-1)  # [B,K], responsibilities
+        score = -(x - (r[:, :, None] * mu).sum(1)) / var  # [B,D]
+        return (-(1 - abar).sqrt() * score).to(x_t.dtype)
+
+    def model(self, schedule: NoiseSchedule) -> Callable:
+        """model(x, t) -> eps*, the perfect noise predictor, in the signature `sample` expects."""
+        return lambda x, t: self.eps(x, t, schedule)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-1 distance between point clouds a [N,D] and b [M,D]: the W1 distance of their
+    1-D projections onto random directions, averaged (quantiles at 100 levels when N != M)."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
+    d = d / d.norm(dim=0)  # [D,P] unit directions
+    q = torch.linspace(0.005, 0.995, 100, dtype=torch.float64)
+    pa = torch.quantile(a.double() @ d, q, dim=0)  # [100,P]
+    pb = torch.quantile(b.double() @ d, q, dim=0)
+    return (pa - pb).abs().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# python -m sdlearn.diffusion parity: max abs differences from diffusers (needs diffusers installed)
+
+
+def parity_report() -> dict[str, float]:
+    """Max abs difference from diffusers' DDPMScheduler / DDIMScheduler, over schedules, predictions and t."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    names = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+    preds = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+    g = torch.Generator().manual_seed(0)
+    worst: dict[str, float] = {}
+
+    def note(key, a, b):
+        worst[key] = max(worst.get(key, 0.0), (a.double() - b.double()).abs().max().item())
+
+    for kind, dk in names.items():
+        betas = {"beta_start": 0.00085, "beta_end": 0.012} if kind == "scaled_linear" else {}
+        for T in (1, 7, 1000, 4000, 100_000):
+            note("alphas_cumprod", NoiseSchedule(kind, T).alphas_cumprod,
+                 DDPMScheduler(num_train_timesteps=T, beta_schedule=dk, **betas).alphas_cumprod)
+        s = NoiseSchedule(kind)
+        for p, dp in preds.items():
+            kw = dict(beta_schedule=dk, prediction_type=dp, clip_sample=False, **betas)
+            x, out, z = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+            ddpm = DDPMScheduler(**kw)
+            for t in (999, 500, 100, 10, 2, 1, 0):
+                ref = ddpm.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+                note(f"ddpm_step[{p}]", ddpm_step(s, out, x, t, t - 1, p, generator=torch.Generator().manual_seed(t)), ref)
+            for steps in (50, 1000):
+                ddim = DDIMScheduler(**kw, set_alpha_to_one=True)
+                ddim.set_timesteps(steps)
+                ts = ddim.timesteps.tolist()
+                for i in (0, len(ts) // 2, len(ts) - 2, len(ts) - 1):
+                    t, t_prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
+                    for eta in (0.0, 0.5, 1.0):
+                        ref = ddim.step(out, t, x, eta=eta, variance_noise=z if eta else None).prev_sample
+                        note(f"ddim_step[{p}]", ddim_step(s, out, x, t, t_prev, p, noise=z, eta=eta), ref)
+    return worst
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["parity"]:
+        sys.exit("usage: python -m sdlearn.diffusion parity")
+    for key, err in parity_report().items():
+        print(f"{key:16} max abs diff vs diffusers {err:.2e}")

@@ -1,0 +1,443 @@
+"""sdlearn.diffusion: schedules, forward process, parameterisations, DDPM / DDIM steps (parity with diffusers),
+guidance, the exact toy denoiser; and the 04 checkers against right and deliberately wrong answers."""
+import pytest
+import torch
+
+from sdlearn import diffusion as D
+from sdlearn.checks import CheckFailed
+from sdlearn.checks import diffusion as check
+from sdlearn.diffusion import NoiseSchedule
+
+diffusers = pytest.importorskip("diffusers")
+
+DIFFUSERS_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+DIFFUSERS_PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def _kw(kind, prediction="eps"):
+    kw = dict(beta_schedule=DIFFUSERS_KIND[kind], prediction_type=DIFFUSERS_PRED[prediction], clip_sample=False)
+    if kind == "scaled_linear":
+        kw.update(beta_start=0.00085, beta_end=0.012)
+    return kw
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# schedules
+
+
+@pytest.mark.parametrize("kind", D.SCHEDULES)
+@pytest.mark.parametrize("num_steps", [1, 7, 50, 1000, 4000])
+def test_alphas_cumprod_equal_diffusers(kind, num_steps):
+    ours = NoiseSchedule(kind, num_steps)
+    theirs = diffusers.DDPMScheduler(num_train_timesteps=num_steps, **_kw(kind))
+    assert ours.alphas_cumprod.shape == (num_steps,)
+    assert _err(ours.alphas_cumprod, theirs.alphas_cumprod) <= 1e-6
+    assert _err(ours.betas, theirs.betas) <= 1e-6
+
+
+def test_custom_betas_equal_diffusers():
+    for kind in ("linear", "scaled_linear"):
+        ours = NoiseSchedule(kind, 300, beta_start=0.001, beta_end=0.05)
+        theirs = diffusers.DDPMScheduler(num_train_timesteps=300, beta_schedule=kind, beta_start=0.001, beta_end=0.05)
+        assert _err(ours.alphas_cumprod, theirs.alphas_cumprod) <= 1e-6
+
+
+def test_schedule_facts():
+    lin, sl, cos = (NoiseSchedule(k) for k in D.SCHEDULES)
+    for s in (lin, sl, cos):
+        a = s.alphas_cumprod
+        assert (a[1:] < a[:-1]).all() and 0 < a[-1] < a[0] < 1
+        assert torch.allclose(s.snr(torch.arange(1000)), (a / (1 - a)).double())
+        assert s.log_snr(5).ndim == 0
+    assert sl.alphas_cumprod[-1] > lin.alphas_cumprod[-1]  # SD keeps more signal at t = T-1
+    assert torch.allclose(sl.betas.sqrt()[[0, -1]], torch.tensor([0.00085, 0.012]).sqrt())
+    assert repr(sl) == "NoiseSchedule('scaled_linear', num_steps=1000, beta_start=0.00085, beta_end=0.012)"
+    assert NoiseSchedule("squaredcos_cap_v2").kind == "cosine"
+
+
+@pytest.mark.parametrize("spacing", D.SPACINGS)
+def test_timesteps_equal_diffusers(spacing):
+    for T, steps in [(1000, 1), (1000, 3), (1000, 50), (1000, 333), (1000, 1000), (37, 10), (37, 37)]:
+        theirs = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+        theirs.set_timesteps(steps)
+        assert torch.equal(NoiseSchedule("linear", T).timesteps(steps, spacing), theirs.timesteps), (T, steps)
+    sd = diffusers.DDIMScheduler(steps_offset=1)
+    sd.set_timesteps(50)
+    assert torch.equal(NoiseSchedule("scaled_linear").timesteps(50, offset=1), sd.timesteps)
+
+
+def test_bad_schedules_and_timesteps():
+    with pytest.raises(ValueError, match="unknown schedule kind 'quadratic'.*linear.*scaled_linear.*cosine"):
+        NoiseSchedule("quadratic")
+    with pytest.raises(ValueError, match="num_steps must be a positive int, got 0"):
+        NoiseSchedule("linear", 0)
+    with pytest.raises(ValueError, match="cosine.*no beta_start"):
+        NoiseSchedule("cosine", beta_start=0.001)
+    with pytest.raises(ValueError, match="0 < beta_start <= beta_end < 1"):
+        NoiseSchedule("linear", beta_start=0.02, beta_end=0.001)
+    s = NoiseSchedule("linear", 100)
+    with pytest.raises(ValueError, match="asked for 101 sampling steps but the schedule has only 100"):
+        s.timesteps(101)
+    with pytest.raises(ValueError, match="unknown timestep spacing 'even'"):
+        s.timesteps(10, "even")
+    with pytest.raises(ValueError, match="asked for 101 sampling steps"):
+        D.sample(lambda x, t: x, torch.zeros(1, 2), s, steps=101, progress=False)
+
+
+def test_bad_timesteps_are_clear_errors():
+    s = NoiseSchedule("linear", 100)
+    x = torch.zeros(4, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 100\), got values in \[0, 100\]"):
+        s.add_noise(x, x, torch.tensor([0, 1, 2, 100]))
+    with pytest.raises(ValueError, match=r"in \[0, 100\), got values in \[-1, 2\]"):
+        s.add_noise(x, x, torch.tensor([0, -1, 2, 2]))
+    with pytest.raises(ValueError, match="timestep tensor has batch size 3 but the sample has batch size 4"):
+        s.add_noise(x, x, torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="timesteps must be integers.*float32"):
+        s.add_noise(x, x, torch.tensor([0.5, 1, 2, 3]))
+    with pytest.raises(ValueError, match="scalar or a 1-D tensor"):
+        s.add_noise(x, x, torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="same shape"):
+        s.add_noise(x, x[:, :1], torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="earlier t_prev in \\[-1, t\\), got t=10, t_prev=10"):
+        D.ddim_step(s, x, x, 10, 10)
+    with pytest.raises(ValueError, match=r"in \[0, 100\), got values in \[100, 100\]"):
+        D.ddpm_step(s, x, x, 100, 99)
+    with pytest.raises(ValueError, match="model output must have the sample's shape"):
+        D.ddim_step(s, x[:2], x, 10, 5)
+    with pytest.raises(ValueError, match="unknown prediction type 'noise'"):
+        s.target("noise", x, x, 3)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        D.sample(lambda x, t: x, x, s, 5, sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        D.sample(lambda x, t: x, x, s, [5, 10], progress=False)
+
+
+# -----------------------------------------------------------------------------
+# forward process and parameterisations
+
+
+@pytest.mark.parametrize("shape", [(5, 2), (4, 3, 8, 8), (3, 4, 2, 8, 8)])
+def test_add_noise_and_velocity_equal_diffusers(shape):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.randint(0, 1000, (shape[0],), generator=g)
+    for kind in D.SCHEDULES:
+        ours, theirs = NoiseSchedule(kind), diffusers.DDPMScheduler(**_kw(kind))
+        assert _err(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t)) <= 1e-6
+        assert _err(ours.velocity(x0, noise, t), theirs.get_velocity(x0, noise, t)) <= 1e-6
+    s = NoiseSchedule("linear")
+    scalar = s.add_noise(x0, noise, 10)  # an int t applies to the whole batch
+    assert _err(scalar, s.add_noise(x0, noise, torch.full((shape[0],), 10))) == 0
+
+
+def test_parameterisations_round_trip():
+    s = NoiseSchedule("scaled_linear")
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    x_t = s.add_noise(x0, noise, t)
+    for p in D.PREDICTIONS:
+        target = s.target(p, x0, noise, t)
+        assert _err(s.to_x0(p, target, x_t, t), x0) < 5e-4, p  # 1/sqrt(abar) amplifies float32 rounding at t=999
+        assert _err(s.to_eps(p, target, x_t, t), noise) < 5e-4, p
+    assert torch.equal(s.target("epsilon", x0, noise, t), noise)  # diffusers' names are accepted
+    assert torch.equal(s.target("sample", x0, noise, t), x0)
+
+
+def test_float64_samples_get_float64_arithmetic():
+    s = NoiseSchedule("linear")
+    x0 = torch.randn(2, 3, dtype=torch.float64)
+    assert s.add_noise(x0, x0, torch.tensor([1, 2])).dtype == torch.float64
+    assert s.gather(s.alphas_cumprod, 3, x0).dtype == torch.float64
+    half = torch.randn(2, 3).half()
+    assert s.add_noise(half, half, 3).dtype == torch.float16
+
+
+# -----------------------------------------------------------------------------
+# reverse steps: parity with diffusers
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("kind", D.SCHEDULES)
+def test_ddpm_step_equals_diffusers(kind, prediction):
+    s, theirs = NoiseSchedule(kind), diffusers.DDPMScheduler(**_kw(kind, prediction))
+    g = torch.Generator().manual_seed(2)
+    x, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for t in [999, 500, 100, 10, 2, 1, 0]:  # every step t -> t-1, down to the last
+        ref = theirs.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        ours = D.ddpm_step(s, out, x, t, t - 1, prediction=prediction, generator=torch.Generator().manual_seed(t))
+        assert _err(ours, ref) <= 1e-5, t
+        z = torch.Generator().manual_seed(t)  # the same noise, passed in
+        assert _err(D.ddpm_step(s, out, x, t, t - 1, prediction=prediction,
+                                noise=torch.randn(x.shape, generator=z)), ref) <= 1e-5
+    theirs.set_timesteps(20)  # strided: t -> the previous of 20 timesteps
+    ts = theirs.timesteps.tolist()
+    for i in [0, 10, 19]:
+        t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+        ref = theirs.step(out, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        ours = D.ddpm_step(s, out, x, t, t_prev, prediction=prediction, generator=torch.Generator().manual_seed(i))
+        assert _err(ours, ref) <= 1e-5, t
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("kind", D.SCHEDULES)
+def test_ddim_step_equals_diffusers(kind, prediction):
+    s = NoiseSchedule(kind)
+    g = torch.Generator().manual_seed(3)
+    x, out, z = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    for steps in (50, 1000):
+        theirs = diffusers.DDIMScheduler(**_kw(kind, prediction), set_alpha_to_one=True)
+        theirs.set_timesteps(steps)
+        ts = theirs.timesteps.tolist()
+        for i in [0, len(ts) // 2, len(ts) - 2, len(ts) - 1]:  # the last is t=0 -> -1
+            t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+            for eta in (0.0, 0.5, 1.0):
+                ref = theirs.step(out, t, x, eta=eta, variance_noise=z if eta else None).prev_sample
+                ours = D.ddim_step(s, out, x, t, t_prev, prediction=prediction, eta=eta, noise=z)
+                assert _err(ours, ref) <= 1e-5, (steps, t, eta)
+    assert ts[-1] == 0
+
+
+def test_steps_in_float64_equal_diffusers_in_float64():
+    """Fed float64 samples, the steps compute in float64: diffusers with its tensors cast to float64 agrees to 1e-12."""
+    s = NoiseSchedule("linear")
+    ddpm, ddim = diffusers.DDPMScheduler(clip_sample=False), diffusers.DDIMScheduler(clip_sample=False)
+    ddim.set_timesteps(1000)
+    for d in (ddpm, ddim):
+        d.alphas_cumprod = d.alphas_cumprod.double()
+    ddpm.one, ddim.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x, out, z = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    for t in [999, 10, 1, 0]:
+        ref = ddpm.step(out, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+        assert _err(D.ddpm_step(s, out, x, t, t - 1, generator=torch.Generator().manual_seed(0)), ref) < 1e-12
+        ref = ddim.step(out, t, x, eta=0.7, variance_noise=z).prev_sample
+        assert _err(D.ddim_step(s, out, x, t, t - 1, eta=0.7, noise=z), ref) < 1e-12
+
+
+def test_ddim_with_eta_one_is_the_ddpm_step():
+    s = NoiseSchedule("cosine")
+    g = torch.Generator().manual_seed(5)
+    x, out, z = (torch.randn(3, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    for t, t_prev in [(999, 979), (500, 499), (20, 0), (0, -1)]:
+        for p in D.PREDICTIONS:
+            ddim = D.ddim_step(s, out, x, t, t_prev, prediction=p, eta=1.0, noise=z)
+            ddpm = D.ddpm_step(s, out, x, t, t_prev, prediction=p, noise=z)
+            assert _err(ddim, ddpm) < 1e-10
+
+
+def test_posterior_at_the_last_step_is_x0():
+    s = NoiseSchedule("linear")
+    x0, x_t = torch.randn(2, 3), torch.randn(2, 3)
+    mean, var = D.posterior(s, x0, x_t, 0)
+    assert var == 0 and _err(mean, x0) < 1e-6
+
+
+class Affine(torch.nn.Module):
+    """A deterministic stand-in for a UNet: pred = a x + b t / T."""
+
+    def forward(self, x, t):
+        return 0.3 * x + 0.5 * (t.float() / 1000).view(-1, *[1] * (x.ndim - 1))
+
+
+@pytest.mark.parametrize("sampler,eta,prediction", [("ddim", 0.0, "eps"), ("ddim", 0.5, "eps"), ("ddim", 0.0, "v"),
+                                                    ("ddpm", 0.0, "eps"), ("ddpm", 0.0, "v")])
+def test_sample_loop_equals_a_diffusers_loop(sampler, eta, prediction):
+    model, steps = Affine(), 10
+    cls = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler
+    theirs = cls(**_kw("scaled_linear", prediction))
+    theirs.set_timesteps(steps)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(7)
+    ref = x.clone()
+    for t in theirs.timesteps:
+        out = model(ref, t.expand(2))
+        kw = {"eta": eta} if sampler == "ddim" else {}
+        ref = theirs.step(out, t, ref, generator=g, **kw).prev_sample
+    seen = []
+    ours = D.sample(model, x.clone(), NoiseSchedule("scaled_linear"), steps, sampler=sampler, eta=eta,
+                    prediction=prediction, generator=torch.Generator().manual_seed(7), progress=False,
+                    callback=seen.append)
+    assert _err(ours, ref) <= 1e-5
+    assert [c["t"] for c in seen] == theirs.timesteps.tolist() and torch.equal(seen[-1]["x_prev"], ours)
+
+
+def test_explicit_timesteps_and_ddpm_has_no_eta():
+    s = NoiseSchedule("linear")
+    x = torch.randn(2, 3)
+    a = D.sample(Affine(), x, s, [999, 600, 300, 0], progress=False)
+    b = x
+    for t, t_prev in [(999, 600), (600, 300), (300, 0), (0, -1)]:
+        b = D.ddim_step(s, Affine()(b, torch.full((2,), t)), b, t, t_prev)
+    assert _err(a, b) < 1e-6
+    with pytest.raises(ValueError, match="eta is DDIM's"):
+        D.sample(Affine(), x, s, 5, sampler="ddpm", eta=0.5, progress=False)
+
+
+# -----------------------------------------------------------------------------
+# guidance
+
+
+def test_cfg_and_the_batched_wrapper():
+    calls = []
+
+    def model(x, t, context):  # [B,D], [B], [B,K] -> [B,D]
+        calls.append(x.shape[0])
+        return x * context.sum(-1, keepdim=True) + t[:, None].float()
+
+    x, t = torch.randn(3, 2), torch.tensor([5, 5, 5])
+    cond, uncond = torch.rand(3, 4), torch.zeros(1, 4)
+    for w in (0.0, 1.0, 7.5):
+        expected = D.cfg(model(x, t, uncond.expand(3, 4)), model(x, t, cond), w)
+        calls.clear()
+        assert _err(D.guided(model, cond, uncond, w)(x, t), expected) < 1e-6
+        assert calls == [6]  # one forward pass over cond and uncond together
+    assert _err(D.cfg(torch.zeros(2), torch.ones(2), 3.0), torch.full((2,), 3.0)) == 0
+    with pytest.raises(ValueError, match="same shape"):
+        D.guided(model, cond, torch.zeros(2, 4), 2.0)
+
+
+# -----------------------------------------------------------------------------
+# the toy: an exact denoiser
+
+
+def test_mixture_eps_is_minus_sqrt_one_minus_abar_times_the_score():
+    s = NoiseSchedule("linear")
+    mix = D.GaussianMixture(torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.0, -2.0]]), std=0.3, weights=[0.5, 0.3, 0.2])
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 10, 200, 600, 999])
+    abar = s.alphas_cumprod.double()[t][:, None]
+    var = abar * 0.09 + 1 - abar
+    comp = -((x[:, None] - abar.sqrt()[:, :, None] * mix.means[None]) ** 2).sum(-1) / (2 * var) - torch.log(var)
+    logp = torch.logsumexp(comp + mix.weights.log(), -1).sum()
+    (score,) = torch.autograd.grad(logp, x)
+    assert _err(mix.eps(x.detach(), t, s), -(1 - abar).sqrt() * score) < 1e-9
+
+
+def test_sampling_the_toy_with_the_exact_denoiser_recovers_it():
+    s, mix = NoiseSchedule("linear"), D.GaussianMixture.ring(8, 2.0, 0.1)
+    g = torch.Generator().manual_seed(8)
+    target, _ = mix.sample(1000, g)
+    floor = D.sliced_wasserstein(target, mix.sample(1000, g)[0])
+    for sampler, steps in [("ddim", 50), ("ddpm", 1000)]:
+        x = D.sample(mix.model(s), torch.randn(1000, 2, generator=g), s, steps, sampler=sampler, generator=g,
+                     progress=False)
+        assert D.sliced_wasserstein(x, target) < 3 * floor + 0.02, sampler
+    far = D.sliced_wasserstein(torch.randn(1000, 2, generator=g), target)
+    assert far > 4 * floor
+
+
+# -----------------------------------------------------------------------------
+# checkers: right answers pass, each usual mistake gets its hint
+
+
+def _broadcast_abar(s, t, x):
+    return s.alphas_cumprod[t].view(-1, *[1] * (x.ndim - 1))
+
+
+def add_noise_right(s, x0, noise, t):
+    a = _broadcast_abar(s, t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def test_add_noise_checker(capsys):
+    check.add_noise(add_noise_right)
+    check.add_noise(lambda s, x0, noise, t: s.add_noise(x0, noise, t))
+    assert "add_noise: correct" in capsys.readouterr().out
+    wrong = {
+        "forgot the square roots": lambda s, x0, n, t: _broadcast_abar(s, t, x0) * x0 + (1 - _broadcast_abar(s, t, x0)) * n,
+        "noise coefficient needs a square root": lambda s, x0, n, t: (
+            _broadcast_abar(s, t, x0).sqrt() * x0 + (1 - _broadcast_abar(s, t, x0)) * n),
+        "swapped": lambda s, x0, n, t: (1 - _broadcast_abar(s, t, x0)).sqrt() * x0 + _broadcast_abar(s, t, x0).sqrt() * n,
+        "used alpha_t": lambda s, x0, n, t: (
+            s.alphas[t].view(-1, *[1] * (x0.ndim - 1)).sqrt() * x0 + (1 - s.alphas[t].view(-1, *[1] * (x0.ndim - 1))).sqrt() * n),
+        r"off by one: alphas_cumprod\[t - 1\]": lambda s, x0, n, t: add_noise_right(s, x0, n, t - 1),
+        r"off by one: alphas_cumprod\[t \+ 1\]": lambda s, x0, n, t: add_noise_right(s, x0, n, (t + 1).clamp_max(19)),
+        r"shape \[B\]: reshape": lambda s, x0, n, t: s.alphas_cumprod[t].sqrt() * x0 + (1 - s.alphas_cumprod[t]).sqrt() * n,
+        "has shape": lambda s, x0, n, t: add_noise_right(s, x0, n, t)[:, None],
+    }
+    for hint, fn in wrong.items():
+        with pytest.raises(CheckFailed, match=hint):
+            check.add_noise(fn)
+    # 4-D only: a reshape that ignores x0.ndim fails on 2-D points
+    four_d = lambda s, x0, n, t: s.alphas_cumprod[t][:, None, None, None].sqrt() * x0 + (
+        1 - s.alphas_cumprod[t][:, None, None, None]).sqrt() * n
+    with pytest.raises(CheckFailed, match="has shape|broadcast"):
+        check.add_noise(four_d)
+
+
+def test_checker_lets_an_unsolved_exercise_raise():
+    def unsolved(*args):
+        raise NotImplementedError()
+    for checker in (check.add_noise, check.posterior_mean_variance, check.ddim_step):
+        with pytest.raises(NotImplementedError):
+            checker(unsolved)
+
+
+def _posterior(s, x0, x_t, t, *, table_zero=False, alpha=None, var_kind="tilde", sq=True, shift=0):
+    t = t + shift
+    abar = s.alphas_cumprod
+    a_t = abar[t].item()
+    a_p = abar[t - 1].item() if (t > 0 or table_zero) else 1.0
+    al = (alpha if alpha is not None else s.alphas)[t].item()
+    be = s.betas[t].item()
+    r = (lambda v: v**0.5) if sq else (lambda v: v)
+    mean = r(a_p) * be / (1 - a_t) * x0 + r(al) * (1 - a_p) / (1 - a_t) * x_t
+    var = {"tilde": (1 - a_p) / (1 - a_t) * be, "beta": be, "std": ((1 - a_p) / (1 - a_t) * be) ** 0.5}[var_kind]
+    return mean, var
+
+
+def test_posterior_checker(capsys):
+    check.posterior_mean_variance(_posterior)
+    check.posterior_mean_variance(lambda s, x0, x_t, t: D.posterior(s, x0, x_t, t))
+    check.posterior_mean_variance(lambda s, x0, x_t, t: (_posterior(s, x0, x_t, t)[0], torch.tensor(_posterior(s, x0, x_t, t)[1])))
+    assert "posterior_mean_variance: correct" in capsys.readouterr().out
+    wrong = {
+        "LAST entry": lambda s, x0, x_t, t: _posterior(s, x0, x_t, t, table_zero=True),
+        "forgot the square roots": lambda s, x0, x_t, t: _posterior(s, x0, x_t, t, sq=False),
+        r"sqrt\(alpha_t\) \(this one step": lambda s, x0, x_t, t: _posterior(s, x0, x_t, t, alpha=s.alphas_cumprod),
+        "that is beta_t": lambda s, x0, x_t, t: _posterior(s, x0, x_t, t, var_kind="beta"),
+        "standard deviation": lambda s, x0, x_t, t: _posterior(s, x0, x_t, t, var_kind="std"),
+        r"off by one: this is the step t\+1 -> t": lambda s, x0, x_t, t: _posterior(s, x0, x_t, t, shift=1) if t < 19 else _posterior(s, x0, x_t, t),
+        "tuple": lambda s, x0, x_t, t: _posterior(s, x0, x_t, t)[0],
+        "swapped": lambda s, x0, x_t, t: _posterior(s, x_t, x0, t),
+    }
+    for hint, fn in wrong.items():
+        with pytest.raises(CheckFailed, match=hint):
+            check.posterior_mean_variance(fn)
+
+
+def _ddim(s, eps, x_t, t, t_prev, eta=0.0, noise=None, *, prev_from=None, ignore_eta=False, no_shrink=False,
+          table=None, sq=True):
+    table = s.alphas_cumprod if table is None else table
+    a_t = table[t].item()
+    tp = t_prev if prev_from is None else prev_from(t, t_prev)
+    a_p = table[tp].item() if tp >= 0 else 1.0
+    x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    eta = 0.0 if ignore_eta else eta
+    sigma = eta * max((1 - a_p) / (1 - a_t) * (1 - a_t / a_p), 0.0) ** 0.5
+    r = (lambda v: v**0.5) if sq else (lambda v: v)
+    out = r(a_p) * x0 + r(max(1 - a_p - (0 if no_shrink else sigma**2), 0)) * eps
+    return out + sigma * noise if eta > 0 else out
+
+
+def test_ddim_checker(capsys):
+    check.ddim_step(_ddim)
+    check.ddim_step(lambda s, eps, x_t, t, t_prev, eta=0.0, noise=None: D.ddim_step(s, eps, x_t, t, t_prev, eta=eta, noise=noise))
+    assert "ddim_step: correct" in capsys.readouterr().out
+    wrong = {
+        "LAST entry": lambda *a: _ddim(*a, prev_from=lambda t, tp: tp if tp >= 0 else len(a[0]) - 1),
+        "goes to t_prev, not t - 1": lambda *a: _ddim(*a, prev_from=lambda t, tp: t - 1),
+        "eta was ignored": lambda *a: _ddim(*a, ignore_eta=True),
+        r"subtract sigma\^2": lambda *a: _ddim(*a, no_shrink=True),
+        "used alpha": lambda *a: _ddim(*a, table=a[0].alphas),
+        "forgot the square roots": lambda *a: _ddim(*a, sq=False),
+    }
+    for hint, fn in wrong.items():
+        with pytest.raises(CheckFailed, match=hint):
+            check.ddim_step(fn)
