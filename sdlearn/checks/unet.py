@@ -1,0 +1,225 @@
+"""Checkers for 05_unet: the timestep embedding, a ResBlock's forward, the up path's skip bookkeeping.
+
+Each checker runs the learner's function next to sdlearn.unet's and, when they differ, next to the usual
+wrong versions, to name the mistake rather than just the mismatch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sdlearn.checks import expect_tensor, fail, is_close, max_error, passed
+from sdlearn.unet import ResBlock, UNet, UNetConfig, timestep_embedding as _reference_embedding
+
+
+# -----------------------------------------------------------------------------
+# timestep embedding
+
+
+def _embedding_variants(t: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
+    """The usual wrong embeddings, each with what it means."""
+    half = dim // 2
+    i = torch.arange(half, dtype=torch.float32)
+    t = t.float()[:, None]
+    right = torch.exp(-math.log(10000) * i / half)
+
+    def cat(freqs, first=torch.cos, second=torch.sin):
+        return torch.cat([first(t * freqs), second(t * freqs)], -1)
+
+    return {
+        "the halves are swapped: Stable Diffusion puts cos first, then sin (diffusers' flip_sin_to_cos=True)":
+            cat(right, torch.sin, torch.cos),
+        "cos and sin are interleaved (cos f0, sin f0, cos f1, ...): concatenate the two halves instead":
+            torch.stack([torch.cos(t * right), torch.sin(t * right)], -1).flatten(1),
+        "the frequencies are wrong: exponent -log(10000) * i / (half - 1) (diffusers' freq_shift=1); SD divides by half":
+            cat(torch.exp(-math.log(10000) * i / (half - 1))),
+        "the frequencies are wrong: divide the exponent by half = dim // 2, not by dim":
+            cat(torch.exp(-math.log(10000) * i / dim)),
+        "the frequencies are wrong: the exponent must be negative, f_i = 10000^(-i/half) (from 1 down to ~1/10000)":
+            cat(torch.exp(math.log(10000) * i / half)),
+        "the frequencies are wrong: f_i = exp(-ln(10000) * i / half), you used log10 or log2 of 10000":
+            cat(torch.exp(-math.log10(10000) * i / half)),
+        "the arguments are wrong: multiply t by the frequencies (t * f_i), you divided":
+            torch.cat([torch.cos(t / right), torch.sin(t / right)], -1),
+    }
+
+
+def timestep_embedding(fn) -> None:
+    """fn(t [B], dim) -> [B, dim]: cos(t f_i) for i < dim/2, then sin(t f_i); f_i = 10000^(-i / (dim/2))."""
+    name = "timestep_embedding"
+    for t, dim in [(torch.tensor([0, 1, 10, 250, 999]), 32), (torch.tensor([0.5, 3.0, 500.0]), 16)]:
+        got = fn(t.clone(), dim)
+        got = expect_tensor(name, got, (len(t), dim), what=f"timestep_embedding(t of shape {tuple(t.shape)}, dim={dim})")
+        expected = _reference_embedding(t, dim)
+        if is_close(got, expected, atol=1e-4):
+            continue
+        for meaning, wrong in _embedding_variants(t, dim).items():
+            if is_close(got, wrong, atol=1e-4):
+                fail(name, meaning)
+        row0 = got[t == 0]
+        if len(row0) and not is_close(row0[0], expected[0], atol=1e-4):
+            fail(name, f"at t=0 the embedding should be 1 (cos 0) in the first half and 0 (sin 0) in the second, "
+                       f"got {row0[0][:4].tolist()}... / {row0[0][dim // 2:dim // 2 + 4].tolist()}...")
+        fail(name, f"wrong values for dim={dim} (max error {max_error(got, expected):.3g}); "
+                   f"expected cos(t f_i) then sin(t f_i) with f_i = exp(-ln(10000) i / (dim // 2))")
+    passed(name)
+
+
+# -----------------------------------------------------------------------------
+# ResBlock
+
+
+def _resblock_variants(b: ResBlock, x, emb) -> dict[str, torch.Tensor]:
+    temb = b.time_proj(F.silu(emb))[:, :, None, None]
+    h1 = b.conv1(F.silu(b.norm1(x)))
+    tail = lambda h: b.conv2(b.dropout(F.silu(b.norm2(h))))
+    return {
+        "the time embedding is added after the second conv: add it between the convs (after conv1, before norm2)":
+            b.skip(x) + tail(h1) + temb,
+        "the time embedding goes through time_proj without SiLU first: time_proj(silu(emb))":
+            b.skip(x) + tail(h1 + b.time_proj(emb)[:, :, None, None]),
+        "the skip connection is missing: return skip(x) + h":
+            tail(h1 + temb),
+        "norm and activation are swapped: GroupNorm first, then SiLU (norm1 -> silu -> conv1)":
+            b.skip(x) + b.conv2(b.norm2(F.silu(h1 + temb))),
+        "the first half is not normalised: conv1(silu(norm1(x)))":
+            b.skip(x) + tail(b.conv1(F.silu(x)) + temb),
+    }
+
+
+def resblock_forward(fn) -> None:
+    """fn(block: sdlearn.unet.ResBlock, x [B,Cin,H,W], emb [B,T]) -> [B,Cout,H,W], using the block's layers."""
+    name = "resblock_forward"
+    torch.manual_seed(0)
+    for cin, cout in [(16, 32), (16, 16)]:
+        block = ResBlock(cin, cout, temb=24, groups=4).eval()
+        with torch.no_grad():
+            for p in block.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        x, emb = torch.randn(2, cin, 6, 6), torch.randn(2, 24)
+        with torch.no_grad():
+            try:
+                got = fn(block, x, emb)
+            except RuntimeError as e:
+                msg = str(e)
+                if "must match the size" in msg or "size of tensor" in msg:
+                    fail(name, f"shapes do not line up ({msg.splitlines()[0]}): the time embedding is [B,Cout]; "
+                               f"give it two trailing axes, [:, :, None, None], to add it to every pixel; and the "
+                               f"skip needs block.skip(x) (a 1x1 conv) when Cin != Cout")
+                raise
+            expected = block(x, emb)
+            got = expect_tensor(name, got, tuple(expected.shape), what=f"the output for Cin={cin}, Cout={cout}")
+            if is_close(got, expected, atol=1e-4):
+                continue
+            for meaning, wrong in _resblock_variants(block, x, emb).items():
+                if is_close(got, wrong, atol=1e-4):
+                    fail(name, meaning)
+        fail(name, f"wrong values for Cin={cin}, Cout={cout} (max error {max_error(got, expected):.3g}); expected "
+                   f"skip(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + time_proj(silu(emb))))))")
+    passed(name)
+
+
+# -----------------------------------------------------------------------------
+# the up path
+
+
+class _Stack(list):
+    """A list of skips that remembers how it was read."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.pops: list[int] = []
+        self.reads = 0
+
+    def pop(self, index=-1):
+        self.pops.append(index if index >= 0 else len(self) + index)
+        return super().pop(index)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def tiny_unet(seed: int = 0) -> UNet:
+    """A small UNet (two levels, attention at the coarse one) whose weights are random enough to tell mistakes."""
+    torch.manual_seed(seed)
+    unet = UNet(UNetConfig(in_channels=3, out_channels=3, channels=(8, 16), layers_per_block=1,
+                           attention=(False, True), heads=2, context_dim=8, norm_groups=4)).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return unet
+
+
+def _up_path_variants(unet: UNet, h, skips, emb, context) -> dict[str, torch.Tensor]:
+    def run(take, order="hs", upsample_first=False, attention=True):
+        skips_, h_ = list(skips), h
+        for level in unet.up:
+            if upsample_first and level.resample is not None:
+                h_ = level.resample(h_)
+            for j, resnet in enumerate(level.resnets):
+                s = take(skips_)
+                h_ = resnet(torch.cat([h_, s] if order == "hs" else [s, h_], 1), emb)
+                if level.attentions and attention:
+                    h_ = level.attentions[j](h_, context)
+            if not upsample_first and level.resample is not None:
+                h_ = level.resample(h_)
+        return h_
+
+    out = {}
+    for meaning, kw in [
+        ("the skip and h are concatenated in the wrong order: torch.cat([h, skip], dim=1), h first", dict(order="sh")),
+        ("the level's spatial transformer is missing: after each ResBlock, h = level.attentions[j](h, context) "
+         "when the level has attention", dict(attention=False)),
+    ]:
+        try:
+            out[meaning] = run(lambda s: s.pop(), **kw)
+        except RuntimeError:
+            pass
+    return out
+
+
+def up_path(fn) -> None:
+    """fn(unet, h, skips, emb, context) -> h at full resolution: the up levels, popping the skips."""
+    name = "up_path"
+    unet = tiny_unet()
+    x, t, context = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        emb = unet.embed(t)
+        h, skips = unet.down_path(x, emb, context)
+        h = unet.mid(h, emb, context)
+        expected = unet.up_path(h, list(skips), emb, context)
+        stack = _Stack(skips)
+        try:
+            got = fn(unet, h, stack, emb, context)
+        except RuntimeError as e:
+            if stack.reads and not stack.pops:
+                fail(name, "skips read with skips[-1] but never removed, so every ResBlock gets the same skip and "
+                           "the rest are left unused: take each one with skips.pop()")
+            if stack.pops and stack.pops[0] == 0:
+                fail(name, "skips popped in the wrong order: the up path needs the most recent skip first "
+                           "(a stack, last in first out): skips.pop(), not skips.pop(0)")
+            if "Sizes of tensors must match" in str(e) or "size" in str(e):
+                fail(name, f"shapes do not line up ({str(e).splitlines()[0]}): pop the skip (skips.pop()) and "
+                           f"concatenate it to h along channels before each ResBlock, and upsample only after "
+                           f"the level's ResBlocks")
+            raise
+        if stack.pops and stack.pops[0] == 0:
+            fail(name, "skips popped in the wrong order: the up path needs the most recent skip first "
+                       "(a stack, last in first out): skips.pop(), not skips.pop(0)")
+        got = expect_tensor(name, got, tuple(expected.shape), what="the up path's output")
+        if len(stack):
+            fail(name, f"{len(stack)} skip(s) left unused: every ResBlock of the up path takes one with skips.pop() "
+                       f"(the up path has one more ResBlock per level than the down path)"
+                 + (" - indexing skips[-1] reads a skip without removing it" if stack.reads else ""))
+        if is_close(got, expected, atol=1e-4):
+            passed(name)
+            return
+        for meaning, wrong in _up_path_variants(unet, h, skips, emb, context).items():
+            if is_close(got, wrong, atol=1e-4):
+                fail(name, meaning)
+    fail(name, f"wrong values (max error {max_error(got, expected):.3g}): for each level in unet.up, for each ResBlock "
+               f"j: h = resnet(cat([h, skips.pop()], 1), emb), then level.attentions[j](h, context) if any; after "
+               f"the ResBlocks, level.resample(h) if it is not None")

@@ -1,0 +1,375 @@
+"""The conditional UNet of Stable Diffusion (SD 1.x, SD 2.x, SDXL base and refiner): eps = unet(x_t, t, text).
+
+    unet = UNet(UNetConfig(in_channels=3, out_channels=3, channels=(32, 64), context_dim=64))
+    eps = unet(x, t, context)                          # [B,C,H,W], [B], [B,L,D] -> [B,C,H,W]
+    eps = sdxl(x, t, context, pooled, time_ids)        # SDXL: + pooled text [B,P] and size/crop ids [B,K]
+
+The network of Ho et al. 2020 (DDPM, appendix B) with the text conditioning of Rombach et al. 2022 (LDM,
+sec. 3.3): a sinusoidal embedding of the timestep goes through an MLP and is added inside every ResBlock;
+the down path halves the resolution level by level, the mid block works at the coarsest one, and the up path
+doubles it back, concatenating the down path's activations (the skips, a stack: last in, first out).
+At the levels marked in `config.attention` a spatial transformer follows each ResBlock: self-attention over
+the pixels, cross-attention from the pixels to the text tokens, and a GEGLU feed-forward.
+SDXL (Podell et al. 2023, sec. 2.2) adds "text_time" conditioning: the pooled text embedding and sinusoidal
+embeddings of the original size, crop and target size (or aesthetic score), through an MLP, added to the time
+embedding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from sdlearn.attention import Attention
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)  # per level; the time MLP is 4 * channels[0] wide
+    layers_per_block: int = 2                        # ResBlocks per level on the down path (up path: one more)
+    attention: tuple[bool, ...] = (True, True, True, False)  # a spatial transformer after each ResBlock?
+    transformer_layers: int | tuple[int, ...] = 1     # transformer blocks per spatial transformer, per level
+    heads: int | tuple[int, ...] | None = 8          # attention heads per level (SD 1.x) ...
+    head_dim: int | tuple[int, ...] | None = None    # ... or the width of a head (SD 2.x, SDXL: 64)
+    context_dim: int = 768                           # width of the text tokens
+    linear_proj: bool = False                        # proj_in/out: Linear (SD 2.x, SDXL) or 1x1 conv (SD 1.x)
+    pooled_dim: int = 0                              # SDXL text_time: pooled text width (0: none)
+    num_time_ids: int = 0                            # SDXL: 6 size/crop ids (base), 5 with aesthetic score (refiner)
+    time_id_dim: int = 256                           # sinusoidal width of each time id
+    norm_groups: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        n = len(self.channels)
+        per_level = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+        self.channels, self.attention = tuple(self.channels), tuple(bool(a) for a in self.attention)
+        self.transformer_layers = per_level(self.transformer_layers)
+        for name in ("attention", "transformer_layers"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"UNetConfig.{name} needs one value per level ({n}), got {getattr(self, name)}")
+        if (self.heads is None) == (self.head_dim is None):
+            raise ValueError(f"UNetConfig: give exactly one of heads and head_dim, got heads={self.heads}, "
+                             f"head_dim={self.head_dim}")
+        for name in ("heads", "head_dim"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, per_level(v))
+                if len(getattr(self, name)) != n:
+                    raise ValueError(f"UNetConfig.{name} needs one value per level ({n}), got {v}")
+        for c in self.channels:
+            if c % self.norm_groups:
+                raise ValueError(f"UNetConfig: channels {c} not divisible by norm_groups={self.norm_groups}")
+        for i in range(n):  # levels with attention, and the last (the mid block uses its heads)
+            split = self.heads[i] if self.heads is not None else self.head_dim[i]
+            if (self.attention[i] or i == n - 1) and self.channels[i] % split:
+                what = "heads" if self.heads is not None else "head_dim"
+                raise ValueError(f"UNetConfig: level {i} has {self.channels[i]} channels, not divisible by "
+                                 f"{what}={split}")
+        if bool(self.pooled_dim) != bool(self.num_time_ids):
+            raise ValueError(f"UNetConfig: text_time conditioning needs both pooled_dim and num_time_ids, got "
+                             f"pooled_dim={self.pooled_dim}, num_time_ids={self.num_time_ids}")
+
+    @property
+    def levels(self) -> int:
+        return len(self.channels)
+
+    def level_heads(self, i: int) -> int:
+        return self.heads[i] if self.heads is not None else self.channels[i] // self.head_dim[i]
+
+    @property
+    def text_time(self) -> bool:
+        return self.pooled_dim > 0
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B,dim]: cos then sin halves.
+
+    Frequencies f_i = max_period^(-i/half), i = 0..half-1 (Vaswani et al. 2017, sec. 3.5; DDPM appendix B),
+    the cos half first as in Stable Diffusion (diffusers: flip_sin_to_cos=True, freq_shift=0).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                 # [B,half]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], -1)  # [B,2*half]
+    return F.pad(emb, (0, dim % 2))                          # [B,dim]
+
+
+class TimestepMLP(nn.Module):
+    """Linear -> SiLU -> Linear: a sinusoidal embedding to the width the ResBlocks read."""
+
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(dim, out), nn.Linear(out, out)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv; + the projected time embedding; GroupNorm, SiLU, dropout, conv; + skip (1x1 conv
+    when the width changes). The time embedding sits between the two convs, one value per channel."""
+
+    def __init__(self, cin: int, cout: int, temb: int, groups: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-5)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_proj = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-5)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):                             # x [B,cin,H,W], emb [B,temb]
+        h = self.conv1(F.silu(self.norm1(x)))              # [B,cout,H,W]
+        h = h + self.time_proj(F.silu(emb))[:, :, None, None]  # [B,cout,1,1] broadcast over pixels
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class GEGLU(nn.Module):
+    """The feed-forward of the transformer block: Linear to 2 * inner, x * gelu(gate), Linear back (Shazeer 2020)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * mult * dim)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(self.dropout(x * F.gelu(gate)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm: self-attention over pixels, cross-attention to the text, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, dropout=dropout)
+        self.attn2 = Attention(dim, context_dim, heads=heads, head_dim=head_dim, dropout=dropout)
+        self.ff = GEGLU(dim, dropout=dropout)
+
+    def forward(self, x, context):                         # x [B,HW,dim], context [B,L,context_dim]
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, proj_in (1x1 conv or Linear), `depth` TransformerBlocks on the HW pixel tokens, proj_out; + x."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, depth: int = 1, linear_proj: bool = False,
+                 groups: int = 32, dropout: float = 0.0):
+        super().__init__()
+        head_dim = channels // heads
+        inner = heads * head_dim
+        self.linear_proj = linear_proj
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        proj = (lambda a, b: nn.Linear(a, b)) if linear_proj else (lambda a, b: nn.Conv2d(a, b, 1))
+        self.proj_in = proj(channels, inner)
+        self.blocks = nn.ModuleList(TransformerBlock(inner, context_dim, heads, head_dim, dropout) for _ in range(depth))
+        self.proj_out = proj(inner, channels)
+
+    def forward(self, x, context):                         # x [B,C,H,W]
+        H, W = x.shape[-2:]
+        h = self.norm(x)
+        if self.linear_proj:
+            h = self.proj_in(rearrange(h, "b c h w -> b (h w) c"))  # [B,HW,inner]
+        else:
+            h = rearrange(self.proj_in(h), "b c h w -> b (h w) c")
+        for block in self.blocks:
+            h = block(h, context)
+        if self.linear_proj:
+            h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)
+        else:
+            h = self.proj_out(rearrange(h, "b (h w) c -> b c h w", h=H, w=W))
+        return x + h
+
+
+class Downsample(nn.Module):
+    """3x3 conv with stride 2: H,W -> H/2,W/2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the down or up path: ResBlocks, each followed by a SpatialTransformer when the level
+    has attention, then a Downsample / Upsample (except at the bottom / top)."""
+
+    def __init__(self, resnets, attentions, resample):
+        super().__init__()
+        self.resnets, self.attentions, self.resample = nn.ModuleList(resnets), nn.ModuleList(attentions), resample
+
+
+class MidBlock(nn.Module):
+    """ResBlock, SpatialTransformer, ResBlock at the coarsest resolution."""
+
+    def __init__(self, channels, temb, context_dim, heads, depth, linear_proj, groups, dropout):
+        super().__init__()
+        self.resnet1 = ResBlock(channels, channels, temb, groups, dropout)
+        self.attention = SpatialTransformer(channels, context_dim, heads, depth, linear_proj, groups, dropout)
+        self.resnet2 = ResBlock(channels, channels, temb, groups, dropout)
+
+    def forward(self, h, emb, context):
+        return self.resnet2(self.attention(self.resnet1(h, emb), context), emb)
+
+
+class UNet(nn.Module):
+    """The conditional UNet: unet(x [B,C,H,W], t [B], context [B,L,D], pooled=None, time_ids=None) -> eps."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        ch, n, temb = cfg.channels, cfg.levels, 4 * cfg.channels[0]
+        groups, drop = cfg.norm_groups, cfg.dropout
+        self.time_embed = TimestepMLP(ch[0], temb)
+        if cfg.text_time:
+            self.add_embed = TimestepMLP(cfg.pooled_dim + cfg.num_time_ids * cfg.time_id_dim, temb)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+
+        def transformer(i, c):
+            return SpatialTransformer(c, cfg.context_dim, cfg.level_heads(i), cfg.transformer_layers[i],
+                                      cfg.linear_proj, groups, drop)
+
+        skips = [ch[0]]  # the widths of the activations the down path keeps for the up path
+        self.down = nn.ModuleList()
+        cin = ch[0]
+        for i, c in enumerate(ch):
+            resnets, attentions = [], []
+            for _ in range(cfg.layers_per_block):
+                resnets.append(ResBlock(cin, c, temb, groups, drop))
+                attentions += [transformer(i, c)] if cfg.attention[i] else []
+                cin = c
+                skips.append(c)
+            last = i == n - 1
+            self.down.append(Level(resnets, attentions, None if last else Downsample(c)))
+            skips += [] if last else [c]
+        self.mid = MidBlock(ch[-1], temb, cfg.context_dim, cfg.level_heads(n - 1), cfg.transformer_layers[-1],
+                            cfg.linear_proj, groups, drop)
+        self.up = nn.ModuleList()  # coarsest level first
+        for i in reversed(range(n)):
+            resnets, attentions = [], []
+            for _ in range(cfg.layers_per_block + 1):
+                resnets.append(ResBlock(cin + skips.pop(), ch[i], temb, groups, drop))
+                attentions += [transformer(i, ch[i])] if cfg.attention[i] else []
+                cin = ch[i]
+            self.up.append(Level(resnets, attentions, Upsample(ch[i]) if i > 0 else None))
+        self.norm_out = nn.GroupNorm(groups, ch[0], eps=1e-5)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    # -- the three parts of the forward, apart so that notebooks can show (and learners write) each ----------
+
+    def embed(self, t, pooled=None, time_ids=None) -> torch.Tensor:
+        """Timesteps [B] (+ SDXL pooled text [B,P] and time ids [B,K]) -> the embedding [B,4*C0] the ResBlocks read."""
+        cfg = self.config
+        emb = self.time_embed(timestep_embedding(t, cfg.channels[0]))            # [B,temb]
+        if cfg.text_time:
+            ids = timestep_embedding(time_ids.flatten(), cfg.time_id_dim)        # [B*K,256]
+            ids = rearrange(ids, "(b k) d -> b (k d)", b=t.shape[0])             # [B,K*256]
+            emb = emb + self.add_embed(torch.cat([pooled, ids.to(pooled.dtype)], -1))
+        return emb
+
+    def down_path(self, h, emb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """conv_in and the down levels; returns h at the coarsest level and the skips (a stack)."""
+        h = self.conv_in(h)
+        skips = [h]
+        for level in self.down:
+            for j, resnet in enumerate(level.resnets):
+                h = resnet(h, emb)
+                if level.attentions:
+                    h = level.attentions[j](h, context)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+        return h, skips
+
+    def up_path(self, h, skips, emb, context) -> torch.Tensor:
+        """The up levels: before each ResBlock, concatenate the most recent skip (skips.pop()) along channels."""
+        for level in self.up:
+            for j, resnet in enumerate(level.resnets):
+                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+                if level.attentions:
+                    h = level.attentions[j](h, context)
+            if level.resample is not None:
+                h = level.resample(h)
+        return h
+
+    def forward(self, x, t, context, pooled=None, time_ids=None):
+        t, context = self._check_inputs(x, t, context, pooled, time_ids)
+        emb = self.embed(t, pooled, time_ids)          # [B,4*C0]
+        h, skips = self.down_path(x, emb, context)     # [B,C_last,H/2^(n-1),W/2^(n-1)]
+        h = self.mid(h, emb, context)
+        h = self.up_path(h, skips, emb, context)       # [B,C0,H,W]
+        return self.conv_out(F.silu(self.norm_out(h)))  # [B,out_channels,H,W]
+
+    def _check_inputs(self, x, t, context, pooled, time_ids):
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"UNet: x should be [B,{cfg.in_channels},H,W], got {got}")
+        B, _, H, W = x.shape
+        factor = 2 ** (cfg.levels - 1)
+        if H % factor or W % factor:
+            raise ValueError(f"UNet: height and width must be divisible by 2^(levels-1) = {factor} "
+                             f"({cfg.levels} levels), got {H}x{W}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.ndim != 1 or t.shape[0] != B:
+            raise ValueError(f"UNet: t should be a scalar or [B] = [{B}] timesteps, got shape {tuple(t.shape)}")
+        if context is None or context.ndim != 3 or context.shape[-1] != cfg.context_dim or context.shape[0] != B:
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"UNet: context should be [B,L,context_dim] = [{B},L,{cfg.context_dim}], got {got}")
+        if cfg.text_time:
+            for name, v, width in (("pooled", pooled, cfg.pooled_dim), ("time_ids", time_ids, cfg.num_time_ids)):
+                if v is None or v.shape != (B, width):
+                    got = None if v is None else tuple(v.shape)
+                    raise ValueError(f"UNet: this config has SDXL text_time conditioning: {name} should be "
+                                     f"[B,{width}] = [{B},{width}], got {got}")
+        elif pooled is not None or time_ids is not None:
+            raise ValueError("UNet: pooled / time_ids given, but this config has no text_time conditioning "
+                             "(set pooled_dim and num_time_ids in UNetConfig)")
+        return t, context
+
+
+# -----------------------------------------------------------------------------
+# the released models' hyper-parameters (diffusers' configs of the published checkpoints)
+
+SD15 = UNetConfig()
+SD21_BASE = UNetConfig(head_dim=64, heads=None, context_dim=1024, linear_proj=True)
+SDXL = UNetConfig(channels=(320, 640, 1280), attention=(False, True, True), transformer_layers=(1, 2, 10),
+                  heads=None, head_dim=64, context_dim=2048, linear_proj=True, pooled_dim=1280, num_time_ids=6)
+SDXL_REFINER = UNetConfig(channels=(384, 768, 1536, 1536), attention=(False, True, True, False),
+                          transformer_layers=4, heads=None, head_dim=64, context_dim=1280, linear_proj=True,
+                          pooled_dim=1280, num_time_ids=5)
+
+PRESETS = {
+    "sd15-unet": lambda: UNet(replace(SD15)),
+    "sd21base-unet": lambda: UNet(replace(SD21_BASE)),
+    "sdxl-unet": lambda: UNet(replace(SDXL)),
+    "sdxl-refiner-unet": lambda: UNet(replace(SDXL_REFINER)),
+}

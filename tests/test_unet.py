@@ -1,0 +1,326 @@
+"""sdlearn.unet: published parameter counts, parity with diffusers' UNet2DConditionModel, bad input, checkers."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdlearn import convert, presets, pretrained
+from sdlearn.checks import CheckFailed
+from sdlearn.checks import unet as check
+from sdlearn.unet import ResBlock, UNet, UNetConfig, timestep_embedding
+
+
+@pytest.mark.parametrize("name", ["sd15-unet", "sd21base-unet", "sdxl-unet", "sdxl-refiner-unet"])
+def test_preset_has_the_published_parameter_count(name):
+    model = presets.build(name)
+    assert presets.count_parameters(model) == presets.PUBLISHED[name]
+
+
+# tiny configs covering: 1x1-conv and linear proj, heads and head_dim per level, several transformer layers
+# per block, levels without attention, SDXL text_time conditioning
+TINY = {
+    "sd1-conv-heads": UNetConfig(in_channels=4, out_channels=4, channels=(32, 64), layers_per_block=1,
+                                 attention=(True, True), heads=(2, 4), context_dim=24, norm_groups=8),
+    "sd2-linear-headdim": UNetConfig(in_channels=3, out_channels=3, channels=(16, 32, 32), layers_per_block=2,
+                                     attention=(True, True, False), heads=None, head_dim=8, context_dim=20,
+                                     linear_proj=True, transformer_layers=(1, 2, 3), norm_groups=8),
+    "xl-text-time": UNetConfig(in_channels=4, out_channels=4, channels=(16, 32, 48), layers_per_block=1,
+                               attention=(False, True, True), transformer_layers=(1, 2, 3), heads=None, head_dim=8,
+                               context_dim=32, linear_proj=True, pooled_dim=1280, num_time_ids=6, time_id_dim=8,
+                               norm_groups=8),
+    "refiner-like": UNetConfig(in_channels=4, out_channels=4, channels=(16, 24, 32, 32), layers_per_block=1,
+                               attention=(False, True, True, False), transformer_layers=2, heads=None, head_dim=8,
+                               context_dim=16, linear_proj=True, pooled_dim=1280, num_time_ids=5, time_id_dim=8,
+                               norm_groups=8),
+}
+
+
+def _randomised(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = UNet(cfg).eval()
+    with torch.no_grad():  # perturb norms and biases too, so every tensor matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _inputs(cfg, B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    H = 4 * 2 ** (cfg.levels - 1)
+    x = torch.randn(B, cfg.in_channels, H, H + 2 ** (cfg.levels - 1), generator=g)
+    t = torch.tensor([3.0, 742.0])[:B]
+    ctx = torch.randn(B, 5, cfg.context_dim, generator=g)
+    kw, theirs = {}, {}
+    if cfg.text_time:
+        pooled = torch.randn(B, cfg.pooled_dim, generator=g)
+        ids = torch.tensor([[512.0, 768, 0, 16, 1024, 1024][:cfg.num_time_ids], [64.0, 96, 8, 0, 128, 6][:cfg.num_time_ids]])[:B]
+        kw = dict(pooled=pooled, time_ids=ids)
+        theirs = dict(added_cond_kwargs=dict(text_embeds=pooled, time_ids=ids))
+    return x, t, ctx, kw, theirs
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_to_diffusers_gives_the_same_outputs(name):
+    cfg = TINY[name]
+    ours = _randomised(cfg)
+    theirs = convert.to_diffusers(ours).eval()
+    assert type(theirs).__name__ == "UNet2DConditionModel"
+    assert sum(p.numel() for p in theirs.parameters()) == presets.count_parameters(ours)
+    x, t, ctx, kw, theirs_kw = _inputs(cfg)
+    with torch.no_grad():
+        a = ours(x, t, ctx, **kw)
+        b = theirs(x, t, ctx, **theirs_kw).sample
+    assert a.shape == x.shape[:1] + (cfg.out_channels,) + x.shape[2:]
+    assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_from_diffusers_gives_the_same_outputs(name):
+    from diffusers import UNet2DConditionModel
+
+    cfg = TINY[name]
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel(**convert.unet.config_to_diffusers(cfg)).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours = convert.from_diffusers(theirs)
+    assert type(ours) is UNet
+    x, t, ctx, kw, theirs_kw = _inputs(cfg, seed=2)
+    with torch.no_grad():
+        a = ours(x, t, ctx, **kw)
+        b = theirs(x, t, ctx, **theirs_kw).sample
+    assert (a - b).abs().max().item() < 1e-4
+    back = convert.to_diffusers(ours)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in theirs.state_dict().items())
+
+
+def test_sd15_like_config_from_diffusers_reads_attention_head_dim_as_heads():
+    from diffusers import UNet2DConditionModel
+
+    theirs = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                  attention_head_dim=4, cross_attention_dim=16, norm_num_groups=8)
+    ours = convert.from_diffusers(theirs)
+    assert ours.config.heads == (4, 4) and ours.config.attention == (True, False)
+    assert ours.down[0].attentions[0].blocks[0].attn1.heads == 4
+
+
+def test_output_depends_on_time_text_and_sdxl_conditioning():
+    cfg = TINY["xl-text-time"]
+    unet = _randomised(cfg)
+    x, t, ctx, kw, _ = _inputs(cfg)
+    with torch.no_grad():
+        base = unet(x, t, ctx, **kw)
+        assert not torch.allclose(base, unet(x, t + 100, ctx, **kw))
+        assert not torch.allclose(base, unet(x, t, ctx + 1, **kw))
+        assert not torch.allclose(base, unet(x, t, ctx, kw["pooled"], kw["time_ids"] + 64))
+        assert torch.allclose(unet(x, 5, ctx, **kw), unet(x, torch.tensor([5, 5]), ctx, **kw))
+
+
+def test_gradients_reach_every_parameter():
+    cfg = TINY["sd2-linear-headdim"]
+    unet = UNet(cfg)
+    x, t, ctx, _, _ = _inputs(cfg)
+    unet(x, t, ctx).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
+
+
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0, 1, 17.5, 999])
+    for dim in (8, 320, 7):
+        ours = timestep_embedding(t, dim)
+        theirs = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_config_survives_a_release_round_trip(tmp_path):
+    unet = UNet(TINY["xl-text-time"])
+    dest = pretrained.save(unet, "tiny-unet", 8, command="test", dest=tmp_path / "tiny-unet-8.safetensors")
+    state, meta = pretrained.load_file_checked(dest)
+    cfg = pretrained._config_class(UNet)(**json.loads(meta["config"]))
+    assert cfg == unet.config
+    again = UNet(cfg)
+    again.load_state_dict(state)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_clear_error():
+    cfg = TINY["sd2-linear-headdim"]  # 3 levels: sizes must be multiples of 4
+    unet = UNet(cfg)
+    x, t, ctx = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.randn(2, 5, 20)
+    with pytest.raises(ValueError, match=r"divisible by 2\^\(levels-1\) = 4 .*got 8x6"):
+        unet(torch.randn(2, 3, 8, 6), t, ctx)
+    with pytest.raises(ValueError, match=r"context should be \[B,L,context_dim\] = \[2,L,20\], got \(2, 5, 16\)"):
+        unet(x, t, torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=r"context should be .* got None"):
+        unet(x, t, None)
+    with pytest.raises(ValueError, match=r"t should be a scalar or \[B\] = \[2\] timesteps, got shape \(3,\)"):
+        unet(x, torch.tensor([1, 2, 3]), ctx)
+    with pytest.raises(ValueError, match=r"x should be \[B,3,H,W\], got \(2, 4, 8, 8\)"):
+        unet(torch.randn(2, 4, 8, 8), t, ctx)
+    with pytest.raises(ValueError, match="no text_time conditioning"):
+        unet(x, t, ctx, pooled=torch.randn(2, 1280))
+
+
+def test_sdxl_conditioning_is_required_and_checked():
+    cfg = TINY["xl-text-time"]
+    unet = UNet(cfg)
+    x, t, ctx, kw, _ = _inputs(cfg)
+    with pytest.raises(ValueError, match=r"pooled should be \[B,1280\] = \[2,1280\], got None"):
+        unet(x, t, ctx)
+    with pytest.raises(ValueError, match=r"time_ids should be \[B,6\] = \[2,6\], got None"):
+        unet(x, t, ctx, pooled=kw["pooled"])
+    with pytest.raises(ValueError, match=r"time_ids should be \[B,6\] = \[2,6\], got \(2, 5\)"):
+        unet(x, t, ctx, pooled=kw["pooled"], time_ids=kw["time_ids"][:, :5])
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="exactly one of heads and head_dim"):
+        UNetConfig(heads=8, head_dim=64)
+    with pytest.raises(ValueError, match=r"attention needs one value per level \(2\)"):
+        UNetConfig(channels=(32, 64), attention=(True,))
+    with pytest.raises(ValueError, match="not divisible by norm_groups=32"):
+        UNetConfig(channels=(48, 64), attention=(False, False))
+    with pytest.raises(ValueError, match="level 1 has 64 channels, not divisible by head_dim=48"):
+        UNetConfig(channels=(48, 64), attention=(True, True), heads=None, head_dim=48, norm_groups=16)
+    with pytest.raises(ValueError, match="needs both pooled_dim and num_time_ids"):
+        UNetConfig(pooled_dim=1280)
+
+
+def test_from_diffusers_refuses_options_sdlearn_lacks():
+    from diffusers import UNet2DConditionModel
+
+    theirs = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                  attention_head_dim=4, cross_attention_dim=16, norm_num_groups=8,
+                                  resnet_time_scale_shift="scale_shift")
+    with pytest.raises(ValueError, match="resnet_time_scale_shift='scale_shift'"):
+        convert.from_diffusers(theirs)
+
+
+# -- checkers: the right answer passes, each typical mistake is named ---------------------------------------
+
+
+def _emb_right(t, dim):
+    half = dim // 2
+    f = torch.exp(-math.log(10000) * torch.arange(half) / half)
+    a = t.float()[:, None] * f
+    return torch.cat([a.cos(), a.sin()], -1)
+
+
+def _emb_swapped(t, dim):
+    return _emb_right(t, dim).roll(dim // 2, -1)
+
+
+def _emb_shift(t, dim):
+    half = dim // 2
+    a = t.float()[:, None] * torch.exp(-math.log(10000) * torch.arange(half) / (half - 1))
+    return torch.cat([a.cos(), a.sin()], -1)
+
+
+def _emb_over_dim(t, dim):
+    a = t.float()[:, None] * torch.exp(-math.log(10000) * torch.arange(dim // 2) / dim)
+    return torch.cat([a.cos(), a.sin()], -1)
+
+
+def _emb_interleaved(t, dim):
+    a = t.float()[:, None] * torch.exp(-math.log(10000) * torch.arange(dim // 2) / (dim // 2))
+    return torch.stack([a.cos(), a.sin()], -1).flatten(1)
+
+
+def _emb_half_only(t, dim):
+    return _emb_right(t, dim)[:, : dim // 2]
+
+
+def test_timestep_embedding_checker(capsys):
+    check.timestep_embedding(_emb_right)
+    assert "correct" in capsys.readouterr().out
+    for fn, hint in [(_emb_swapped, "halves are swapped"), (_emb_shift, r"half - 1"), (_emb_over_dim, "not by dim"),
+                     (_emb_interleaved, "interleaved"), (_emb_half_only, r"shape \(5, 16\), expected \(5, 32\)")]:
+        with pytest.raises(CheckFailed, match=hint):
+            check.timestep_embedding(fn)
+
+
+def _res_right(b, x, emb):
+    h = b.conv1(F.silu(b.norm1(x)))
+    h = h + b.time_proj(F.silu(emb))[:, :, None, None]
+    return b.skip(x) + b.conv2(b.dropout(F.silu(b.norm2(h))))
+
+
+def _res_time_after(b, x, emb):
+    h = b.conv2(b.dropout(F.silu(b.norm2(b.conv1(F.silu(b.norm1(x)))))))
+    return b.skip(x) + h + b.time_proj(F.silu(emb))[:, :, None, None]
+
+
+def _res_no_silu_on_emb(b, x, emb):
+    h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(emb)[:, :, None, None]
+    return b.skip(x) + b.conv2(F.silu(b.norm2(h)))
+
+
+def _res_no_broadcast(b, x, emb):
+    h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(F.silu(emb))
+    return b.skip(x) + b.conv2(F.silu(b.norm2(h)))
+
+
+def _res_no_skip(b, x, emb):
+    h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(F.silu(emb))[:, :, None, None]
+    return b.conv2(F.silu(b.norm2(h)))
+
+
+def _res_identity_skip(b, x, emb):
+    h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(F.silu(emb))[:, :, None, None]
+    return x + b.conv2(F.silu(b.norm2(h)))
+
+
+def test_resblock_checker(capsys):
+    check.resblock_forward(_res_right)
+    assert "correct" in capsys.readouterr().out
+    for fn, hint in [(_res_time_after, "after the second conv"), (_res_no_silu_on_emb, "without SiLU"),
+                     (_res_no_broadcast, r"\[:, :, None, None\]"), (_res_no_skip, "skip connection is missing"),
+                     (_res_identity_skip, r"block.skip\(x\)")]:
+        with pytest.raises(CheckFailed, match=hint):
+            check.resblock_forward(fn)
+
+
+def _up(order="hs", pop=lambda s: s.pop(), attention=True, upsample_first=False):
+    def fn(unet, h, skips, emb, context):
+        for level in unet.up:
+            if upsample_first and level.resample is not None:
+                h = level.resample(h)
+            for j, resnet in enumerate(level.resnets):
+                s = pop(skips)
+                h = resnet(torch.cat([h, s] if order == "hs" else [s, h], 1), emb)
+                if level.attentions and attention:
+                    h = level.attentions[j](h, context)
+            if not upsample_first and level.resample is not None:
+                h = level.resample(h)
+        return h
+    return fn
+
+
+def test_up_path_checker(capsys):
+    check.up_path(_up())
+    assert "correct" in capsys.readouterr().out
+    for fn, hint in [(_up(pop=lambda s: s.pop(0)), r"wrong order.*pop\(0\)"),
+                     (_up(order="sh"), "concatenated in the wrong order"),
+                     (_up(attention=False), "spatial transformer is missing"),
+                     (_up(upsample_first=True), "upsample only after"),
+                     (_up(pop=lambda s: s[-1]), r"skips\[-1\] but never removed")]:
+        with pytest.raises(CheckFailed, match=hint):
+            check.up_path(fn)
+
+
+def test_checkers_unet_is_the_library_unet():
+    unet = check.tiny_unet()
+    x = torch.randn(1, 3, 8, 8)
+    out = unet(x, torch.tensor([5]), torch.randn(1, 2, 8))
+    assert out.shape == x.shape
+    assert isinstance(unet.down[0].resnets[0], ResBlock)
