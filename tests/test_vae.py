@@ -1,0 +1,308 @@
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from sdlearn import convert, presets, pretrained
+from sdlearn.checks import CheckFailed
+from sdlearn.checks import vae as check
+from sdlearn.vae import (AutoencoderKL, DiagonalGaussian, VAEConfig, kl_divergence, main, psnr, reparameterize,
+                         train_shapes_vae, vae_loss)
+
+TINY = dict(channels=(8, 16, 16), layers_per_block=1, norm_groups=4)
+
+
+def tiny(**kw) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(VAEConfig(**{**TINY, **kw})).eval()
+
+
+# -----------------------------------------------------------------------------
+# fidelity: parameter counts and parity with diffusers
+
+
+@pytest.mark.parametrize("name", ["sd-vae", "sd3-vae"])
+def test_published_parameter_counts(name):
+    model = presets.build(name, device="meta")
+    assert presets.count_parameters(model) == presets.PUBLISHED[name]
+
+
+def test_sd3_preset_has_16_channels_no_quant_convs_and_its_shift():
+    vae = presets.build("sd3-vae")
+    assert vae.config.latent_channels == 16 and vae.quant_conv is None and vae.post_quant_conv is None
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (1.5305, 0.0609)
+    assert presets.build("sd-vae").config.scaling_factor == 0.18215
+
+
+def _diffusers_vae(latent_channels, quant, attention=True):
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    torch.manual_seed(0)
+    theirs = DiffusersVAE(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                          block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=4,
+                          latent_channels=latent_channels, use_quant_conv=quant, use_post_quant_conv=quant,
+                          mid_block_add_attention=attention).eval()
+    with torch.no_grad():  # default inits leave some convs at zero; make every weight matter
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return theirs
+
+
+@pytest.mark.parametrize("latent_channels", [4, 16])
+@pytest.mark.parametrize("quant", [True, False])
+def test_parity_with_diffusers_both_directions(latent_channels, quant):
+    theirs = _diffusers_vae(latent_channels, quant)
+    ours = convert.from_diffusers(theirs)
+    assert isinstance(ours, AutoencoderKL) and (ours.quant_conv is None) == (not quant)
+    x = torch.randn(2, 3, 16, 12)
+    z = torch.randn(2, latent_channels, 4, 3)
+    with torch.no_grad():
+        want = theirs.encode(x).latent_dist
+        got = ours.encode(x)
+        assert (got.mean - want.mean).abs().max() < 1e-4
+        assert (got.logvar - want.logvar).abs().max() < 1e-4
+        assert (ours.decode(z) - theirs.decode(z).sample).abs().max() < 1e-4
+        back = convert.to_diffusers(ours).eval()
+        assert (back.encode(x).latent_dist.mean - got.mean).abs().max() < 1e-4
+        assert (back.decode(z).sample - ours.decode(z)).abs().max() < 1e-4
+    assert back.config.use_quant_conv == quant and back.config.latent_channels == latent_channels
+
+
+def test_to_diffusers_from_a_fresh_sdlearn_model_and_no_mid_attention():
+    ours = tiny(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06,
+                scaling_factor=1.5, mid_attention=False)
+    theirs = convert.to_diffusers(ours).eval()
+    assert theirs.config.shift_factor == 0.06 and theirs.config.scaling_factor == 1.5
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert (theirs.encode(x).latent_dist.mean - ours.encode(x).mean).abs().max() < 1e-4
+    again = convert.from_diffusers(theirs)
+    assert again.config == ours.config
+
+
+def test_diagonal_gaussian_matches_diffusers():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    params = torch.randn(2, 8, 3, 3) * 3
+    params[0, 4, 0, 0] = 40.0  # clamped to 20
+    params[0, 5, 0, 0] = -50.0  # clamped to -30
+    ours, theirs = DiagonalGaussian(params), DiagonalGaussianDistribution(params)
+    for a, b in [(ours.mean, theirs.mean), (ours.logvar, theirs.logvar), (ours.std, theirs.std),
+                 (ours.kl(), theirs.kl())]:
+        torch.testing.assert_close(a, b)
+    assert ours.logvar.max() == 20 and ours.logvar.min() == -30
+    assert torch.equal(ours.mode(), ours.mean)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    torch.testing.assert_close(ours.sample(g1), theirs.sample(g2))
+
+
+# -----------------------------------------------------------------------------
+# the model's interface
+
+
+def test_shapes_and_latent_helpers_apply_shift_and_scale():
+    vae = tiny(scaling_factor=0.5, shift_factor=0.25)
+    assert vae.downsampling_factor == 4
+    x = torch.rand(2, 3, 16, 8) * 2 - 1
+    with torch.no_grad():
+        post = vae.encode(x)
+        assert post.mean.shape == post.logvar.shape == (2, 4, 4, 2)
+        z = vae.to_latent(x, sample=False)
+        torch.testing.assert_close(z, (post.mean - 0.25) * 0.5)
+        torch.testing.assert_close(vae.from_latent(z), vae.decode(post.mean))
+        rec, post2 = vae(x)
+        assert rec.shape == x.shape and isinstance(post2, DiagonalGaussian)
+        g = torch.Generator().manual_seed(0)
+        a = vae.to_latent(x, generator=g)
+        g.manual_seed(0)
+        torch.testing.assert_close(a, vae.to_latent(x, generator=g))
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (torch.zeros(1, 3, 10, 8), ValueError, r"H and W divisible by 4.*got 10x8"),
+    (torch.zeros(1, 1, 8, 8), ValueError, r"\[B,3,H,W\].*got shape \(1, 1, 8, 8\)"),
+    (torch.zeros(3, 8, 8), ValueError, r"got shape \(3, 8, 8\)"),
+    ([[0.0]], TypeError, "got list"),
+])
+def test_encode_rejects_bad_images(bad, err, match):
+    with pytest.raises(err, match=match):
+        tiny().encode(bad)
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (torch.zeros(1, 3, 2, 2), ValueError, r"\[B,4,h,w\]; got shape \(1, 3, 2, 2\)"),
+    (torch.zeros(4, 2, 2), ValueError, r"\[B,4,h,w\]; got shape \(4, 2, 2\)"),
+    ("z", TypeError, "got str"),
+])
+def test_decode_rejects_bad_latents(bad, err, match):
+    with pytest.raises(err, match=match):
+        tiny().decode(bad)
+
+
+def test_config_validates_and_survives_json():
+    with pytest.raises(ValueError, match="divisible by norm_groups=32"):
+        VAEConfig(channels=(48, 64))
+    cfg = VAEConfig(**TINY)
+    assert VAEConfig(**json.loads(json.dumps(asdict(cfg)))) == cfg
+
+
+# -----------------------------------------------------------------------------
+# the formulas
+
+
+def test_reparameterize_kl_and_loss():
+    mean, logvar = torch.randn(2, 4, 3, 3, requires_grad=True), torch.randn(2, 4, 3, 3, requires_grad=True)
+    noise = torch.randn(2, 4, 3, 3)
+    z = reparameterize(mean, logvar, noise)
+    torch.testing.assert_close(z, mean + logvar.mul(0.5).exp() * noise)
+    z.sum().backward()
+    assert torch.equal(mean.grad, torch.ones_like(mean))
+    assert kl_divergence(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)).abs().max() == 0
+    # closed form against a Monte Carlo estimate of E_q[log q - log p]
+    m, lv = torch.tensor([[[[0.5]]]]), torch.tensor([[[[-1.0]]]])
+    s = reparameterize(m, lv, torch.randn(200_000, 1, 1, 1, generator=torch.Generator().manual_seed(0)))
+    log_q = torch.distributions.Normal(m, lv.mul(0.5).exp()).log_prob(s)
+    log_p = torch.distributions.Normal(0.0, 1.0).log_prob(s)
+    assert abs((log_q - log_p).mean() - kl_divergence(m, lv)[0]) < 0.01
+    x = torch.zeros(2, 3, 4, 4)
+    torch.testing.assert_close(vae_loss(x, x + 1, torch.zeros(2, 4, 1, 1), torch.zeros(2, 4, 1, 1), 0.5),
+                               torch.tensor(48.0))
+    torch.testing.assert_close(vae_loss(x, x + 1, torch.ones(2, 4, 1, 1), torch.zeros(2, 4, 1, 1), 0.5, "l1"),
+                               torch.tensor(48.0 + 0.5 * 2.0))
+    with pytest.raises(ValueError, match="recon must be 'l2' or 'l1', got 'l3'"):
+        vae_loss(x, x, x, x, 0.1, "l3")
+
+
+def test_psnr():
+    x = torch.zeros(2, 3, 4, 4)
+    torch.testing.assert_close(psnr(x, x + 0.2), torch.full((2,), 20.0))  # 0.1 on the [0,1] scale
+
+
+# -----------------------------------------------------------------------------
+# the checkers: right answers pass, each typical mistake gets its hint
+
+
+def _rep_ok(mean, logvar, noise):
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda m, lv, n: m + torch.exp(lv) * n, r"exp\(logvar\), the variance, as the standard deviation"),
+    (lambda m, lv, n: m + lv * n, "logvar is the log of the variance"),
+    (lambda m, lv, n: m + torch.exp(-0.5 * lv) * n, r"exp\(\+0.5 \* logvar\), not exp\(-0.5"),
+    (lambda m, lv, n: torch.exp(0.5 * lv) * n, "forgot to add the mean"),
+    (lambda m, lv, n: m + torch.exp(0.5 * lv) * torch.randn_like(n), "use the `noise` argument"),
+    (lambda m, lv, n: (m + torch.exp(0.5 * lv) * n).detach(), "carries no gradient"),
+    (lambda m, lv, n: m[0] + torch.exp(0.5 * lv) * n, "z should be mean"),
+    (lambda m, lv, n: (m + torch.exp(0.5 * lv) * n).mean(0), r"has shape \(4, 2, 2\), expected \(3, 4, 2, 2\)"),
+    (lambda m, lv, n: (m + torch.exp(0.5 * lv) * n).tolist(), "should be a torch.Tensor, got list"),
+])
+def test_reparameterize_checker(wrong, hint, capsys):
+    check.reparameterize(_rep_ok)
+    assert "reparameterize: correct" in capsys.readouterr().out
+    with pytest.raises(CheckFailed, match=hint):
+        check.reparameterize(wrong)
+
+
+def _kl_ok(mean, logvar):
+    return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda m, lv: (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3)), "missing the factor 1/2"),
+    (lambda m, lv: -0.5 * (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3)), "sign is flipped"),
+    (lambda m, lv: 0.5 * (1 + lv - m**2 - lv.exp()).sum(dim=(1, 2, 3)), "sign is flipped"),
+    (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).mean(dim=(1, 2, 3)), "averaged over the latent elements"),
+    (lambda m, lv: 0.5 * (m**2 + (0.5 * lv).exp() - 1 - lv).sum(dim=(1, 2, 3)), "std and variance confused"),
+    (lambda m, lv: 0.5 * (m**2 + lv.exp() - lv).sum(dim=(1, 2, 3)), "forgot the -1"),
+    (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 + lv).sum(dim=(1, 2, 3)), "log-variance term should be subtracted"),
+    (lambda m, lv: 0.5 * (m + lv.exp() - 1 - lv).sum(dim=(1, 2, 3)), "mean enters squared"),
+    (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).sum(), r"shape \(\); return one KL per sample"),
+    (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3)).mean(), r"got shape \(\)"),
+    (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv), "sum over every axis except the batch"),
+    (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3)) + 1, "KL should be 0.5"),
+])
+def test_kl_checker(wrong, hint, capsys):
+    check.kl_divergence(_kl_ok)
+    check.kl_divergence(kl_divergence)
+    assert "kl_divergence: correct" in capsys.readouterr().out
+    with pytest.raises(CheckFailed, match=hint):
+        check.kl_divergence(wrong)
+
+
+def _loss_ok(x, x_rec, mean, logvar, kl_weight):
+    rec = ((x_rec - x) ** 2).sum(dim=(1, 2, 3)).mean()
+    return rec + kl_weight * _kl_ok(mean, logvar).mean()
+
+
+def _sq(x, xr):
+    return (xr - x) ** 2
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda x, xr, m, lv, w: _sq(x, xr).mean() + w * _kl_ok(m, lv).mean(), "averaged over pixels"),
+    (lambda x, xr, m, lv, w: torch.nn.functional.mse_loss(xr, x) + w * 0.5 * (m**2 + lv.exp() - 1 - lv).mean(),
+     "both terms are averaged over every element"),
+    (lambda x, xr, m, lv, w: _sq(x, xr).sum((1, 2, 3)).mean() + w * _kl_ok(m, lv).sum(), "KL is summed over the batch"),
+    (lambda x, xr, m, lv, w: _sq(x, xr).sum() + w * _kl_ok(m, lv).sum(), "you summed over the batch"),
+    (lambda x, xr, m, lv, w: w * _sq(x, xr).sum((1, 2, 3)).mean() + _kl_ok(m, lv).mean(), "kl_weight multiplies"),
+    (lambda x, xr, m, lv, w: _sq(x, xr).sum((1, 2, 3)).mean() - w * _kl_ok(m, lv).mean(), "wrong sign"),
+    (lambda x, xr, m, lv, w: _sq(x, xr).sum((1, 2, 3)).mean() + w * 2 * _kl_ok(m, lv).mean(), "missing its factor"),
+    (lambda x, xr, m, lv, w: _sq(x, xr).sum((1, 2, 3)).mean()
+     + w * 0.5 * (m**2 + (0.5 * lv).exp() - 1 - lv).sum((1, 2, 3)).mean(), "std and variance confused"),
+    (lambda x, xr, m, lv, w: (xr - x).abs().sum((1, 2, 3)).mean() + w * _kl_ok(m, lv).mean(), r"squared error \(L2\)"),
+    (lambda x, xr, m, lv, w: _sq(x, xr).sum((1, 2, 3)).mean(), "KL term is missing"),
+    (lambda x, xr, m, lv, w: w * _kl_ok(m, lv).mean(), "reconstruction term is missing"),
+    (lambda x, xr, m, lv, w: _sq(x, xr).sum((1, 2, 3)) + w * _kl_ok(m, lv), "should be a single number"),
+    (lambda x, xr, m, lv, w: _loss_ok(x, xr, m, lv, w) * 1.1, "expected .*, got"),
+])
+def test_vae_loss_checker(wrong, hint, capsys):
+    check.vae_loss(_loss_ok)
+    check.vae_loss(vae_loss)
+    assert "vae_loss: correct" in capsys.readouterr().out
+    with pytest.raises(CheckFailed, match=hint):
+        check.vae_loss(wrong)
+
+
+# -----------------------------------------------------------------------------
+# training and the releases
+
+
+def test_training_runs_and_sets_the_latent_scale():
+    vae, hist = train_shapes_vae(size=16, steps=3, batch_size=4, config=TINY, progress=False,
+                                  scale_images=16)
+    assert len(hist.losses) == 3 and not vae.training
+    assert vae.config.scaling_factor > 0 and vae.config.scaling_factor != 0.18215
+
+
+def test_cli_trains_and_writes_a_loadable_release(tmp_path, capsys):
+    out = tmp_path / "shapes-vae-16.safetensors"
+    main(["train", "--size", "16", "--steps", "2", "--batch-size", "2", "--eval", "8", "--out", str(out)])
+    assert "PSNR" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(out, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["command"].startswith("python -m sdlearn.vae train --size 16 --steps 2")
+    assert meta["command"].endswith("--release") and "heldout_psnr" in meta
+
+
+RELEASED = [int(n.rsplit("-", 1)[1]) for n in pretrained.available() if n.startswith("shapes-vae-")]
+
+
+@pytest.mark.parametrize("size", RELEASED)
+def test_released_vae_meets_the_quality_bar(size):
+    from sdlearn.vae import evaluate
+
+    vae = pretrained.load("shapes-vae", size=size)
+    assert isinstance(vae, AutoencoderKL) and vae.config.latent_channels == 4
+    assert vae.downsampling_factor == 4 and vae.config.scaling_factor != 0.18215
+    scores = evaluate(vae, size, n=300)
+    assert scores["psnr"] >= 28 and scores["exact"] >= 0.98, scores
+    meta = pretrained.metadata("shapes-vae", size)
+    assert "python -m sdlearn.vae train" in meta["command"] and meta["class"] == "sdlearn.vae.AutoencoderKL"
+
+
+def test_the_32px_release_exists():
+    assert 32 in RELEASED
