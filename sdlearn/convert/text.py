@@ -1,0 +1,117 @@
+"""transformers' CLIPTextModel / CLIPTextModelWithProjection <-> sdlearn.text.TextEncoder.
+
+    ours = from_diffusers(CLIPTextModel.from_pretrained(...))   # hidden == last_hidden_state, pooled == pooler_output
+    theirs = to_diffusers(ours)                                   # CLIPTextModelWithProjection when ours projects
+
+Key map (theirs -> ours), per layer i:
+    embeddings.token_embedding / position_embedding -> token_embedding / position_embedding
+    encoder.layers.i.self_attn.{q,k,v,out}_proj     -> blocks.i.attn.to_{q,k,v,out}
+    encoder.layers.i.layer_norm{1,2}                 -> blocks.i.norm{1,2}
+    encoder.layers.i.mlp.fc{1,2}                     -> blocks.i.mlp.fc{1,2}
+    final_layer_norm                                 -> final_norm
+    text_projection (WithProjection only)            -> projection
+
+Pooling: transformers takes the *largest* token id's position when config.eos_token_id == 2 (the configs of
+the original OpenAI checkpoints, whose <eos> 49407 is the largest id) and the first eos_token_id otherwise;
+ours says which in TextConfig.pool ("argmax" / "eos").
+"""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from sdlearn.text import TextConfig, TextEncoder
+
+_RENAMES = [  # (theirs, ours) regex pairs on the CLIPTextModel state dict
+    (r"^embeddings\.(token|position)_embedding\.", r"\1_embedding."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"blocks.\1.attn.to_\2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.to_out."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm([12])\.", r"blocks.\1.norm\2."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+    (r"^final_layer_norm\.", r"final_norm."),
+]
+_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+
+
+def _rename(key: str, pairs) -> str:
+    for pattern, repl in pairs:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    raise KeyError(f"no mapping for parameter {key!r}")
+
+
+def _inverse():
+    """Ours -> theirs: the same table, read backwards."""
+    return [
+        (r"^(token|position)_embedding\.", r"embeddings.\1_embedding."),
+        (r"^blocks\.(\d+)\.attn\.to_([qkv])\.", r"encoder.layers.\1.self_attn.\2_proj."),
+        (r"^blocks\.(\d+)\.attn\.to_out\.", r"encoder.layers.\1.self_attn.out_proj."),
+        (r"^blocks\.(\d+)\.norm([12])\.", r"encoder.layers.\1.layer_norm\2."),
+        (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+        (r"^final_norm\.", r"final_layer_norm."),
+    ]
+
+
+def config_from_transformers(c, with_projection: bool = False) -> TextConfig:
+    """TextConfig of a transformers CLIPTextConfig (no word vocabulary: CLIP's tokenizer is byte-pair)."""
+    if c.hidden_act not in _ACTS:
+        raise ValueError(f"unsupported hidden_act {c.hidden_act!r}; sdlearn supports {', '.join(_ACTS)}")
+    return TextConfig(
+        vocab=None, vocab_size=c.vocab_size, max_positions=c.max_position_embeddings, width=c.hidden_size,
+        layers=c.num_hidden_layers, heads=c.num_attention_heads, mlp_dim=c.intermediate_size,
+        activation=_ACTS[c.hidden_act], layer_norm_eps=c.layer_norm_eps, eos_token_id=c.eos_token_id,
+        pool="argmax" if c.eos_token_id == 2 else "eos",
+        projection_dim=c.projection_dim if with_projection else None,
+    )
+
+
+def from_diffusers(model: nn.Module) -> TextEncoder:
+    """An sdlearn TextEncoder with the weights of a transformers CLIPTextModel / CLIPTextModelWithProjection."""
+    name = type(model).__name__
+    if name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        raise TypeError(f"expected a transformers CLIPTextModel or CLIPTextModelWithProjection, got {name}")
+    with_proj = name == "CLIPTextModelWithProjection"
+    body = model.text_model if with_proj else model
+    cfg = config_from_transformers(model.config, with_proj)
+    ours = TextEncoder(cfg)
+    state = {_rename(k, _RENAMES): v for k, v in body.state_dict().items() if not k.endswith("position_ids")}
+    if with_proj:
+        state["projection.weight"] = model.text_projection.weight
+    ours.load_state_dict(state, strict=True)
+    return ours.to(next(model.parameters()).dtype)
+
+
+def to_diffusers(module: TextEncoder) -> nn.Module:
+    """The transformers CLIPTextModel (or ...WithProjection when `module` projects) with `module`'s weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = module.config
+    if cfg.pool == "argmax":
+        eos = 2  # transformers' switch for "pool at the largest token id"
+    elif cfg.eos_token_id == 2:
+        raise ValueError("transformers cannot pool at the first <eos> when eos_token_id == 2 (it takes the largest "
+                         "id instead); give <eos> another id")
+    else:
+        eos = cfg.eos_token_id
+    if cfg.vocab is not None:  # the course tokenizer's special ids
+        ids = dict(bos_token_id=cfg.vocab.index("<bos>"), pad_token_id=cfg.vocab.index("<pad>"))
+    else:  # CLIP's (49406, 1) where they exist; pooling never reads them
+        ids = dict(bos_token_id=49406 if cfg.vocab_size > 49406 else None, pad_token_id=1 if cfg.vocab_size > 1 else None)
+    c = CLIPTextConfig(
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_positions, hidden_size=cfg.width,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_dim,
+        hidden_act=cfg.activation, layer_norm_eps=cfg.layer_norm_eps, eos_token_id=eos,
+        projection_dim=cfg.projection_dim or cfg.width, **ids,
+    )
+    theirs = CLIPTextModelWithProjection(c) if cfg.projection_dim else CLIPTextModel(c)
+    body = theirs.text_model if cfg.projection_dim else theirs
+    state = {_rename(k, _inverse()): v for k, v in module.state_dict().items() if not k.startswith("projection.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise RuntimeError(f"weight mismatch converting to transformers: missing {missing}, unexpected {unexpected}")
+    if cfg.projection_dim:
+        theirs.text_projection.weight.data.copy_(module.projection.weight)
+    dtype = next(module.parameters()).dtype
+    return theirs.to(dtype).eval()
