@@ -50,16 +50,30 @@ class Profile:
     num_eval: int = knob(32, 200, 400)            # prompts scored by the judge
     num_workers: int = knob(0, 0, 2)              # DataLoader workers
     # 01 self-attention
-    attn_max_tokens: int = knob(256, 1024, 4096)  # largest HW in the attention cost sweep
+    attn_max_tokens: int = knob(1024, 4096, 16384)  # largest HW in the attention cost sweep
+    attn_samples: int = knob(64, 1024, 1024)      # random queries per width in the sqrt(d) experiment
+    attn_repeats: int = knob(1, 3, 10)            # timing repeats per size in the cost sweep (best of)
     # 02 cross-attention / text encoder
-    clip_steps: int = knob(20, 600, 1500)         # contrastive pretraining steps
+    clip_steps: int = knob(20, 300, 1500)         # contrastive pretraining steps (the released encoder: 4000)
+    clip_pool: int = knob(256, 4000, 20000)       # training images rendered once for CLIP and the probe
+    probe_steps: int = knob(20, 400, 1000)        # cross-attention probe (denoiser) steps
+    probe_draws: int = knob(2, 8, 16)             # noise draws averaged per attention map
     # 03 VAE
-    vae_steps: int = knob(20, 2000, 4000)
+    vae_steps: int = knob(10, 600, 2000)          # the notebook's own VAE (the released one trained longer)
+    vae_batch: int = knob(4, 32, 64)              # its training batch
+    vae_sweep_steps: int = knob(2, 30, 200)       # fine-tuning steps per point of the KL-weight sweep
+    vae_sweep_batch: int = knob(2, 16, 32)        # and their batch
     # 04 DDPM noising
     sample_steps: int = knob(10, 50, 50)          # reverse-process steps when sampling
-    toy_steps: int = knob(20, 200, 400)           # reverse steps on the 2-D toy
+    toy_steps: int = knob(100, 1000, 1000)        # most reverse steps on the 2-D toy (DDPM's run, the step sweep)
+    toy_samples: int = knob(500, 2000, 10000)     # points sampled on the 2-D toy
+    forward_samples: int = knob(64, 500, 2000)    # noised copies of one image: closed form vs iterating
     # 05 UNet (pixel-space DDPM)
-    pixel_steps: int = knob(10, 1500, 4000)
+    pixel_steps: int = knob(10, 1200, 3000)
+    pixel_size: int = knob(16, 16, 32)            # pixel-space images: 32 px costs 4x per step (measured)
+    pixel_width: int = knob(16, 32, 64)           # channels of the UNet's first level (the second has twice)
+    pixel_pool: int = knob(64, 2000, 5000)        # training images, rendered once
+    pixel_batch: int = knob(16, 32, 128)          # its training batch (cpu: more, smaller steps beat fewer big ones)
     # 06 latent diffusion
     ldm_steps: int = knob(10, 2000, 8000)
     # 07 SDXL refiner
