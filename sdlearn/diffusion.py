@@ -261,16 +261,27 @@ def _check_output(model_output: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"the model output must have the sample's shape {tuple(x.shape)}, got {got}")
 
 
+def _clip(x0: torch.Tensor, clip_x0: float | None) -> torch.Tensor:
+    """x0 clamped to [-clip_x0, clip_x0] (diffusers' clip_sample / clip_sample_range); None: unchanged."""
+    if clip_x0 is None:
+        return x0
+    if isinstance(clip_x0, bool) or not isinstance(clip_x0, numbers.Real) or not clip_x0 > 0:
+        raise ValueError(f"clip_x0 must be a positive number (or None: no clipping), got {clip_x0!r}")
+    return x0.clamp(-float(clip_x0), float(clip_x0))
+
+
 def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_prev: int,
               prediction: str = "eps", noise: torch.Tensor | None = None,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, clip_x0: float | None = None) -> torch.Tensor:
     """One ancestral step x_t -> x_{t_prev} (Ho et al. algorithm 2, via eq. 6-7 with the predicted x0).
 
     x_prev = posterior mean(x0_hat, x_t) + sqrt(posterior variance) z, z ~ N(0, I) (or `noise`), no noise at t = 0.
-    Equals diffusers' DDPMScheduler.step (clip_sample=False, variance_type="fixed_small").
+    clip_x0=c clamps x0_hat to [-c, c] first (Ho et al.'s pixel-space sampler, c = 1 for data in [-1, 1]).
+    Equals diffusers' DDPMScheduler.step (variance_type="fixed_small"; clip_sample=False, or
+    clip_sample=True with clip_sample_range=c when clip_x0=c).
     """
     _check_output(model_output, x)
-    x0 = schedule.to_x0(prediction, model_output, x, int(t))
+    x0 = _clip(schedule.to_x0(prediction, model_output, x, int(t)), clip_x0)
     mean, variance = posterior(schedule, x0, x, t, t_prev)
     if int(t) > 0:  # diffusers draws noise for every t > 0 (variance is 0 only when t_prev = -1)
         z = _randn(x, generator) if noise is None else noise
@@ -280,19 +291,21 @@ def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tens
 
 def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_prev: int,
               prediction: str = "eps", noise: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, eta: float = 0.0) -> torch.Tensor:
+              generator: torch.Generator | None = None, eta: float = 0.0,
+              clip_x0: float | None = None) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} over any subset of timesteps (Song et al. 2021 eq. 12 and 16).
 
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
     sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
-    eta = 0: deterministic (DDIM); eta = 1: the DDPM ancestral step. Equals diffusers' DDIMScheduler.step
-    (clip_sample=False, set_alpha_to_one=True).
+    eta = 0: deterministic (DDIM); eta = 1: the DDPM ancestral step. clip_x0=c clamps x0_hat to [-c, c]
+    (eps_hat is kept as predicted). Equals diffusers' DDIMScheduler.step (set_alpha_to_one=True; clip_sample=False,
+    or clip_sample=True with clip_sample_range=c when clip_x0=c).
     """
     _check_output(model_output, x)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     abar_t, abar_prev = schedule.abar_pair(t, t_prev, compute_dtype(x))
-    x0 = schedule.to_x0(prediction, model_output, x, int(t))
+    x0 = _clip(schedule.to_x0(prediction, model_output, x, int(t)), clip_x0)
     eps = schedule.to_eps(prediction, model_output, x, int(t))
     sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5  # eq. 16
     direction = (1 - abar_prev - sigma**2).clamp_min(0) ** 0.5  # "direction pointing to x_t"
@@ -311,13 +324,14 @@ SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
 def sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, schedule: NoiseSchedule,
            steps: int | Sequence[int] = 50, sampler: str = "ddim", eta: float = 0.0, prediction: str = "eps",
            spacing: str = "leading", generator: torch.Generator | None = None, progress: bool = True,
-           callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+           callback: Callable[[dict], None] | None = None, clip_x0: float | None = None) -> torch.Tensor:
     """Run the reverse process from x = x_T (pure noise, [B,...]) to a sample x_0.
 
     model(x [B,...], t LongTensor [B]) -> eps, x0 or v (per `prediction`), shaped like x.
     steps: how many steps (timesteps from `schedule.timesteps(steps, spacing)`, diffusers' "leading" by default)
     or an explicit descending sequence of timesteps. sampler: "ddim" (with eta) or "ddpm" (ancestral).
     callback({"i", "t", "x", "denoised", "x_prev"}) after every step, e.g. to record a trajectory.
+    clip_x0: clamp every predicted x0 to [-clip_x0, clip_x0] (1.0 for pixels in [-1, 1]; None, the default: off).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}, expected one of {tuple(SAMPLERS)}")
@@ -331,15 +345,17 @@ def sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch
         if ts.ndim != 1 or len(ts) == 0 or (ts[1:] >= ts[:-1]).any():
             raise ValueError(f"explicit timesteps must be a non-empty strictly decreasing sequence, got {ts.tolist()}")
     ts = ts.tolist()
+    _clip(torch.zeros(()), clip_x0)  # a bad clip_x0 fails before the first model call
     extra = {"eta": eta} if sampler == "ddim" else {}
     step = SAMPLERS[sampler]
     for i in tqdm(range(len(ts)), desc=f"{sampler} sampling", disable=not progress, leave=False):
         t, t_prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # [B]
         out = model(x, t_batch)
-        x_prev = step(schedule, out, x, t, t_prev, prediction=prediction, generator=generator, **extra)
+        x_prev = step(schedule, out, x, t, t_prev, prediction=prediction, generator=generator, clip_x0=clip_x0, **extra)
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": schedule.to_x0(prediction, out, x, t), "x_prev": x_prev})
+            denoised = _clip(schedule.to_x0(prediction, out, x, t), clip_x0)
+            callback({"i": i, "t": t, "x": x, "denoised": denoised, "x_prev": x_prev})
         x = x_prev
     return x
 

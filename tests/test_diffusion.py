@@ -267,6 +267,51 @@ def test_sample_loop_equals_a_diffusers_loop(sampler, eta, prediction):
     assert [c["t"] for c in seen] == theirs.timesteps.tolist() and torch.equal(seen[-1]["x_prev"], ours)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("clip", [1.0, 0.5])
+def test_clip_x0_equals_diffusers_clip_sample(clip, prediction):
+    """clip_x0=c: the steps and the loop equal diffusers' schedulers with clip_sample=True, clip_sample_range=c."""
+    kind, s = "cosine", NoiseSchedule("cosine")
+    kw = dict(_kw(kind, prediction), clip_sample=True, clip_sample_range=clip)
+    g = torch.Generator().manual_seed(11)
+    x, out, z = (3 * torch.randn(2, 3, 8, 8, generator=g) for _ in range(3))  # big: the clamp bites
+    ddpm = diffusers.DDPMScheduler(**kw)
+    for t in [999, 500, 10, 0]:
+        ref = ddpm.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        ours = D.ddpm_step(s, out, x, t, t - 1, prediction=prediction, clip_x0=clip,
+                           generator=torch.Generator().manual_seed(t))
+        assert _err(ours, ref) <= 1e-5, t
+        assert _err(ours, D.ddpm_step(s, out, x, t, t - 1, prediction=prediction,
+                                      generator=torch.Generator().manual_seed(t))) > 1e-3 or t == 0
+    ddim = diffusers.DDIMScheduler(**kw, set_alpha_to_one=True)
+    ddim.set_timesteps(50)
+    ts = ddim.timesteps.tolist()
+    for i in [0, 25, 49]:
+        t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+        for eta in (0.0, 1.0):
+            ref = ddim.step(out, t, x, eta=eta, variance_noise=z if eta else None).prev_sample
+            assert _err(D.ddim_step(s, out, x, t, t_prev, prediction=prediction, eta=eta, noise=z, clip_x0=clip),
+                        ref) <= 1e-5, (t, eta)
+    model, ref, seen = Affine(), x.clone(), []  # the whole loop
+    ddim.set_timesteps(10, device="cpu")
+    for t in ddim.timesteps:
+        ref = ddim.step(model(ref, t.expand(2)), t, ref).prev_sample
+    ours = D.sample(model, x.clone(), s, 10, prediction=prediction, clip_x0=clip, progress=False, callback=seen.append)
+    assert _err(ours, ref) <= 1e-5
+    assert all(c["denoised"].abs().max() <= clip for c in seen)
+
+
+def test_clip_x0_is_off_by_default_and_checked():
+    s = NoiseSchedule("linear")
+    x, out = 3 * torch.randn(2, 3), 3 * torch.randn(2, 3)
+    assert torch.equal(D.ddim_step(s, out, x, 500, 480), D.ddim_step(s, out, x, 500, 480, clip_x0=None))
+    for bad in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="clip_x0 must be a positive number"):
+            D.ddim_step(s, out, x, 500, 480, clip_x0=bad)
+        with pytest.raises(ValueError, match="clip_x0 must be a positive number"):
+            D.sample(Affine(), x, s, 5, clip_x0=bad, progress=False)
+
+
 def test_explicit_timesteps_and_ddpm_has_no_eta():
     s = NoiseSchedule("linear")
     x = torch.randn(2, 3)
