@@ -19,7 +19,6 @@ block per level and nearest-neighbour upsampling.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass

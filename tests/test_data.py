@@ -16,14 +16,6 @@ from sdlearn.data import (COLOR_RGB, COLORS, HELDOUT_PAIRS, POSITION_PHRASES, PO
 ALL_OBJECTS = [ShapeObject(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Rendering makes many small tensors: extra threads only add overhead (and fight on shared CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -----------------------------------------------------------------------------
 # vocabulary and captions

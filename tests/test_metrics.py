@@ -13,14 +13,6 @@ from sdlearn.metrics import DetectedObject, detect_batch, detect_objects, judge_
 KEYS = {"exact", "color", "shape", "position", "count"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small tensor ops: extra threads only add overhead (and fight on shared CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_set(size: int, split: str, n: int = 500, seed: int = 1):
     ds = ShapesDataset(size=size, split=split, seed=seed)

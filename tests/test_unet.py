@@ -1,5 +1,4 @@
 """sdlearn.unet: published parameter counts, parity with diffusers' UNet2DConditionModel, bad input, checkers."""
-import dataclasses
 import json
 import math
 

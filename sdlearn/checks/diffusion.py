@@ -68,7 +68,7 @@ def add_noise(fn) -> None:
         got = _call(name, fn, s, x0.clone(), noise.clone(), t.clone(), broadcast_hint=broadcast)
         expect_tensor(name, got, shape, "x_t")
         abar = s.alphas_cumprod
-        a, a1 = _b(abar[t], x0), _b(abar, x0)
+        a = _b(abar[t], x0)
         alpha = _b(s.alphas[t], x0)
         a_prev = _b(abar[t - 1], x0)  # what alphas_cumprod[t - 1] gives: at t = 0, python's last entry
         a_next = _b(abar[(t + 1).clamp_max(len(s) - 1)], x0)
