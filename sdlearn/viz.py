@@ -5,7 +5,6 @@ import textwrap
 
 import matplotlib.pyplot as plt
 import torch
-from torchvision.utils import make_grid, save_image
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -33,16 +32,6 @@ def show_images(images: torch.Tensor, captions: list[str] | None = None, ncols: 
     fig.tight_layout()
     plt.show()
     return fig
-
-
-def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """Write a batch as one PNG grid (torchvision's make_grid)."""
-    save_image(to_unit(images), path, nrow=nrow, padding=2)
-
-
-def grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """A batch as one [3,H',W'] image in [0,1]."""
-    return make_grid(to_unit(images), nrow=nrow, padding=2)
 
 
 def plot_losses(losses: list[float], title: str = "training loss", smooth: int = 20, ax=None):
