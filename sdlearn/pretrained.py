@@ -2,10 +2,12 @@
 
     vae = pretrained.load("shapes-vae")             # at the active profile's image size
     vae = pretrained.load("shapes-vae", size=64)
+    pipe = pretrained.load("shapes-t2i", size=32)  # a TextToImage (sdlearn.pipeline)
 
 A release is one safetensors file, sdlearn/weights/<name>-<size>.safetensors, whose
 metadata holds the model class, its config and the command that reproduced it, so
-`load` needs no code per model. `save` writes one atomically (temporary file, then
+`load` needs no code per model (a class with a `from_release(state, metadata, source)`
+classmethod, such as the text-to-image pipeline, rebuilds itself). `save` writes one atomically (temporary file, then
 rename): a crash while saving never leaves a half-written release behind.
 """
 from __future__ import annotations
@@ -120,6 +122,8 @@ def load(name: str, size: int | None = None, device: str | torch.device = "cpu")
     state, meta = load_file_checked(file)
     module_name, _, cls_name = meta["class"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
+    if hasattr(cls, "from_release"):  # a composite (a pipeline): it knows how to rebuild itself
+        return cls.from_release(state, meta, str(file)).to(device).eval()
     config = _config_class(cls)(**json.loads(meta["config"]))
     model = cls(config)
     load_state_checked(model, state, str(file))
