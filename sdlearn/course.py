@@ -75,7 +75,11 @@ class Profile:
     pixel_pool: int = knob(64, 2000, 5000)        # training images, rendered once
     pixel_batch: int = knob(16, 32, 128)          # its training batch (cpu: more, smaller steps beat fewer big ones)
     # 06 latent diffusion
-    ldm_steps: int = knob(10, 2000, 8000)
+    ldm_steps: int = knob(10, 1800, 6000)         # latent UNet training steps (cpu: ~9 minutes on 2 cores)
+    ldm_batch: int = knob(16, 64, 128)            # its batch
+    ldm_pool: int = knob(256, 10000, 30000)       # training images, rendered and encoded once
+    ldm_width: int = knob(16, 64, 96)             # channels of the latent UNet's first level
+    sweep_prompts: int = knob(8, 100, 200)        # judge prompts per point of the guidance / step-count sweeps
     # 07 SDXL refiner
     refiner_steps: int = knob(10, 1000, 4000)
     # 08 MMDiT

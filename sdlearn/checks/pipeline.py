@@ -1,0 +1,198 @@
+"""Checkers for 06_latent_diffusion: the training step, the guided prediction, the sampling loop.
+
+Each runs the learner's function on a tiny random pipeline next to sdlearn.pipeline's, and names the usual
+mistakes (wrong target, caption dropout inverted, guidance the wrong way round, a missing latent scale).
+"""
+from __future__ import annotations
+
+import torch
+
+from sdlearn.checks import expect_tensor, fail, is_close, max_error, passed
+from sdlearn.diffusion import NoiseSchedule, cfg, ddim_step
+from sdlearn.pipeline import TextToImage, min_snr_weight, shapes_unet_config
+from sdlearn.text import TextConfig, TextEncoder, Tokenizer
+from sdlearn.unet import UNet
+from sdlearn.vae import AutoencoderKL, VAEConfig
+
+
+def tiny_pipeline(prediction: str = "eps", seed: int = 0) -> TextToImage:
+    """A random 16 px pipeline (VAE, text encoder, UNet of a few thousand parameters) for checking code."""
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(VAEConfig(channels=(8, 8), layers_per_block=1, norm_groups=4, scaling_factor=0.7,
+                                      shift_factor=0.1))
+        text = TextEncoder(TextConfig(width=16, layers=1, heads=2))
+        unet = UNet(shapes_unet_config(4, 16, width=8, heads=2))
+        with torch.no_grad():  # perturbed so that the prompt and every layer change the output
+            for p in unet.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return TextToImage(vae, text, Tokenizer.for_encoder(text), unet, NoiseSchedule("scaled_linear"), prediction, 16)
+
+
+# -----------------------------------------------------------------------------
+# the training step
+
+
+def latent_loss(fn) -> None:
+    """fn(unet, schedule, z0, context, uncond_context, p_uncond, prediction, snr_gamma) -> scalar (LDM eq. 2,
+    optionally min-SNR weighted)."""
+    name = "latent_loss"
+    sched = NoiseSchedule("scaled_linear")
+    g = torch.Generator().manual_seed(0)
+    z0, ctx = torch.randn(512, 4, 2, 2, generator=g), torch.randn(512, 3, 8, generator=g) + 2.0
+    uncond = torch.zeros(1, 3, 8)
+    seen = {}
+
+    def oracle(prediction, offset=0.0):  # a perfect model (+ offset): it knows z0, so it recovers the noise from z_t
+        def model(z_t, t, context):
+            if not isinstance(t, torch.Tensor) or t.shape != (len(z_t),):
+                fail(name, f"the UNet must get one timestep per latent, a tensor [B] = [{len(z_t)}], got "
+                           f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            seen.update(t=t, context=context)
+            abar = sched.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+            eps = (z_t - abar.sqrt() * z0) / (1 - abar).sqrt()
+            return sched.target(prediction, z0, eps, t.long()) + offset
+        return model
+
+    for prediction in ("eps", "v"):
+        loss = fn(oracle(prediction), sched, z0, ctx, uncond, 0.1, prediction, None)
+        expect_tensor(name, loss, (), what="the loss")
+        if loss.item() > 1e-6:
+            other = "v" if prediction == "eps" else "eps"
+            if fn(oracle(other), sched, z0, ctx, uncond, 0.1, prediction, None).item() < 1e-6:
+                fail(name, f"with prediction={prediction!r} the target must be {prediction} "
+                           f"(schedule.target(prediction, z0, noise, t)); yours is {other}")
+            fail(name, f"a perfect {prediction}-predictor should have loss 0, yours gets {loss.item():.4g}: noise z0 "
+                       f"with schedule.add_noise(z0, noise, t) and compare with schedule.target(prediction, z0, noise, t)")
+        t = seen["t"]
+        if t.dtype not in (torch.long, torch.int) or t.min() < 0 or t.max() >= len(sched):
+            fail(name, f"t must be integer timesteps in 0..{len(sched) - 1}, got {t.dtype} from {t.min()} to {t.max()}")
+        if t.min() > 100 or t.max() < len(sched) - 100:
+            fail(name, f"t must be drawn uniformly from all {len(sched)} timesteps; 512 draws ranged only "
+                       f"{t.min().item()}..{t.max().item()}")
+    zero = fn(lambda z, t, c: torch.zeros_like(z), sched, z0, ctx, uncond, 0.1, "eps", None)
+    if not 0.8 < zero.item() < 1.2:
+        fail(name, f"predicting 0 should give an MSE near E[eps^2] = 1, got {zero.item():.3g}: is it the mean "
+                   f"squared error over every element (F.mse_loss)?")
+    for p, lo, hi in [(0.0, 0.0, 0.0), (0.1, 0.03, 0.2), (1.0, 1.0, 1.0)]:
+        fn(oracle("eps"), sched, z0, ctx, uncond, p, "eps", None)
+        dropped = (seen["context"] == 0).flatten(1).all(1).float().mean().item()
+        if not lo <= dropped <= hi:
+            fail(name, f"with p_uncond={p} a fraction {p} of the captions should be replaced by uncond_context, "
+                       f"{dropped:.2f} were" + (" (is the comparison the wrong way round?)" if dropped > 0.5 > p else ""))
+    # every element off by 0.5: the loss is 0.25 x the mean weight of the timesteps drawn
+    for prediction, gamma in [("v", None), ("v", 5.0), ("eps", 5.0), ("v", 1.0)]:
+        loss = fn(oracle(prediction, 0.5), sched, z0, ctx, uncond, 0.1, prediction, gamma).item()
+        t = seen["t"].long()
+        snr = sched.snr(t).float()
+        weights = {"none": torch.ones_like(snr), "right": min_snr_weight(sched, t, prediction, gamma or 1.0),
+                   "/snr": snr.clamp(max=gamma or 1.0) / snr, "/(snr+1)": snr.clamp(max=gamma or 1.0) / (snr + 1),
+                   "min(snr, gamma)": snr.clamp(max=gamma or 1.0)}
+        got = {k: abs(loss - 0.25 * w.mean().item()) < 1e-4 * max(1.0, loss) for k, w in weights.items()}
+        if gamma is None:
+            if not got["none"]:
+                fail(name, f"with snr_gamma=None the loss is the plain mean squared error; an error of 0.5 "
+                           f"everywhere should give 0.25, got {loss:.4g}")
+            continue
+        if got["right"]:
+            continue
+        if got["none"]:
+            fail(name, f"with snr_gamma={gamma} weight each sample's mean squared error by min(SNR_t, gamma) / "
+                       f"(SNR_t + 1) for v (/ SNR_t for eps); yours is unweighted")
+        if got["/snr"] and prediction == "v":
+            fail(name, "for v-prediction the min-SNR weight is min(SNR, gamma) / (SNR + 1), not / SNR")
+        if got["/(snr+1)"] and prediction == "eps":
+            fail(name, "for eps-prediction the min-SNR weight is min(SNR, gamma) / SNR, not / (SNR + 1)")
+        if got["min(snr, gamma)"]:
+            fail(name, f"min(SNR, gamma) alone is the weight for an x0 target; divide by SNR + 1 (v) or SNR (eps)")
+        fail(name, f"with prediction={prediction!r}, snr_gamma={gamma} and every element off by 0.5 the loss should be "
+                   f"0.25 x mean(min_snr weight) = {0.25 * weights['right'].mean().item():.4g}, got {loss:.4g}")
+    passed(name)
+
+
+# -----------------------------------------------------------------------------
+# classifier-free guidance
+
+
+def guided_prediction(fn) -> None:
+    """fn(unet, z [B,...], t [B], context [B,L,D], uncond_context [B,L,D], w) -> uncond + w (cond - uncond)."""
+    name = "guided_prediction"
+    pipe = tiny_pipeline()
+    unet = pipe.unet
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999, 500, 20])
+    cond, uncond = pipe.encode_prompts(["a red circle", "a blue square at the top", "a cross"]), pipe.encode_prompts([""] * 3)
+    calls = []
+    hook = unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            got = fn(unet, z, t, cond, uncond, 3.0)
+    finally:
+        hook.remove()
+    got = expect_tensor(name, got, tuple(z.shape), what="the guided prediction")
+    with torch.no_grad():
+        e_c, e_u = unet(z, t, cond), unet(z, t, uncond)
+    if is_close(got, cfg(e_u, e_c, 3.0), atol=1e-5):
+        if calls != [2 * len(z)]:
+            print(f"   (correct; it ran the UNet {len(calls)} times on batches of {calls}: one call on a batch of "
+                  f"{2 * len(z)} (torch.cat) does the same work in one pass)")
+        passed(name)
+        return
+    wrong = {
+        "the guidance is the wrong way round (or the halves of your batch swapped): uncond + w * (cond - uncond), "
+        "you have cond + w * (uncond - cond)":
+            cfg(e_c, e_u, 3.0),
+        "you returned the conditional prediction alone: guidance needs uncond + w * (cond - uncond)": e_c,
+        "you returned uncond + w * cond: the step is w times the *difference* cond - uncond": e_u + 3.0 * e_c,
+        "you returned w * cond - uncond: it is uncond + w * (cond - uncond)": 3.0 * e_c - e_u,
+    }
+    for meaning, value in wrong.items():
+        if is_close(got, value, atol=1e-5):
+            fail(name, meaning)
+    fail(name, f"wrong values (max error {max_error(got, cfg(e_u, e_c, 3.0)):.3g}); expected "
+               f"eps_uncond + w * (eps_cond - eps_uncond) with eps = unet(z, t, context)")
+
+
+# -----------------------------------------------------------------------------
+# the sampling loop
+
+
+def sample_loop(fn) -> None:
+    """fn(pipe, prompts, steps, w, seed) -> images [N,3,H,W] in [-1,1], equal to pipe.generate (DDIM, eta=0)."""
+    name = "sample_loop"
+    pipe = tiny_pipeline()
+    prompts = ["a red circle on the left", "a blue square at the top"]
+    with torch.no_grad():
+        got = fn(pipe, prompts, 4, 3.0, 5)
+    shape = (2, 3, pipe.image_size, pipe.image_size)
+    got = expect_tensor(name, got, shape, what="the images")
+    expected = pipe.generate(prompts, 4, 3.0, seed=5, progress=False)
+    if is_close(got, expected, atol=1e-4):
+        passed(name)
+        return
+    ts = pipe.schedule.timesteps(4).tolist()
+    z0 = pipe.noise(2, 5)
+    with torch.no_grad():
+        ctx, unc = pipe.encode_prompts(prompts), pipe.encode_prompts(["", ""])
+        z = pipe.denoise(z0, ctx, ts, 3.0, progress=False)
+        if is_close(got, pipe.vae.decode(z).clamp(-1, 1), atol=1e-4):
+            fail(name, "the latents were decoded as they are: undo the latent scaling first, "
+                       "pipe.vae.from_latent(z) = decode(z / scaling_factor + shift_factor)")
+        if is_close(got, pipe.decode(pipe.denoise(z0, ctx, ts, 1.0, progress=False)), atol=1e-4):
+            fail(name, "these are the images without guidance (w = 1): use your guided_prediction with w")
+        if is_close(got, pipe.decode(pipe.denoise(z0, ctx, ts[1:], 3.0, progress=False)), atol=1e-4):
+            fail(name, "one step too few: the loop must visit every timestep of schedule.timesteps(steps)")
+        if got.min() < -1 - 1e-6 or got.max() > 1 + 1e-6:
+            fail(name, "the images should be clamped to [-1, 1] after decoding")
+        # a loop whose step goes to the wrong previous timestep
+        z = z0
+        for t in ts:
+            out = cfg(*pipe.unet(torch.cat([z, z]), torch.full((4,), t), torch.cat([unc, ctx])).chunk(2), 3.0)
+            z = ddim_step(pipe.schedule, out, z, t, t - 1)
+        if is_close(got, pipe.decode(z), atol=1e-4):
+            fail(name, "each DDIM step must jump to the *next sampling* timestep (ts[i + 1], and -1 after the last), "
+                       "not to t - 1")
+    fail(name, f"your images differ from pipe.generate(prompts, steps, w, seed) (max error "
+               f"{max_error(got, expected):.3g}): start from pipe.noise(len(prompts), seed), step through "
+               f"schedule.timesteps(steps) with ddim_step, then pipe.decode")

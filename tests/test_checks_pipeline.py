@@ -1,0 +1,83 @@
+"""The notebook-06 checkers pass the reference answers and name the usual mistakes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdlearn.checks import CheckFailed
+from sdlearn.checks import pipeline as check
+from sdlearn.diffusion import cfg, ddim_step
+from sdlearn.pipeline import training_loss
+
+
+def loss_with(target="right", drop="right", mse="right", weight="right"):
+    def fn(unet, schedule, z0, context, uncond, p_uncond=0.1, prediction="eps", snr_gamma=None):
+        keep = torch.rand(len(z0)) < p_uncond
+        if drop == "inverted":
+            keep = ~keep
+        context = torch.where(keep[:, None, None], uncond, context)
+        t = torch.randint(0, len(schedule), (len(z0),))
+        noise = torch.randn_like(z0)
+        wanted = {"right": prediction, "eps": "eps", "x0": "x0"}[target]
+        out = unet(schedule.add_noise(z0, noise, t), t, context)
+        tgt = schedule.target(wanted, z0, noise, t)
+        if mse != "right":
+            return (out - tgt).abs().sum()
+        err = ((out - tgt) ** 2).mean((1, 2, 3))
+        if snr_gamma is not None and weight != "none":
+            snr = schedule.snr(t).float()
+            err = err * snr.clamp(max=snr_gamma) / (snr if weight == "/snr" else snr + 1 if prediction == "v" else snr)
+        return err.mean()
+    return fn
+
+
+def test_latent_loss_passes_the_reference():
+    check.latent_loss(training_loss)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target="eps"), "target must be v"),
+    (dict(target="x0"), "a perfect eps-predictor should have loss 0"),
+    (dict(drop="inverted"), "the comparison the wrong way round"),
+    (dict(mse="sum"), "should have loss 0|MSE near"),
+    (dict(weight="none"), "yours is unweighted"),
+    (dict(weight="/snr"), r"not / SNR"),
+])
+def test_latent_loss_names_mistakes(kwargs, message):
+    with pytest.raises(CheckFailed, match=message):
+        check.latent_loss(loss_with(**kwargs))
+
+
+def test_guided_prediction():
+    def right(unet, z, t, c, u, w):
+        e_u, e_c = unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([u, c])).chunk(2)
+        return cfg(e_u, e_c, w)
+
+    check.guided_prediction(right)
+    check.guided_prediction(lambda unet, z, t, c, u, w: cfg(unet(z, t, u), unet(z, t, c), w))  # two calls: fine
+    with pytest.raises(CheckFailed, match="wrong way round"):
+        check.guided_prediction(lambda unet, z, t, c, u, w: right(unet, z, t, u, c, w))
+    with pytest.raises(CheckFailed, match="conditional prediction alone"):
+        check.guided_prediction(lambda unet, z, t, c, u, w: unet(z, t, c))
+    with pytest.raises(CheckFailed, match="shape"):
+        check.guided_prediction(lambda unet, z, t, c, u, w: unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([u, c])))
+
+
+def loop_with(mistake=None):
+    def fn(pipe, prompts, steps, w, seed):
+        z = pipe.noise(len(prompts), seed)
+        c, u = pipe.encode_prompts(prompts), pipe.encode_prompts([""] * len(prompts))
+        ts = pipe.schedule.timesteps(steps).tolist()
+        for i, t in enumerate(ts):
+            t_prev = t - 1 if mistake == "t-1" else (ts[i + 1] if i + 1 < len(ts) else -1)
+            tt = torch.full((len(z),), t)
+            out = cfg(pipe.unet(z, tt, u), pipe.unet(z, tt, c), 1.0 if mistake == "no-guidance" else w)
+            z = ddim_step(pipe.schedule, out, z, t, t_prev)
+        return (pipe.vae.decode(z) if mistake == "no-scale" else pipe.vae.from_latent(z)).clamp(-1, 1)
+    return fn
+
+
+def test_sample_loop():
+    check.sample_loop(loop_with())
+    for mistake, message in [("t-1", "next sampling"), ("no-guidance", "without guidance"), ("no-scale", "latent scaling")]:
+        with pytest.raises(CheckFailed, match=message):
+            check.sample_loop(loop_with(mistake))
