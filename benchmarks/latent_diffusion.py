@@ -60,7 +60,20 @@ def main():
     for r in rows:
         print(f"{r['step']:5} {r['train_minutes']:8.1f} {r['1 object']:6.3f} "
               f"{r.get('1 object, held-out pair', float('nan')):15.3f} {r.get('2 objects', float('nan')):6.3f}")
-    print("wrote", out)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for group in ("1 object", "1 object, held-out pair", "2 objects"):
+        ax.plot([r["train_minutes"] for r in rows], [r.get(group, float("nan")) for r in rows], "o-", label=group)
+    ax.set(xlabel=f"minutes ({args.threads} CPU threads)", ylabel="exact adherence", ylim=(0, 1.02),
+           title=f"{args.prediction}, {args.schedule}, min-SNR {args.snr_gamma:g}, batch {args.batch_size}")
+    ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=100)
+    print("wrote", out, "and", out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
