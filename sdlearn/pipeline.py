@@ -78,7 +78,8 @@ class TextToImage(nn.Module):
     """Prompts -> images: tokenizer, text encoder, UNet denoising loop in latent space, VAE decoder.
 
     prediction: what the UNet outputs ("eps", "v" or "x0"); image_size: the side of the images it makes.
-    Image i of a call uses the noise of `seed + i`, so a prompt's image does not depend on its batch."""
+    Image i of a call starts from noise seeded `seed + i`, so with DDIM (eta 0) a prompt's image does not depend
+    on the batch it is in."""
 
     def __init__(self, vae: AutoencoderKL, text_encoder: TextEncoder, tokenizer: Tokenizer, unet: UNet,
                  schedule: NoiseSchedule, prediction: str = "eps", image_size: int = 32):
