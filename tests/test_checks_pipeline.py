@@ -1,7 +1,6 @@
 """The notebook-06 checkers pass the reference answers and name the usual mistakes."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sdlearn.checks import CheckFailed
 from sdlearn.checks import pipeline as check

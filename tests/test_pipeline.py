@@ -8,21 +8,13 @@ from safetensors.torch import load_file
 
 from sdlearn import pretrained
 from sdlearn.diffusion import NoiseSchedule, guided, sample
+from sdlearn.checks.pipeline import tiny_pipeline
 from sdlearn.pipeline import TextToImage, shapes_unet_config, training_loss
 from sdlearn.text import TextConfig, TextEncoder, Tokenizer
 from sdlearn.unet import UNet
-from sdlearn.vae import AutoencoderKL, VAEConfig
 
 
-def tiny_pipe(prediction="eps", seed=0):
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(VAEConfig(channels=(8, 8), layers_per_block=1, norm_groups=4, scaling_factor=0.7))
-    text = TextEncoder(TextConfig(width=16, layers=1, heads=2))
-    unet = UNet(shapes_unet_config(4, 16, width=8, heads=2))
-    with torch.no_grad():  # a random UNet whose output depends on the prompt
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return TextToImage(vae, text, Tokenizer.for_encoder(text), unet, NoiseSchedule("scaled_linear"), prediction, 16)
+tiny_pipe = tiny_pipeline
 
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", ""]

@@ -105,7 +105,7 @@ def latent_loss(fn) -> None:
         if got["/(snr+1)"] and prediction == "eps":
             fail(name, "for eps-prediction the min-SNR weight is min(SNR, gamma) / SNR, not / (SNR + 1)")
         if got["min(snr, gamma)"]:
-            fail(name, f"min(SNR, gamma) alone is the weight for an x0 target; divide by SNR + 1 (v) or SNR (eps)")
+            fail(name, "min(SNR, gamma) alone is the weight for an x0 target; divide by SNR + 1 (v) or SNR (eps)")
         fail(name, f"with prediction={prediction!r}, snr_gamma={gamma} and every element off by 0.5 the loss should be "
                    f"0.25 x mean(min_snr weight) = {0.25 * weights['right'].mean().item():.4g}, got {loss:.4g}")
     passed(name)
