@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from sdlearn.data import COLORS, POSITION_XY, POSITIONS, SHAPES, SIZE_RANGE, Placement, ShapeObject, parse_caption, \
-    render
+from sdlearn.data import COLORS, POSITION_XY, POSITIONS, SHAPES, SIZE_RANGE, Placement, ShapeObject, ShapesDataset, \
+    parse_caption, render
 
 FG_THRESHOLD = 0.5  # saturation (max - min channel, in [0,1]) above which a pixel is foreground
 MIN_AREA = 0.007  # smallest object kept, as a fraction of the image area (a triangle is ~0.03)
@@ -253,3 +253,31 @@ def prompt_adherence(images: torch.Tensor, captions: Sequence[str]) -> dict[str,
     """
     report = judge_report(images, captions)
     return {k: sum(r[k] for r in report) / max(len(report), 1) for k in ATTRIBUTES}
+
+
+# -----------------------------------------------------------------------------
+# the judge set of the text-to-image notebooks (05, 06)
+
+
+def eval_prompts(n: int, size: int = 32, seed: int = 123) -> tuple[list[str], int]:
+    """n judge prompts: the first half from the training split, the rest naming a held-out colour-shape pair.
+    -> (captions, n_train)."""
+    n_train = n // 2
+    train, heldout = (ShapesDataset(size=size, split=s, seed=seed, length=max(n, 1)) for s in ("train", "heldout"))
+    return [train[i][1] for i in range(n_train)] + [heldout[i][1] for i in range(n - n_train)], n_train
+
+
+def adherence_by_group(images: torch.Tensor, captions: Sequence[str], n_train: int) -> dict[str, dict[str, float]]:
+    """The judge's scores over all prompts and per group: one / two objects, training / held-out pairs."""
+    count = [len(parse_caption(c)) for c in captions]
+    groups = {"all": lambda i: True, "1 object": lambda i: count[i] == 1, "2 objects": lambda i: count[i] == 2,
+              "1 object, train pairs": lambda i: count[i] == 1 and i < n_train,
+              "1 object, held-out pair": lambda i: count[i] == 1 and i >= n_train,
+              "2 objects, train pairs": lambda i: count[i] == 2 and i < n_train,
+              "2 objects, held-out pair": lambda i: count[i] == 2 and i >= n_train}
+    out = {}
+    for name, keep in groups.items():
+        idx = [i for i in range(len(captions)) if keep(i)]
+        if idx:
+            out[name] = {**prompt_adherence(images[idx], [captions[i] for i in idx]), "prompts": len(idx)}
+    return out

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sdlearn.diffusion import SAMPLERS, NoiseSchedule, _prediction, cfg
+from sdlearn.metrics import adherence_by_group, eval_prompts
 from sdlearn.text import TextEncoder, Tokenizer
 from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL
@@ -248,36 +249,7 @@ class TextToImage(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# judging a pipeline, and training the released shapes model
-
-
-def eval_prompts(n: int, size: int = 32, seed: int = 123) -> tuple[list[str], int]:
-    """n judge prompts: the first half from the training split, the rest naming a held-out colour-shape pair.
-    -> (captions, n_train)."""
-    from sdlearn.data import ShapesDataset
-
-    n_train = n // 2
-    train, heldout = (ShapesDataset(size=size, split=s, seed=seed, length=max(n, 1)) for s in ("train", "heldout"))
-    return [train[i][1] for i in range(n_train)] + [heldout[i][1] for i in range(n - n_train)], n_train
-
-
-def adherence_by_group(images: torch.Tensor, captions: Sequence[str], n_train: int) -> dict[str, dict[str, float]]:
-    """The judge's scores over all prompts and per group: one / two objects, training / held-out pairs."""
-    from sdlearn.data import parse_caption
-    from sdlearn.metrics import prompt_adherence
-
-    count = [len(parse_caption(c)) for c in captions]
-    groups = {"all": lambda i: True, "1 object": lambda i: count[i] == 1, "2 objects": lambda i: count[i] == 2,
-              "1 object, train pairs": lambda i: count[i] == 1 and i < n_train,
-              "1 object, held-out pair": lambda i: count[i] == 1 and i >= n_train,
-              "2 objects, train pairs": lambda i: count[i] == 2 and i < n_train,
-              "2 objects, held-out pair": lambda i: count[i] == 2 and i >= n_train}
-    out = {}
-    for name, keep in groups.items():
-        idx = [i for i in range(len(captions)) if keep(i)]
-        if idx:
-            out[name] = {**prompt_adherence(images[idx], [captions[i] for i in idx]), "prompts": len(idx)}
-    return out
+# judging a pipeline (the judge set: sdlearn.metrics.eval_prompts), and training the released shapes model
 
 
 @torch.no_grad()
@@ -313,8 +285,8 @@ def shapes_unet_config(latent_channels: int, context_dim: int, width: int = 64, 
 
 def train_shapes_t2i(size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, pool: int = 10000,
                      width: int = 64, layers: int = 1, prediction: str = "v", schedule: str = "cosine",
-                     snr_gamma: float | None = 5.0, p_uncond: float = 0.1, seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
-                     checkpoint_dir: str | Path | None = None, callback: Callable[[int, TextToImage], None] | None = None,
+                     snr_gamma: float | None = 5.0, p_uncond: float = 0.1, seed: int = 0,
+                     device: str | torch.device = "cpu", progress: bool = True, checkpoint_dir: str | Path | None = None, callback: Callable[[int, TextToImage], None] | None = None,
                      callback_every: int = 0):
     """Train a latent text-to-image UNet on the shapes data with the released VAE and text encoder (frozen).
     callback(step, pipeline with the EMA weights) every `callback_every` steps.
