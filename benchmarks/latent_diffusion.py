@@ -3,10 +3,11 @@
     python benchmarks/latent_diffusion.py [--steps 1600] [--points 4] [--prediction v] [--schedule cosine]
                                           [--snr-gamma 5] [--batch-size 64] [--guidance 3]
 
-Trains the shapes text-to-image model once (sdlearn.pipeline.train_shapes_t2i, the cpu profile's recipe) and
+Trains the shapes text-to-image model once (sdlearn.recipes.t2i.train, the release's and notebook 06's recipe) and
 judges the EMA weights `--points` times along the way on the same `--n` prompts (half held-out), at guidance
-`--guidance` with 50 DDIM steps. Minutes count rendering and encoding the image bank and training, not judging. Each point is the run as configured (its
-learning rate still decaying), not a separate run of that length. Writes benchmarks/results/<name>.json.
+`--guidance` with 50 DDIM steps. Minutes count rendering and encoding the image bank and training, not judging.
+Each point is the run as configured (its learning rate still decaying), not a separate run of that length.
+Writes benchmarks/results/<name>.json.
 """
 import argparse
 import json
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sdlearn.pipeline import evaluate, train_shapes_t2i
+from sdlearn.metrics import evaluate
+from sdlearn.recipes import t2i
 
 
 def main():
@@ -48,9 +50,8 @@ def main():
         print(json.dumps(row), flush=True)
 
     every = max(1, args.steps // args.points)
-    train_shapes_t2i(steps=args.steps, batch_size=args.batch_size, width=args.width, prediction=args.prediction,
-                     schedule=args.schedule, snr_gamma=args.snr_gamma or None, progress=False, callback=judge,
-                     callback_every=every)
+    t2i.train(steps=args.steps, batch_size=args.batch_size, width=args.width, prediction=args.prediction,
+              schedule=args.schedule, snr_gamma=args.snr_gamma, progress=False, callback=judge, callback_every=every)
     name = args.name or (f"latent_diffusion_{args.prediction}_{args.schedule}_snr{args.snr_gamma:g}"
                          f"_b{args.batch_size}_{args.steps}")
     out = Path(__file__).parent / "results" / f"{name}.json"

@@ -1,19 +1,19 @@
 """The course's command line.
 
     python -m sdlearn generate "a red circle on the left" [more prompts] --out out.png
-    python -m sdlearn train t2i  [options]     # = python -m sdlearn.pipeline train  (latent diffusion, notebook 06)
-    python -m sdlearn train vae  [options]     # = python -m sdlearn.vae train       (notebook 03)
-    python -m sdlearn train clip [options]     # = python -m sdlearn.text train      (notebook 02)
+    python -m sdlearn train <model> [options]     # retrain a released model with its recipe (sdlearn.recipes)
+    python -m sdlearn eval <model> [options]      # measure the released model
 
-`train <model> --help` lists a model's options; every trainer is sdlearn.train.fit.
+`train --help` lists the models, `train <model> --help` every option with its default.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 
-TRAINERS = {"t2i": "sdlearn.pipeline", "vae": "sdlearn.vae", "clip": "sdlearn.text"}
+from sdlearn.recipes import RECIPES
 
 
 def generate(argv: list[str]) -> int:
@@ -22,33 +22,49 @@ def generate(argv: list[str]) -> int:
 
     from sdlearn import pretrained
 
-    p = argparse.ArgumentParser(prog="python -m sdlearn generate",
-                                description="images from the released shapes text-to-image model")
+    p = argparse.ArgumentParser(prog="python -m sdlearn generate", description="images from a released model",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompts", nargs="+", help='e.g. "a red circle on the left"')
     p.add_argument("--out", default="out.png", help="the image grid to write (PNG): a row per prompt")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--model", default="shapes-t2i")
+    p.add_argument("--sampler", default=None, help="the schedule's sampler (ddim or ddpm; default: its first)")
+    p.add_argument("--model", default="shapes-t2i", help=f"a released pipeline ({', '.join(pretrained.available())})")
     p.add_argument("--size", type=int, default=32, help="image size of the released model")
     p.add_argument("--scale", type=int, default=4, help="upscale the grid by this factor (nearest) for viewing")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
     start = time.perf_counter()
-    pipe = pretrained.load(args.model, args.size)
-    prompts = [q for q in args.prompts for _ in range(args.n)]
     try:
+        pipe = pretrained.load(args.model, args.size)
+        if not hasattr(pipe, "generate"):
+            p.error(f"{args.model} is a {type(pipe).__name__}, not a text-to-image pipeline")
+        prompts = [q for q in args.prompts for _ in range(args.n)]
         images = pipe.generate(prompts, args.steps, args.guidance, args.seed, args.sampler, progress=False)
-    except ValueError as e:  # an unknown word, steps < 1, a negative guidance scale: say it, no traceback
+    except (ValueError, FileNotFoundError) as e:  # an unknown word or model, steps < 1, ...: say it, no traceback
         p.error(str(e))
     images = torch.nn.functional.interpolate(images, scale_factor=args.scale, mode="nearest")
     save_image((images + 1) / 2, args.out, nrow=args.n, padding=2, pad_value=0.5)
     print(f"wrote {args.out}: {len(args.prompts)} prompt(s) x {args.n} images in "
           f"{time.perf_counter() - start:.1f} s")
     return 0
+
+
+def recipe(cmd: str, argv: list[str]) -> int:
+    """`train <model> ...` / `eval <model> ...`: hand over to the model's recipe module."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: python -m sdlearn {cmd} <model> [options]   (<model> --help: its options and defaults)\n\n"
+              "models:\n" + "".join(f"  {name:5} {importlib.import_module(m).__doc__.splitlines()[0]}\n"
+                                    for name, m in RECIPES.items()))
+        return 0 if argv else 2
+    if argv[0] not in RECIPES:
+        print(f"python -m sdlearn {cmd} <model>: model must be one of {', '.join(RECIPES)}, got {argv[0]!r}",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(RECIPES[argv[0]]).main([cmd, *argv[1:]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,15 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "generate":
         return generate(rest)
-    if cmd == "train":
-        if not rest or rest[0] not in TRAINERS:
-            print(f"python -m sdlearn train <model>: model must be one of {', '.join(TRAINERS)}, "
-                  f"got {rest[0] if rest else 'nothing'!r}", file=sys.stderr)
-            return 2
-        import importlib
-
-        return importlib.import_module(TRAINERS[rest[0]]).main(["train", *rest[1:]])
-    print(f"unknown command {cmd!r}: expected generate or train\n{__doc__}", file=sys.stderr)
+    if cmd in ("train", "eval"):
+        return recipe(cmd, rest)
+    print(f"unknown command {cmd!r}: expected generate, train or eval\n{__doc__}", file=sys.stderr)
     return 2
 
 

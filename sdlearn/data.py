@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 # -----------------------------------------------------------------------------
 # vocabulary
@@ -270,6 +271,21 @@ class ShapesDataset(Dataset):
         image = F.interpolate(image, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         image = image[0, :, top:top + size, left:left + size].clamp(-1, 1).contiguous()  # [3,size,size]
         return ShapesSample(image, caption(objects), tuple(objects), (o, o), (top, left), (size, size))
+
+
+def render_pool(dataset: Dataset, n: int, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """The first n items of a (shapes) dataset, rendered once: images [n, 3, H, W] and their captions.
+
+    Renders on one thread: drawing is many tiny tensor ops, which extra threads only slow down (by 10x and
+    more when other programs share the cores).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        items = [dataset[i] for i in tqdm(range(n), desc="render", disable=not progress)]
+    finally:
+        torch.set_num_threads(threads)
+    return torch.stack([im for im, _ in items]), [c for _, c in items]
 
 
 # -----------------------------------------------------------------------------

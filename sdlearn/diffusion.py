@@ -3,7 +3,8 @@
     schedule = NoiseSchedule("scaled_linear")                  # Stable Diffusion's, 1000 steps
     x_t = schedule.add_noise(x0, noise, t)                     # q(x_t | x_0) in closed form, t: LongTensor [B]
     loss = F.mse_loss(model(x_t, t), schedule.target("eps", x0, noise, t))
-    x0 = sample(lambda x, t: model(x, t, context), torch.randn(shape), schedule, steps=50)
+    x0 = sample(model, torch.randn(shape), schedule, steps=50, cond={"context": c}, uncond={"context": c_empty},
+                guidance_scale=3.0)                           # model(x, t, context=...), guided
 
 Notation (Ho et al. 2020): beta_t is the variance added at step t, alpha_t = 1 - beta_t,
 abar_t = alpha_0 * ... * alpha_t (`alphas_cumprod`), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
@@ -24,12 +25,16 @@ The reverse steps are plain functions with one signature, in the k-diffusion man
     x_prev = ddpm_step(schedule, model_output, x, t, t_prev, prediction="eps", noise=None, generator=None)
     x_prev = ddim_step(schedule, model_output, x, t, t_prev, prediction="eps", noise=None, generator=None, eta=0.0)
 
-and `sample` is the loop around them. A model is anything called as `model(x, t)` -> a tensor shaped
-like x, with t a LongTensor [B] on x's device; wrap a conditional model in a lambda that closes over
-its context, or in `guided(...)` for classifier-free guidance.
+and `sample` is the one loop around them, for every model of the course: a model is anything called as
+`model(x, t, **cond)` -> a tensor shaped like x, with t a LongTensor [B] on x's device and cond a dict of
+tensors (the text states "context"; SDXL adds "pooled" and "time_ids"). Classifier-free guidance is done in
+one place, `guided`. What a sampler visits and how it steps belong to the schedule (`trajectory`,
+`model_timesteps`, `samplers`), so notebook 08's rectified-flow schedule and its Euler step plug into the
+same loop.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Callable, Sequence
@@ -100,6 +105,10 @@ class NoiseSchedule:
     def __len__(self) -> int:
         return self.num_steps
 
+    def init_args(self) -> dict:
+        """What rebuilds this schedule: NoiseSchedule(**init_args()) (a release stores it)."""
+        return {"kind": self.kind, "num_steps": self.num_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
     def __repr__(self) -> str:
         betas = "" if self.kind == "cosine" else f", beta_start={self.beta_start}, beta_end={self.beta_end}"
         return f"NoiseSchedule({self.kind!r}, num_steps={self.num_steps}{betas})"
@@ -155,6 +164,36 @@ class NoiseSchedule:
         ts = ts.flip(0).long()
         self.check_t(ts)
         return ts
+
+    def trajectory(self, steps: int | Sequence[int], start: float = 0.0, end: float = 1.0,
+                   spacing: str = "leading") -> list[int]:
+        """The timesteps a sampler visits from fraction `start` to `end` of the way from noise to clean, followed
+        by the one its last step lands on (-1, the clean sample, when end = 1): [n + 1] descending ints, [] for n = 0.
+
+        steps: how many steps the whole trajectory has (`timesteps(steps, spacing)`) or an explicit descending
+        sequence of timesteps. The cut is diffusers' denoising_end / denoising_start: a step at t belongs to the
+        part before fraction f when t >= round(T (1 - f)). So a base run to end=0.8 and a refiner run from
+        start=0.8 share the trajectory: the base's last step lands where the refiner's first step starts.
+        """
+        if not 0 <= start <= end <= 1:
+            raise ValueError(f"start and end are fractions of the trajectory, 0 <= start <= end <= 1; got "
+                             f"start={start}, end={end}")
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            full = self.timesteps(steps, spacing).tolist()
+        else:
+            full = self.check_t(torch.as_tensor(list(steps))).tolist()
+            if len(full) == 0 or any(a <= b for a, b in zip(full, full[1:])):
+                raise ValueError(f"explicit timesteps must be a non-empty strictly decreasing sequence, got {full}")
+        T = self.num_steps
+        keep = [i for i, t in enumerate(full)
+                if (start == 0 or t < round(T * (1 - start))) and (end == 1 or t >= round(T * (1 - end)))]
+        if not keep:
+            return []
+        return full[keep[0]:keep[-1] + 1] + (full + [-1])[keep[-1] + 1:keep[-1] + 2]
+
+    def model_timesteps(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """What a denoiser reads at trajectory point t: the integer timestep, once per sample -> LongTensor [B]."""
+        return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
     def snr(self, t) -> torch.Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t) (Kingma et al. 2021), float64."""
@@ -317,81 +356,112 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tens
     return x_prev
 
 
-SAMPLERS = {"ddpm": ddpm_step, "ddim": ddim_step}
-
-
-@torch.no_grad()
-def sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, schedule: NoiseSchedule,
-           steps: int | Sequence[int] = 50, sampler: str = "ddim", eta: float = 0.0, prediction: str = "eps",
-           spacing: str = "leading", generator: torch.Generator | None = None, progress: bool = True,
-           callback: Callable[[dict], None] | None = None, clip_x0: float | None = None) -> torch.Tensor:
-    """Run the reverse process from x = x_T (pure noise, [B,...]) to a sample x_0.
-
-    model(x [B,...], t LongTensor [B]) -> eps, x0 or v (per `prediction`), shaped like x.
-    steps: how many steps (timesteps from `schedule.timesteps(steps, spacing)`, diffusers' "leading" by default)
-    or an explicit descending sequence of timesteps. sampler: "ddim" (with eta) or "ddpm" (ancestral).
-    callback({"i", "t", "x", "denoised", "x_prev"}) after every step, e.g. to record a trajectory.
-    clip_x0: clamp every predicted x0 to [-clip_x0, clip_x0] (1.0 for pixels in [-1, 1]; None, the default: off).
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}, expected one of {tuple(SAMPLERS)}")
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError("eta is DDIM's; the DDPM sampler is DDIM with eta=1 (use sampler='ddim', eta=...)")
-    prediction = _prediction(prediction)
-    if isinstance(steps, int) and not isinstance(steps, bool):
-        ts = schedule.timesteps(steps, spacing)
-    else:
-        ts = schedule.check_t(torch.as_tensor(list(steps)))
-        if ts.ndim != 1 or len(ts) == 0 or (ts[1:] >= ts[:-1]).any():
-            raise ValueError(f"explicit timesteps must be a non-empty strictly decreasing sequence, got {ts.tolist()}")
-    ts = ts.tolist()
-    _clip(torch.zeros(()), clip_x0)  # a bad clip_x0 fails before the first model call
-    extra = {"eta": eta} if sampler == "ddim" else {}
-    step = SAMPLERS[sampler]
-    for i in tqdm(range(len(ts)), desc=f"{sampler} sampling", disable=not progress, leave=False):
-        t, t_prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # [B]
-        out = model(x, t_batch)
-        x_prev = step(schedule, out, x, t, t_prev, prediction=prediction, generator=generator, clip_x0=clip_x0, **extra)
-        if callback is not None:
-            denoised = _clip(schedule.to_x0(prediction, out, x, t), clip_x0)
-            callback({"i": i, "t": t, "x": x, "denoised": denoised, "x_prev": x_prev})
-        x = x_prev
-    return x
+NoiseSchedule.samplers = {"ddim": ddim_step, "ddpm": ddpm_step}  # the first is the default
 
 
 # -----------------------------------------------------------------------------
 # classifier-free guidance (Ho & Salimans 2022)
 
 
-def cfg(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, w: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022 eq. 6, diffusers' convention): uncond + w (cond - uncond).
+def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, w: float) -> torch.Tensor:
+    """Ho & Salimans 2022 eq. 6 in diffusers' convention: uncond + w (cond - uncond).
 
     w = 1: the conditional model alone; w = 0: the unconditional one; w > 1: pushed further towards the condition.
     """
     return pred_uncond + w * (pred_cond - pred_uncond)
 
 
-def guided(model: Callable, context: torch.Tensor, uncond_context: torch.Tensor, w: float) -> Callable:
-    """Wrap model(x, t, context) into a guided model(x, t) that runs cond and uncond in one batch of 2B.
+def guided(model: Callable, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], w: float) -> Callable:
+    """Wrap model(x, t, **cond) into a guided model(x, t) that runs uncond and cond as one batch of 2B.
 
-    context: [B, ...] the condition; uncond_context: the "empty prompt" condition, [B, ...] or [1, ...].
+    cond: {name: [B, ...]}, e.g. {"context": text states}; uncond: the unconditional twin of each entry
+    ([B, ...] or a batch of one, [1, ...]). An entry that has no twin in uncond (SDXL's size ids) is the same
+    in both halves.
     """
-    if uncond_context.shape[0] == 1 and context.shape[0] != 1:
-        uncond_context = uncond_context.expand(context.shape[0], *uncond_context.shape[1:])
-    if uncond_context.shape != context.shape:
-        raise ValueError(f"context {tuple(context.shape)} and uncond_context {tuple(uncond_context.shape)} "
-                         "must have the same shape (or uncond_context a batch of 1)")
-    both = torch.cat([uncond_context, context])  # [2B, ...]
+    sizes = {k: v.shape[0] for k, v in cond.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"every entry of cond must have the same batch size, got {sizes}")
+    unknown = sorted(set(uncond) - set(cond))
+    if unknown:
+        raise ValueError(f"uncond has entries {unknown} that cond lacks (cond has {sorted(cond)})")
+    both = {}
+    for k, c in cond.items():
+        u = uncond.get(k, c)
+        if u.shape[0] == 1 and c.shape[0] != 1:
+            u = u.expand(c.shape[0], *u.shape[1:])
+        if u.shape != c.shape:
+            raise ValueError(f"cond[{k!r}] {tuple(c.shape)} and its unconditional twin {tuple(u.shape)} must have "
+                             "the same shape (or the twin a batch of 1)")
+        both[k] = torch.cat([u, c])  # [2B, ...]: uncond first, as diffusers
 
     def guided_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != context.shape[0]:
-            raise ValueError(f"sample batch {x.shape[0]} != context batch {context.shape[0]}")
-        pred = model(torch.cat([x, x]), torch.cat([t, t]), both.to(x.device))  # [2B, ...]
-        pred_uncond, pred_cond = pred.chunk(2)
-        return cfg(pred_uncond, pred_cond, w)
+        if sizes and x.shape[0] != next(iter(sizes.values())):
+            raise ValueError(f"sample batch {x.shape[0]} != cond batch {next(iter(sizes.values()))}")
+        pred = model(torch.cat([x, x]), torch.cat([t, t]), **{k: v.to(x.device) for k, v in both.items()})
+        pred_uncond, pred_cond = pred.chunk(2)  # [B, ...] each
+        return classifier_free_guidance(pred_uncond, pred_cond, w)
 
     return guided_model
+
+
+# -----------------------------------------------------------------------------
+# the sampling loop
+
+
+def _step_function(schedule, sampler: str, options: dict) -> Callable:
+    """The step function `sampler` names for this schedule, after checking that it takes `options`."""
+    samplers = getattr(schedule, "samplers", {})
+    if sampler not in samplers:
+        raise ValueError(f"unknown sampler {sampler!r} for a {type(schedule).__name__}, expected one of "
+                         f"{tuple(samplers)}")
+    step = samplers[sampler]
+    params = list(inspect.signature(step).parameters)[5:]  # after (schedule, model_output, x, t, t_next)
+    takes = [p for p in params if p not in ("prediction", "generator", "clip_x0")]
+    for key in options:
+        if key not in takes:
+            raise ValueError(f"the {sampler!r} sampler has no option {key!r} (its options: {', '.join(takes)})")
+    return step
+
+
+@torch.no_grad()
+def sample(model: Callable, x: torch.Tensor, schedule, steps: int | Sequence[int] = 50, sampler: str | None = None,
+           cond: dict[str, torch.Tensor] | None = None, uncond: dict[str, torch.Tensor] | None = None,
+           guidance_scale: float = 1.0, start: float = 0.0, end: float = 1.0, prediction: str = "eps",
+           generator: torch.Generator | None = None, clip_x0: float | None = None, progress: bool = True,
+           callback: Callable[[dict], None] | None = None, **options) -> torch.Tensor:
+    """The one sampling loop: run the reverse process on x from `start` to `end` of the trajectory; return x.
+
+    model(x [B,...], t [B], **cond) -> its prediction (eps, x0 or v, per `prediction`) shaped like x; t is what
+    the schedule feeds a model (`schedule.model_timesteps`). With `uncond` and a guidance scale w != 1 every step
+    runs the model once on [uncond; cond] and combines the halves with classifier-free guidance (`guided`).
+    The schedule owns everything else: `schedule.trajectory(steps, start, end)` lists the points visited (start
+    and end are fractions of the way from noise to clean, as diffusers' denoising_start / denoising_end: SDXL's
+    base stops at 0.8 and its refiner starts there), and `schedule.samplers[sampler]` is the step function
+    (default: the schedule's first; NoiseSchedule: "ddim", with option eta, or "ddpm"), called as
+    step(schedule, model_output, x, t, t_next, prediction=, generator=, clip_x0=, **options).
+    callback({"i", "t", "x", "denoised", "x_prev"}) after every step, e.g. to record a trajectory.
+    clip_x0: clamp every predicted x0 to [-clip_x0, clip_x0] (1.0 for pixels in [-1, 1]; None, the default: off).
+    """
+    sampler = sampler or next(iter(schedule.samplers))
+    step = _step_function(schedule, sampler, options)
+    _clip(torch.zeros(()), clip_x0)  # a bad clip_x0 fails before the first model call
+    ts = schedule.trajectory(steps, start, end)  # [n + 1]: where each of the n steps starts, and where the last lands
+    cond = cond or {}
+    if uncond is not None and guidance_scale != 1:
+        denoiser = guided(model, cond, uncond, guidance_scale)
+    else:
+        def denoiser(x, t):
+            return model(x, t, **cond)
+    for i in tqdm(range(len(ts) - 1), desc=f"{sampler} sampling", disable=not progress, leave=False):
+        t, t_next = ts[i], ts[i + 1]
+        out = denoiser(x, schedule.model_timesteps(t, x))
+        x_next = step(schedule, out, x, t, t_next, prediction=prediction, generator=generator, clip_x0=clip_x0,
+                      **options)
+        if callback is not None:
+            denoised = _clip(schedule.to_x0(prediction, out, x, t), clip_x0)
+            callback({"i": i, "t": t, "x": x, "denoised": denoised, "x_prev": x_next})
+        x = x_next
+    return x
 
 
 # -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
+from tqdm.auto import tqdm
 
 from sdlearn.data import COLORS, POSITION_XY, POSITIONS, SHAPES, SIZE_RANGE, Placement, ShapeObject, ShapesDataset, \
     parse_caption, render
@@ -256,7 +257,7 @@ def prompt_adherence(images: torch.Tensor, captions: Sequence[str]) -> dict[str,
 
 
 # -----------------------------------------------------------------------------
-# the judge set of the text-to-image notebooks (05, 06)
+# the judge set of the text-to-image notebooks (05 to 08)
 
 
 def eval_prompts(n: int, size: int = 32, seed: int = 123) -> tuple[list[str], int]:
@@ -281,3 +282,15 @@ def adherence_by_group(images: torch.Tensor, captions: Sequence[str], n_train: i
         if idx:
             out[name] = {**prompt_adherence(images[idx], [captions[i] for i in idx]), "prompts": len(idx)}
     return out
+
+
+@torch.no_grad()
+def evaluate(pipe, n: int = 200, steps: int = 50, guidance_scale: float = 3.0, seed: int = 123,
+             progress: bool = True) -> tuple[dict[str, dict[str, float]], torch.Tensor, list[str]]:
+    """Judge a text-to-image pipeline (anything with .generate(prompts, steps, guidance_scale, seed=) and
+    .image_size): one image for each of n judge prompts (half held-out), in batches of 100, then
+    adherence_by_group. -> (scores by group, images, captions)."""
+    captions, n_train = eval_prompts(n, pipe.image_size, seed)
+    images = torch.cat([pipe.generate(captions[i:i + 100], steps, guidance_scale, seed=seed + i, progress=False)
+                        for i in tqdm(range(0, n, 100), desc="judging", disable=not progress)])
+    return adherence_by_group(images, captions, n_train), images, captions

@@ -4,25 +4,32 @@
     vae = pretrained.load("shapes-vae", size=64)
     pipe = pretrained.load("shapes-t2i", size=32)  # a TextToImage (sdlearn.pipeline)
 
-A release is one safetensors file, sdlearn/weights/<name>-<size>.safetensors, whose
-metadata holds the model class, its config and the command that reproduced it, so
-`load` needs no code per model (a class with a `from_release(state, metadata, source)`
-classmethod, such as the text-to-image pipeline, rebuilds itself). `save` writes one atomically (temporary file, then
-rename): a crash while saving never leaves a half-written release behind.
+A release is one safetensors file, sdlearn/weights/<name>-<size>.safetensors, whose metadata says how to
+rebuild what it holds (`describe` / `build`), so `load` needs no code per model: a model's class and config; a
+pipeline's class and its parts, each described the same way, or named as another release (the frozen VAE and
+text encoder a text-to-image model was trained with, checked by sha256); plus the command that reproduced it.
+`save` writes one atomically (temporary file, then rename): a crash while saving never leaves a half-written
+release behind.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import inspect
 import json
 import os
+import sys
 import tempfile
+import typing
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
+
+from sdlearn.course import profile
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -51,25 +58,61 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], dest: Path, metadata: dic
         raise
 
 
-def save(model: nn.Module, name: str, size: int, command: str, dest: Path | None = None, **extra: str) -> Path:
-    """Release `model` (which has a dataclass `.config`) as name-size, recording the reproducing command."""
-    cls = type(model)
+def _class_path(obj) -> str:
+    """"module.Class" of obj, importable: a class of a module run as `python -m sdlearn.x` names sdlearn.x."""
+    cls = type(obj)
     module = cls.__module__
-    if module == "__main__":  # saved by `python -m sdlearn.x ...`: record the importable name
-        import sys
-
+    if module == "__main__":
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         if spec is None:
             raise ValueError(f"cannot release a {cls.__qualname__} defined in a script: define it in a module")
         module = spec.name
-    meta = {
-        "class": f"{module}.{cls.__qualname__}",
-        "config": json.dumps(dataclasses.asdict(model.config)),
-        "command": command,
-        **extra,
-    }
+    return f"{module}.{cls.__qualname__}"
+
+
+def _is_part(value) -> bool:
+    return isinstance(value, nn.Module) or hasattr(value, "init_args")
+
+
+def describe(obj, state: dict[str, torch.Tensor], prefix: str = "", released: dict[str, str] | None = None) -> dict:
+    """The spec that rebuilds `obj`, adding its weights to `state` under `prefix`. Three kinds of spec:
+    {"release": name, "sha256": ...}  a part that is a release of its own (`released` maps its path, e.g.
+                                      "vae" or "conditioner.text_encoder", to the release's file stem);
+    {"class", "config"}               a module built from a config dataclass (its weights go into state);
+    {"class", "parts", "args"}        a composite (a pipeline, a conditioner, a schedule): its init_args(),
+                                      parts described in turn, plain values (str, numbers) as they are."""
+    released = released or {}
+    path = prefix.rstrip(".")
+    if path in released:
+        name = released[path]
+        return {"release": name, "sha256": _sha256(WEIGHTS / f"{name}.safetensors")}
+    spec = {"class": _class_path(obj)}
+    if dataclasses.is_dataclass(getattr(obj, "config", None)):
+        spec["config"] = dataclasses.asdict(obj.config)
+        state.update({prefix + k: v for k, v in obj.state_dict().items()})
+        return spec
+    if not hasattr(obj, "init_args"):
+        raise TypeError(f"cannot describe a {type(obj).__qualname__}: give it a dataclass `.config` (a model) or an "
+                        f"init_args() method (a composite)")
+    args = obj.init_args()
+    spec["parts"] = {k: describe(v, state, f"{prefix}{k}.", released) for k, v in args.items() if _is_part(v)}
+    spec["args"] = {k: v for k, v in args.items() if not _is_part(v)}
+    return spec
+
+
+def save(obj, name: str, size: int, command: str, dest: Path | None = None, released: dict[str, str] | None = None,
+         dtype: torch.dtype | None = None, **extra: str) -> Path:
+    """Release `obj` (a model with a dataclass `.config`, or a composite such as a pipeline) as name-size, with the
+    command that reproduces it. Parts named in `released` are stored as references to those releases (checked by
+    sha256 when loaded); dtype (e.g. torch.float16) stores the weights smaller."""
+    state: dict[str, torch.Tensor] = {}
+    spec = describe(obj, state, "", released)
+    meta = {"class": spec["class"], **{k: json.dumps(spec[k]) for k in ("config", "parts", "args") if k in spec},
+            "command": command, **extra}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     dest = dest or path(name, size)
-    save_file_atomic(model.state_dict(), dest, metadata=meta)
+    save_file_atomic(state, dest, metadata=meta)
     return dest
 
 
@@ -80,8 +123,6 @@ def metadata(name: str, size: int | None = None) -> dict[str, str]:
 
 def _resolve(name: str, size: int | None) -> Path:
     if size is None:
-        from sdlearn.course import profile
-
         size = profile().image_size
     p = path(name, size)
     if not p.exists():
@@ -116,25 +157,49 @@ def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source:
     model.load_state_dict(state)
 
 
-def load(name: str, size: int | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """The released model `name` at image `size` (default: the active profile's), in eval mode."""
-    file = _resolve(name, size)
-    state, meta = load_file_checked(file)
-    module_name, _, cls_name = meta["class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    if hasattr(cls, "from_release"):  # a composite (a pipeline): it knows how to rebuild itself
-        return cls.from_release(state, meta, str(file)).to(device).eval()
-    config = _config_class(cls)(**json.loads(meta["config"]))
-    model = cls(config)
-    load_state_checked(model, state, str(file))
-    return model.to(device).eval()
+def _sha256(file: Path) -> str:
+    return hashlib.sha256(Path(file).read_bytes()).hexdigest()
+
+
+def _import(class_path: str):
+    module_name, _, cls_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def build(spec: dict, state: dict[str, torch.Tensor], prefix: str = "", source: str = "a release"):
+    """The object a spec describes (see `describe`), with its weights from `state` under `prefix`."""
+    if "release" in spec:
+        name, file = spec["release"], WEIGHTS / f"{spec['release']}.safetensors"
+        if not file.exists():
+            raise FileNotFoundError(f"{source} needs the released {name}, which is missing")
+        if _sha256(file) != spec["sha256"]:
+            raise ValueError(f"{source} was trained on another {name} than the one installed (its sha256 "
+                             f"differs): retrain it with the command in its metadata")
+        return load_path(file)
+    cls = _import(spec["class"])
+    if "config" in spec:
+        model = cls(_config_class(cls)(**spec["config"]))
+        load_state_checked(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, source)
+        return model
+    parts = {k: build(v, state, f"{prefix}{k}.", source) for k, v in spec["parts"].items()}
+    return cls(**parts, **spec["args"])
+
+
+def load_path(file: Path, device: str | torch.device = "cpu"):
+    """The model or pipeline a release file holds, rebuilt from its metadata, in eval mode, on `device`."""
+    state, meta = load_file_checked(Path(file))
+    spec = {"class": meta["class"], **{k: json.loads(meta[k]) for k in ("config", "parts", "args") if k in meta}}
+    obj = build(spec, state, "", str(file))
+    return obj.to(device).eval() if isinstance(obj, nn.Module) else obj
+
+
+def load(name: str, size: int | None = None, device: str | torch.device = "cpu"):
+    """The released model or pipeline `name` at image `size` (default: the active profile's), in eval mode."""
+    return load_path(_resolve(name, size), device)
 
 
 def _config_class(cls):
     """The config dataclass a model class is built from: the annotation of its __init__'s first argument."""
-    import inspect
-    import typing
-
     hints = typing.get_type_hints(cls.__init__, vars(importlib.import_module(cls.__module__)))
     params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     if not params or params[0] not in hints or not dataclasses.is_dataclass(hints[params[0]]):

@@ -13,7 +13,7 @@ the same recipe, at toy scale, on the shapes dataset:
     clip = CLIP(TextEncoder(TextConfig()), ImageEncoder(ImageEncoderConfig()))
     loss = clip_loss(*clip(images, tokens), clip.logit_scale)      # Radford et al. 2021, figure 3
 
-The released encoder (trained by `python -m sdlearn.text train`, see `main`):
+The released encoder (its recipe: sdlearn.recipes.clip, `python -m sdlearn train clip`):
 
     enc = pretrained.load("shapes-clip", size=32); tok = Tokenizer.for_encoder(enc)
 
@@ -22,12 +22,9 @@ The released encoder (trained by `python -m sdlearn.text train`, see `main`):
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 import re
-import sys
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -398,44 +395,6 @@ class CLIP(nn.Module):
         return loss, {"scale": self.logit_scale.exp().item()}
 
 
-def render_pool(dataset, n: int, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """The first n items of a (shapes) dataset, rendered once: images [n, 3, H, W] and their captions.
-
-    Renders on one thread: drawing is many tiny tensor ops, which extra threads only slow down (by 10x and
-    more when other programs share the cores).
-    """
-    from tqdm.auto import tqdm
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        items = [dataset[i] for i in tqdm(range(n), desc="render", disable=not progress)]
-    finally:
-        torch.set_num_threads(threads)
-    return torch.stack([im for im, _ in items]), [c for _, c in items]
-
-
-def unique_caption_batches(images: torch.Tensor, captions: list[str], tokenizer: Tokenizer, batch_size: int,
-                           seed: int = 0):
-    """Endless (images, tokens) batches with no caption twice in a batch.
-
-    CLIP's loss says caption i is the *only* right caption of image i; with a small vocabulary, a random
-    batch often holds two images with the same caption, and the loss would push apart a right pair.
-    """
-    g = torch.Generator().manual_seed(seed)
-    tokens = tokenizer(captions)  # [n, L]
-    while True:
-        order, batch, seen = torch.randperm(len(captions), generator=g).tolist(), [], set()
-        for i in order:
-            if captions[i] in seen:
-                continue
-            batch.append(i)
-            seen.add(captions[i])
-            if len(batch) == batch_size:
-                yield images[batch], tokens[batch]
-                batch, seen = [], set()
-
-
 @torch.no_grad()
 def embed(clip: CLIP, images: torch.Tensor, tokens: torch.Tensor, batch_size: int = 500):
     """Unit embeddings of images [N,3,H,W] and of tokens [N,L], in batches: ([N, P], [N, P])."""
@@ -469,63 +428,3 @@ def retrieval(clip: CLIP, tokenizer: Tokenizer, images: torch.Tensor, captions: 
             out[f"t2i_{k}obj"] = t2i[n_obj == k].mean().item()
             out[f"i2t_{k}obj"] = i2t[n_obj == k].mean().item()
     return out
-
-
-# -----------------------------------------------------------------------------
-# python -m sdlearn.text train: reproduces the released shapes-clip encoder
-
-
-def train_clip(size: int = 32, steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, pool: int = 10000,
-               eval_n: int = 1000, seed: int = 0, text: TextConfig | None = None, image: ImageEncoderConfig | None = None,
-               progress: bool = True, device: str | torch.device = "cpu"):
-    """Train a CLIP on the shapes data; return (clip, tokenizer, history, held-out retrieval)."""
-    from sdlearn.course import seed_everything
-    from sdlearn.data import ShapesDataset
-    from sdlearn.train import TrainConfig, fit
-
-    seed_everything(seed)
-    text = text or TextConfig()
-    image = image or ImageEncoderConfig(image_size=size, embed_dim=text.pooled_dim)
-    tok = Tokenizer(context_length=text.max_positions, vocab=text.vocab)
-    clip = CLIP(TextEncoder(text), ImageEncoder(image)).to(device)
-    images, captions = render_pool(ShapesDataset(size=size, split="train", seed=seed), pool, progress)
-    batches = ((x.to(device), t.to(device)) for x, t in unique_caption_batches(images, captions, tok, batch_size, seed))
-    hist = fit(clip, lambda m, b: m.loss(b), batches, TrainConfig(steps=steps, lr=lr, warmup=100, desc="clip"),
-               progress=progress)
-    h_images, h_captions = render_pool(ShapesDataset(size=size, split="heldout", seed=seed), eval_n, progress)
-    return clip, tok, hist, retrieval(clip, tok, h_images, h_captions)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlearn.text")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="contrastive pretraining on the shapes data; release the text encoder")
-    t.add_argument("--size", type=int, default=32)
-    t.add_argument("--steps", type=int, default=1500)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--pool", type=int, default=10000, help="training images rendered once and reused")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    t.add_argument("--release", action="store_true", help="write sdlearn/weights/shapes-clip[-image]-<size>")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    clip, tok, hist, acc = train_clip(args.size, args.steps, args.batch_size, args.lr, args.pool, seed=args.seed)
-    minutes = (time.perf_counter() - start) / 60
-    print(f"trained {args.steps} steps in {hist.seconds / 60:.1f} min ({minutes:.1f} min with rendering and "
-          f"evaluation); final loss {sum(hist.losses[-50:]) / len(hist.losses[-50:]):.3f}")
-    print("held-out top-1 retrieval:", {k: round(v, 3) for k, v in acc.items()})
-    if args.release:
-        from sdlearn import pretrained
-
-        command = "python -m sdlearn.text " + " ".join(argv if argv is not None else sys.argv[1:])
-        extra = {f"heldout_{k}": f"{v:.4f}" for k, v in acc.items()}
-        for model, name in ((clip.text, "shapes-clip"), (clip.image, "shapes-clip-image")):
-            print("wrote", pretrained.save(model, name, args.size, command=command, **extra))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -280,6 +280,13 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
+    @property
+    def cond_dims(self) -> dict[str, int]:
+        """The conditions forward reads (as keywords) and their widths: context, plus SDXL's pooled and time_ids."""
+        cfg = self.config
+        extra = {"pooled": cfg.pooled_dim, "time_ids": cfg.num_time_ids} if cfg.text_time else {}
+        return {"context": cfg.context_dim, **extra}
+
     # -- the three parts of the forward, apart so that notebooks can show (and learners write) each ----------
 
     def embed(self, t, pooled=None, time_ids=None) -> torch.Tensor:

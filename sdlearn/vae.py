@@ -13,14 +13,11 @@ at each level, a downsampling conv between levels, a mid block with single-head 
 SiLU, and a conv to 2 x latent channels (mean and log-variance). The decoder mirrors it with one more ResNet
 block per level and nearest-neighbour upsampling.
 
-    python -m sdlearn.vae train --size 32 --release     # reproduces the released shapes VAE
-    python -m sdlearn.vae eval --size 32                # its PSNR and judge scores on held-out images
+    python -m sdlearn train vae --size 32 --release     # the released shapes VAE's recipe (sdlearn.recipes.vae)
+    python -m sdlearn eval vae --size 32                # its PSNR and judge scores on held-out images
 """
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -330,7 +327,7 @@ PRESETS = {
 
 
 # -----------------------------------------------------------------------------
-# training on the shapes data, evaluation, release
+# measuring an autoencoder, and the latent scale
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -338,18 +335,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x, y = (x.detach().float().clamp(-1, 1) + 1) / 2, (y.detach().float().clamp(-1, 1) + 1) / 2
     mse = (x - y).pow(2).flatten(1).mean(1).clamp_min(1e-10)
     return -10 * torch.log10(mse)
-
-
-def training_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, recon: str = "l2",
-                  l1_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """vae_loss on a batch (a posterior sample decoded), plus l1_weight x the per-image L1; and what to log."""
-    x_rec, post = vae(images)
-    loss = vae_loss(images, x_rec, post.mean, post.logvar, kl_weight, recon)
-    if l1_weight:
-        loss = loss + l1_weight * (x_rec - images).abs().flatten(1).sum(1).mean()
-    with torch.no_grad():
-        logs = {"mse": F.mse_loss(x_rec, images).item(), "kl": post.kl().mean().item()}
-    return loss, logs
 
 
 @torch.no_grad()
@@ -369,120 +354,3 @@ def latent_scale(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256
     z = torch.cat([vae.encode(images[i:i + batch_size].to(dev)).sample(g).cpu()
                    for i in range(0, len(images), batch_size)])
     return 1.0 / z.flatten().std().item(), 0.0
-
-
-def shapes_images(size: int, n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """The first n images of the shapes dataset and their captions -> ([n,3,size,size], captions)."""
-    from sdlearn.data import ShapesDataset
-
-    ds = ShapesDataset(size=size, split=split, seed=seed, length=max(n, 1))
-    images, captions = zip(*(ds[i] for i in range(n)))
-    return torch.stack(images), list(captions)
-
-
-@torch.no_grad()
-def evaluate(vae: AutoencoderKL, size: int, n: int = 500, split: str = "heldout") -> dict[str, float]:
-    """PSNR (dB, mean over images) and the judge's adherence on reconstructions of n `split` images."""
-    from sdlearn.metrics import prompt_adherence
-
-    images, captions = shapes_images(size, n, split)
-    rec = reconstruct(vae.eval(), images)
-    return {"psnr": psnr(rec, images).mean().item(), **prompt_adherence(rec, captions)}
-
-
-# the released shapes VAEs: 32 px -> 8x8x4, 64 px -> 16x16x4 latents (downsampling factor 4)
-SHAPES_CONFIG = dict(channels=(32, 64, 64), layers_per_block=1, norm_groups=8, latent_channels=4)
-
-
-def train_shapes_vae(size: int = 32, steps: int = 1200, batch_size: int = 32, lr: float = 2e-3,
-                     kl_weight: float = 1e-4, recon: str = "l2", l1_weight: float = 0.0, seed: int = 0,
-                     config: dict | None = None, device: str | torch.device = "cpu", progress: bool = True,
-                     scale_images: int = 512):
-    """Train an AutoencoderKL on the shapes training split with sdlearn.train.fit; set its latent scale.
-
-    -> (vae, History). Fresh images every step (the dataset is a pure function of the index); the scaling
-    factor is 1 / std of the latents of `scale_images` other training images."""
-    from sdlearn.course import seed_everything
-    from sdlearn.data import ShapesDataset
-    from sdlearn.train import TrainConfig, fit
-
-    seed_everything(seed)
-    fmt = torch.channels_last  # on CPU, convolutions train several times faster in NHWC
-    vae = AutoencoderKL(VAEConfig(**(config or SHAPES_CONFIG))).to(device, memory_format=fmt)
-    ds = ShapesDataset(size=size, split="train", seed=seed, length=steps * batch_size)
-
-    def batches():
-        for start in range(0, steps * batch_size, batch_size):
-            x = torch.stack([ds[i][0] for i in range(start, start + batch_size)])  # [B,3,size,size]
-            yield x.to(device, memory_format=fmt)
-
-    hist = fit(vae, lambda m, x: training_loss(m, x, kl_weight, recon, l1_weight), batches(),
-               TrainConfig(steps=steps, lr=lr, warmup=100, desc=f"vae {size}px"), progress=progress)
-    vae = vae.to(memory_format=torch.contiguous_format)
-    scale, shift = latent_scale(vae, shapes_images(size, scale_images, "train", seed=seed + 1)[0])
-    vae.config.scaling_factor, vae.config.shift_factor = scale, shift
-    return vae.eval(), hist
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlearn.vae")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the shapes VAE (and release it with --release)")
-    t.add_argument("--size", type=int, default=32)
-    t.add_argument("--steps", type=int, default=1200)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--kl-weight", type=float, default=1e-4)
-    t.add_argument("--recon", choices=("l2", "l1"), default="l2")
-    t.add_argument("--l1-weight", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--eval", type=int, default=1000, help="held-out images to score")
-    t.add_argument("--release", action="store_true", help="write sdlearn/weights/shapes-vae-<size>.safetensors")
-    t.add_argument("--out", default=None, help="write the weights here instead")
-    e = sub.add_parser("eval", help="score the released shapes VAE on held-out images")
-    e.add_argument("--size", type=int, default=32)
-    e.add_argument("--n", type=int, default=1000, help="held-out images to score")
-    args = parser.parse_args(argv)
-    if args.cmd == "eval":
-        from sdlearn import pretrained
-
-        start = time.perf_counter()
-        scores = evaluate(pretrained.load("shapes-vae", size=args.size), args.size, args.n)
-        print(f"shapes-vae-{args.size} on {args.n} held-out images: PSNR {scores['psnr']:.2f} dB, "
-              + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "psnr")
-              + f" ({time.perf_counter() - start:.1f} s)")
-        print("reproduce with:", pretrained.metadata("shapes-vae", args.size)["command"])
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    vae, hist = train_shapes_vae(args.size, args.steps, args.batch_size, args.lr, args.kl_weight, args.recon,
-                                 args.l1_weight, args.seed, device=args.device)
-    vae = vae.cpu()
-    minutes = (time.perf_counter() - start) / 60
-    scores = evaluate(vae, args.size, args.eval)
-    print(f"trained {args.steps} steps in {minutes:.1f} min ({hist.steps_per_second:.2f} steps/s, "
-          f"{torch.get_num_threads()} threads); scaling_factor {vae.config.scaling_factor:.4f}")
-    print(f"held-out ({args.eval} images): PSNR {scores['psnr']:.2f} dB, "
-          + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "psnr"))
-    if args.release or args.out:
-        from pathlib import Path
-
-        from sdlearn import pretrained
-
-        command = (f"python -m sdlearn.vae train --size {args.size} --steps {args.steps} "
-                   f"--batch-size {args.batch_size} --lr {args.lr} --kl-weight {args.kl_weight} "
-                   f"--recon {args.recon} --l1-weight {args.l1_weight} --seed {args.seed}"
-                   + (f" --threads {args.threads}" if args.threads else "") + " --release")
-        dest = pretrained.save(vae, "shapes-vae", args.size, command=command,
-                               dest=Path(args.out) if args.out else None,
-                               steps=str(args.steps), train_minutes=f"{minutes:.1f}",
-                               heldout_psnr=f"{scores['psnr']:.2f}", heldout_exact=f"{scores['exact']:.3f}")
-        print("wrote", dest)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

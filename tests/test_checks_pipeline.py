@@ -4,7 +4,7 @@ import torch
 
 from sdlearn.checks import CheckFailed
 from sdlearn.checks import pipeline as check
-from sdlearn.diffusion import cfg, ddim_step
+from sdlearn.diffusion import classifier_free_guidance as cfg, ddim_step
 from sdlearn.pipeline import training_loss
 
 
@@ -30,7 +30,14 @@ def loss_with(target="right", drop="right", mse="right", weight="right"):
 
 
 def test_latent_loss_passes_the_reference():
-    check.latent_loss(training_loss)
+    def reference(unet, schedule, z0, context, uncond, p_uncond=0.1, prediction="eps", snr_gamma=None):
+        def model(z_t, t, context):  # training_loss calls model(z_t, t, **cond), the checker's models take it positionally
+            return unet(z_t, t, context)
+
+        return training_loss(model, schedule, z0, {"context": context}, {"context": uncond}, p_uncond, prediction,
+                             snr_gamma)
+
+    check.latent_loss(reference)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -64,12 +71,12 @@ def test_guided_prediction():
 def loop_with(mistake=None):
     def fn(pipe, prompts, steps, w, seed):
         z = pipe.noise(len(prompts), seed)
-        c, u = pipe.encode_prompts(prompts), pipe.encode_prompts([""] * len(prompts))
+        c, u = pipe.encode_prompts(prompts)["context"], pipe.encode_prompts([""] * len(prompts))["context"]
         ts = pipe.schedule.timesteps(steps).tolist()
         for i, t in enumerate(ts):
             t_prev = t - 1 if mistake == "t-1" else (ts[i + 1] if i + 1 < len(ts) else -1)
             tt = torch.full((len(z),), t)
-            out = cfg(pipe.unet(z, tt, u), pipe.unet(z, tt, c), 1.0 if mistake == "no-guidance" else w)
+            out = cfg(pipe.denoiser(z, tt, u), pipe.denoiser(z, tt, c), 1.0 if mistake == "no-guidance" else w)
             z = ddim_step(pipe.schedule, out, z, t, t_prev)
         return (pipe.vae.decode(z) if mistake == "no-scale" else pipe.vae.from_latent(z)).clamp(-1, 1)
     return fn

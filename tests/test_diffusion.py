@@ -111,7 +111,7 @@ def test_bad_timesteps_are_clear_errors():
         D.ddim_step(s, x[:2], x, 10, 5)
     with pytest.raises(ValueError, match="unknown prediction type 'noise'"):
         s.target("noise", x, x, 3)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+    with pytest.raises(ValueError, match="unknown sampler 'euler' for a NoiseSchedule"):
         D.sample(lambda x, t: x, x, s, 5, sampler="euler", progress=False)
     with pytest.raises(ValueError, match="strictly decreasing"):
         D.sample(lambda x, t: x, x, s, [5, 10], progress=False)
@@ -260,8 +260,8 @@ def test_sample_loop_equals_a_diffusers_loop(sampler, eta, prediction):
         kw = {"eta": eta} if sampler == "ddim" else {}
         ref = theirs.step(out, t, ref, generator=g, **kw).prev_sample
     seen = []
-    ours = D.sample(model, x.clone(), NoiseSchedule("scaled_linear"), steps, sampler=sampler, eta=eta,
-                    prediction=prediction, generator=torch.Generator().manual_seed(7), progress=False,
+    ours = D.sample(model, x.clone(), NoiseSchedule("scaled_linear"), steps, sampler=sampler,
+                    **({"eta": eta} if sampler == "ddim" else {}), prediction=prediction, generator=torch.Generator().manual_seed(7), progress=False,
                     callback=seen.append)
     assert _err(ours, ref) <= 1e-5
     assert [c["t"] for c in seen] == theirs.timesteps.tolist() and torch.equal(seen[-1]["x_prev"], ours)
@@ -320,7 +320,7 @@ def test_explicit_timesteps_and_ddpm_has_no_eta():
     for t, t_prev in [(999, 600), (600, 300), (300, 0), (0, -1)]:
         b = D.ddim_step(s, Affine()(b, torch.full((2,), t)), b, t, t_prev)
     assert _err(a, b) < 1e-6
-    with pytest.raises(ValueError, match="eta is DDIM's"):
+    with pytest.raises(ValueError, match="the 'ddpm' sampler has no option 'eta'"):
         D.sample(Affine(), x, s, 5, sampler="ddpm", eta=0.5, progress=False)
 
 
@@ -328,23 +328,73 @@ def test_explicit_timesteps_and_ddpm_has_no_eta():
 # guidance
 
 
-def test_cfg_and_the_batched_wrapper():
+def test_guidance_and_the_batched_wrapper():
     calls = []
 
-    def model(x, t, context):  # [B,D], [B], [B,K] -> [B,D]
+    def model(x, t, context, ids):  # [B,D], [B], [B,K], [B,2] -> [B,D]
         calls.append(x.shape[0])
-        return x * context.sum(-1, keepdim=True) + t[:, None].float()
+        return x * context.sum(-1, keepdim=True) + t[:, None].float() + ids
 
     x, t = torch.randn(3, 2), torch.tensor([5, 5, 5])
-    cond, uncond = torch.rand(3, 4), torch.zeros(1, 4)
+    cond, uncond, ids = torch.rand(3, 4), torch.zeros(1, 4), torch.randn(3, 2)
     for w in (0.0, 1.0, 7.5):
-        expected = D.cfg(model(x, t, uncond.expand(3, 4)), model(x, t, cond), w)
+        expected = D.classifier_free_guidance(model(x, t, uncond.expand(3, 4), ids), model(x, t, cond, ids), w)
         calls.clear()
-        assert _err(D.guided(model, cond, uncond, w)(x, t), expected) < 1e-6
+        # an entry without an unconditional twin (ids, as SDXL's size ids) is the same in both halves
+        got = D.guided(model, {"context": cond, "ids": ids}, {"context": uncond}, w)(x, t)
+        assert _err(got, expected) < 1e-6
         assert calls == [6]  # one forward pass over cond and uncond together
-    assert _err(D.cfg(torch.zeros(2), torch.ones(2), 3.0), torch.full((2,), 3.0)) == 0
+    assert _err(D.classifier_free_guidance(torch.zeros(2), torch.ones(2), 3.0), torch.full((2,), 3.0)) == 0
     with pytest.raises(ValueError, match="same shape"):
-        D.guided(model, cond, torch.zeros(2, 4), 2.0)
+        D.guided(model, {"context": cond}, {"context": torch.zeros(2, 4)}, 2.0)
+    with pytest.raises(ValueError, match=r"uncond has entries \['pooled'\] that cond lacks"):
+        D.guided(model, {"context": cond}, {"pooled": torch.zeros(1, 4)}, 2.0)
+    with pytest.raises(ValueError, match="same batch size"):
+        D.guided(model, {"context": cond, "ids": ids[:2]}, {}, 2.0)
+
+
+def test_sample_guides_with_cond_dicts_and_skips_the_uncond_half_at_w_1():
+    s, calls = NoiseSchedule("linear"), []
+
+    def model(x, t, context):
+        calls.append(x.shape[0])
+        return Affine()(x, t) * context.mean(-1).view(-1, 1)
+
+    x, cond, uncond = torch.randn(2, 3), {"context": torch.rand(2, 4) + 1}, {"context": torch.zeros(1, 4)}
+    w = 2.5
+    ref = x
+    for t, t_prev in zip([800, 600, 400, 200, 0], [600, 400, 200, 0, -1]):
+        tt = torch.full((2,), t)
+        out = D.classifier_free_guidance(model(ref, tt, uncond["context"].expand(2, 4)), model(ref, tt, cond["context"]), w)
+        ref = D.ddim_step(s, out, ref, t, t_prev)
+    calls.clear()
+    got = D.sample(model, x, s, [800, 600, 400, 200, 0], cond=cond, uncond=uncond, guidance_scale=w, progress=False)
+    assert _err(got, ref) < 1e-6 and calls == [4] * 5
+    calls.clear()
+    D.sample(model, x, s, 5, cond=cond, uncond=uncond, guidance_scale=1.0, progress=False)
+    assert calls == [2] * 5  # w = 1 is the conditional model: no unconditional half
+
+
+def test_trajectory_cuts_like_diffusers_denoising_end_and_start():
+    s = NoiseSchedule("scaled_linear")
+    full = s.trajectory(50)
+    assert full == s.timesteps(50).tolist() + [-1]
+    base, refiner = s.trajectory(50, end=0.8), s.trajectory(50, start=0.8)
+    # diffusers: cutoff = round(T - 0.8 T) = 200; the base runs t >= 200 (40 steps), the refiner t < 200 (10 steps)
+    assert base[:-1] == [t for t in full[:-1] if t >= 200] and len(base) - 1 == 40
+    assert refiner[:-1] == [t for t in full[:-1] if t < 200] and refiner[-1] == -1
+    assert base[-1] == refiner[0]  # the base's last step lands where the refiner starts
+    assert s.trajectory(50, 1.0, 1.0) == [] and s.trajectory(50, 0.3, 0.3) == []
+    for start, end in [(-0.1, 1.0), (0.5, 0.4), (0.0, 1.5)]:
+        with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
+            s.trajectory(10, start, end)
+
+
+def test_sample_from_the_middle_continues_a_stopped_run():
+    s, x = NoiseSchedule("cosine"), torch.randn(2, 3, dtype=torch.float64)
+    whole = D.sample(Affine(), x, s, 20, progress=False)
+    half = D.sample(Affine(), x, s, 20, end=0.45, progress=False)
+    assert _err(D.sample(Affine(), half, s, 20, start=0.45, progress=False), whole) == 0
 
 
 # -----------------------------------------------------------------------------

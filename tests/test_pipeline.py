@@ -1,4 +1,5 @@
-"""sdlearn.pipeline: the denoising loop, seeding, img2img, bad input, the release and the command line."""
+"""sdlearn.pipeline: parts, seeding, new schedules, hand-over, img2img, bad input, the release and `generate`."""
+import json
 import subprocess
 import sys
 
@@ -7,11 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from sdlearn import pretrained
-from sdlearn.diffusion import NoiseSchedule, guided, sample
 from sdlearn.checks.pipeline import tiny_pipeline
-from sdlearn.pipeline import TextToImage, shapes_unet_config, training_loss
-from sdlearn.text import TextConfig, TextEncoder, Tokenizer
+from sdlearn.diffusion import NoiseSchedule
+from sdlearn.pipeline import TextConditioner, TextToImage, training_loss
+from sdlearn.recipes.t2i import unet_config
+from sdlearn.text import TextConfig, TextEncoder
 from sdlearn.unet import UNet
+from sdlearn.vae import AutoencoderKL, VAEConfig
 
 
 tiny_pipe = tiny_pipeline
@@ -34,29 +37,82 @@ def test_generate_shape_range_and_seeding():
     assert (a - b).abs().amax() > 1e-3
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_denoising_loop_matches_diffusion_sample_with_guidance(prediction, sampler):
-    pipe = tiny_pipe(prediction)
-    z = pipe.noise(2, seed=3)
-    context, uncond = pipe.encode_prompts(PROMPTS[:2]), pipe.encode_prompts([""])
-    ts = pipe.schedule.timesteps(5).tolist()
-    ours = pipe.denoise(z, context, ts, 3.0, sampler, seed=7, progress=False)
-    ref = sample(guided(pipe.unet, context, uncond, 3.0), z, pipe.schedule, 5, sampler=sampler,
-                 prediction=prediction, generator=torch.Generator().manual_seed(7), progress=False)
-    assert torch.allclose(ours, ref, atol=1e-5)
+class LineSchedule:
+    """A toy schedule the pipeline has never seen: x_s = (1 - s) x0 + s eps on s in [0, 1], the model reads
+    s * 1000 and predicts x0, and its one sampler steps along the line to the next s (rectified flow's Euler step,
+    written for an x0-predicting model). It plugs into the pipeline with no change to it or to the loop."""
+
+    def __init__(self, num_steps: int = 1000):
+        self.num_steps = num_steps
+
+    def init_args(self):
+        return {"num_steps": self.num_steps}
+
+    def trajectory(self, steps, start=0.0, end=1.0):
+        s = torch.linspace(1, 0, steps + 1).tolist()
+        keep = [i for i in range(steps) if start <= 1 - s[i] < end]
+        return [s[i] for i in keep] + [s[keep[-1] + 1]] if keep else []
+
+    def model_timesteps(self, s, x):
+        return torch.full((x.shape[0],), s * self.num_steps, device=x.device)
+
+    def add_noise(self, x0, noise, s):
+        s = s.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+        return (1 - s) * x0 + s * noise
+
+    def to_x0(self, prediction, out, x, s):
+        return out
+
+    @staticmethod
+    def line_step(schedule, out, x, s, s_next, prediction="x0", generator=None, clip_x0=None):
+        eps = (x - (1 - s) * out) / s  # the noise this x0 implies
+        return (1 - s_next) * out + s_next * eps
+
+    samplers = {"line": line_step}
+
+
+def test_a_new_schedule_and_sampler_plug_into_the_pipeline_unchanged():
+    base = tiny_pipe("x0")
+    pipe = TextToImage(base.conditioner, base.denoiser, LineSchedule(), base.vae, "x0", 16)
+    images = pipe.generate(PROMPTS[:2], steps=4, guidance_scale=2.0, seed=3, progress=False)
+    # the same, written out by hand
+    z, s = pipe.noise(2, 3), [1.0, 0.75, 0.5, 0.25, 0.0]
+    cond, uncond = pipe.encode_prompts(PROMPTS[:2])["context"], pipe.encode_prompts([""])["context"].expand(2, -1, -1)
+    for a, b in zip(s[:-1], s[1:]):
+        t = torch.full((2,), a * 1000)
+        out_u, out_c = pipe.denoiser(z, t, uncond), pipe.denoiser(z, t, cond)
+        x0 = out_u + 2.0 * (out_c - out_u)
+        z = (1 - b) * x0 + b * (z - (1 - a) * x0) / a
+    assert torch.allclose(images, pipe.decode(z), atol=1e-5)
+    # img2img and stopping part-way use the same schedule methods
+    assert pipe.img2img(images, PROMPTS[:2], strength=0.5, steps=4, progress=False).shape == images.shape
+    assert pipe.generate(PROMPTS[:1], steps=4, end=0.5, output="latent", progress=False).shape == (1, 4, 8, 8)
+
+
+def test_stopping_part_way_and_continuing_gives_the_same_images():
+    """SDXL's ensemble of experts: one pipeline stops at a fraction of the trajectory and hands over latents,
+    another continues from there. With the same model on both sides it is one uninterrupted run."""
+    pipe = tiny_pipe("v")
+    whole = pipe.generate(PROMPTS[:2], steps=10, seed=4, progress=False)
+    latents = pipe.generate(PROMPTS[:2], steps=10, seed=4, end=0.8, output="latent", progress=False)
+    rest = pipe.generate(PROMPTS[:2], steps=10, seed=4, start=0.8, latents=latents, progress=False)
+    assert torch.allclose(rest, whole, atol=1e-6)
+    with pytest.raises(ValueError, match=r"latents must be \[N, C, h, w\] = \[2, 4, 8, 8\], got \(2, 4, 4, 4\)"):
+        pipe.generate(PROMPTS[:2], start=0.8, latents=torch.zeros(2, 4, 4, 4), progress=False)
 
 
 def test_guidance_one_is_the_conditional_model_and_zero_the_unconditional():
     pipe = tiny_pipe()
-    z, ts = pipe.noise(2, 0), [500]
+    z = pipe.noise(2, 0)
     cond, uncond = pipe.encode_prompts(PROMPTS[:2]), pipe.encode_prompts(["", ""])
     captured = []
-    pipe.denoise(z, cond, ts, 1.0, callback=captured.append, progress=False)
-    pipe.denoise(z, cond, ts, 0.0, callback=captured.append, progress=False)
-    t = torch.full((2,), 500)
-    for got, ctx in zip(captured, (cond, uncond)):
-        assert torch.allclose(got["z0"], pipe.schedule.to_x0("eps", pipe.unet(z, t, ctx), z, 500), atol=1e-5)
+    pipe.denoise(z, cond, 2, 1.0, callback=captured.append, progress=False)
+    pipe.denoise(z, cond, 2, 0.0, callback=captured.append, progress=False)
+    first = [c for c in captured if c["i"] == 0]
+    t = first[0]["t"]
+    for got, c in zip(first, (cond, uncond)):
+        expected = pipe.schedule.to_x0("eps", pipe.denoiser(z, torch.full((2,), t), **c), z, t)
+        assert torch.allclose(got["denoised"], expected, atol=1e-5)
 
 
 def test_img2img():
@@ -86,49 +142,62 @@ def test_bad_input_is_a_clear_error(call, match):
 
 def test_mismatched_parts_are_refused():
     pipe = tiny_pipe()
-    with pytest.raises(ValueError, match="cross-attends to 16-wide text states but the text encoder makes 32"):
-        TextToImage(pipe.vae, TextEncoder(TextConfig(width=32, layers=1, heads=2)), pipe.tokenizer, pipe.unet,
-                    pipe.schedule)
+    with pytest.raises(ValueError, match=r"the UNet reads conditions of widths \{'context': 16\} but the conditioner "
+                                         r"makes \{'context': 32\}"):
+        TextToImage(TextConditioner(TextEncoder(TextConfig(width=32, layers=1, heads=2))), pipe.denoiser,
+                    pipe.schedule, pipe.vae)
+    with pytest.raises(ValueError, match="the UNet takes 4 channels but the VAE's latents have 16"):
+        TextToImage(pipe.conditioner, pipe.denoiser, pipe.schedule, AutoencoderKL(VAEConfig(
+            channels=(8, 8), layers_per_block=1, norm_groups=4, latent_channels=16)))
 
 
 def test_training_loss_targets_and_caption_dropout():
     pipe = tiny_pipe()
     sched = pipe.schedule
     z0, ctx, uncond = torch.randn(256, 4, 8, 8), torch.randn(256, 5, 16), torch.zeros(1, 5, 16)
+    ids = torch.randn(256, 6)
     seen = []
 
-    def oracle(z_t, t, context):  # knows z0, so it can return the exact noise
-        seen.append(context)
+    def oracle(z_t, t, context, time_ids):  # knows z0, so it can return the exact noise
+        seen.append((context, time_ids))
         abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
         return (z_t - abar.sqrt() * z0) / (1 - abar).sqrt()
 
-    assert training_loss(oracle, sched, z0, ctx, uncond, p_uncond=0.1) < 1e-8
-    dropped = (seen[0] == 0).flatten(1).all(1).float().mean()
+    cond = {"context": ctx, "time_ids": ids}
+    assert training_loss(oracle, sched, z0, cond, {"context": uncond}, p_uncond=0.1) < 1e-8
+    dropped = (seen[0][0] == 0).flatten(1).all(1).float().mean()
     assert 0.03 < dropped < 0.2
-    assert training_loss(lambda z, t, c: torch.zeros_like(z), sched, z0, ctx, uncond) == pytest.approx(1.0, abs=0.05)
-    training_loss(oracle, sched, z0, ctx, uncond, p_uncond=1.0)
-    assert (seen[-1] == 0).all()
+    assert torch.equal(seen[0][1], ids)  # an entry without an unconditional twin is never dropped
+    zero = training_loss(lambda z, t, **c: torch.zeros_like(z), sched, z0, cond, {"context": uncond})
+    assert zero == pytest.approx(1.0, abs=0.05)
+    training_loss(oracle, sched, z0, cond, {"context": uncond}, p_uncond=1.0)
+    assert (seen[-1][0] == 0).all()
 
 
 def test_release_round_trip_and_changed_parts_are_refused(tmp_path):
     if not {"shapes-vae-32", "shapes-clip-32"} <= set(pretrained.available()):
         pytest.skip("needs the released shapes-vae-32 and shapes-clip-32")
     vae, text = pretrained.load("shapes-vae", 32), pretrained.load("shapes-clip", 32)
-    unet = UNet(shapes_unet_config(4, text.config.width, width=16))
-    pipe = TextToImage(vae, text, Tokenizer.for_encoder(text), unet, NoiseSchedule("cosine"), "v", 32)
-    meta = pipe.release_metadata("shapes-vae-32", "shapes-clip-32")
+    unet = UNet(unet_config(4, text.config.width, width=16))
+    pipe = TextToImage(TextConditioner(text), unet, NoiseSchedule("cosine"), vae, "v", 32)
     dest = tmp_path / "t2i.safetensors"
-    pretrained.save_file_atomic(unet.state_dict(), dest, meta)
-    back = TextToImage.from_release(load_file(dest), meta, str(dest))
+    released = {"vae": "shapes-vae-32", "conditioner.text_encoder": "shapes-clip-32"}
+    pretrained.save(pipe, "t2i", 32, "a command", dest, released=released)
+    state, meta = pretrained.load_file_checked(dest)
+    assert set(state) == {f"denoiser.{k}" for k in unet.state_dict()}  # the frozen parts are references
+    back = pretrained.load_path(dest)
     assert back.prediction == "v" and back.schedule.kind == "cosine" and back.image_size == 32
     assert torch.equal(back.generate(PROMPTS[:1], steps=2, progress=False),
                        pipe.generate(PROMPTS[:1], steps=2, progress=False))
+    parts = json.loads(meta["parts"])
+    parts["vae"]["sha256"] = "0" * 64
+    pretrained.save_file_atomic(state, dest, {**meta, "parts": json.dumps(parts)})
     with pytest.raises(ValueError, match="trained on another shapes-vae-32"):
-        TextToImage.from_release(load_file(dest), {**meta, "vae_sha256": "0" * 64}, str(dest))
-    bad = {k: v for k, v in load_file(dest).items()}
-    bad["conv_in.weight"] = bad["conv_in.weight"][:8]
+        pretrained.load_path(dest)
+    state["denoiser.conv_in.weight"] = state["denoiser.conv_in.weight"][:8]
+    pretrained.save_file_atomic(state, dest, meta)
     with pytest.raises(ValueError, match="parameter 'conv_in.weight' has shape"):
-        TextToImage.from_release(bad, meta, str(dest))
+        pretrained.load_path(dest)
 
 
 def released_t2i():
@@ -169,19 +238,7 @@ def test_cli_bad_input_says_what_is_wrong(tmp_path):
     released_t2i()
     r = run_cli("generate", "a red blob", "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "unknown word 'blob'" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("train", "unet")
-    assert r.returncode == 2 and "must be one of t2i, vae, clip" in r.stderr
-
-
-def test_cli_train_t2i_runs_and_writes_a_release(tmp_path):
-    if not {"shapes-vae-32", "shapes-clip-32"} <= set(pretrained.available()):
-        pytest.skip("needs the released shapes-vae-32 and shapes-clip-32")
-    out = tmp_path / "t2i.safetensors"
-    r = run_cli("train", "t2i", "--steps", "3", "--pool", "32", "--width", "16", "--eval", "4", "--threads", "1",
-                "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "1 object" in r.stdout or "2 objects" in r.stdout
-    state, meta = pretrained.load_file_checked(out)
-    assert meta["command"].startswith("python -m sdlearn.pipeline train --steps 3")
-    assert TextToImage.from_release(state, meta, str(out)).generate(["a red circle"], steps=1, progress=False).shape \
-        == (1, 3, 32, 32)
+    r = run_cli("generate", "a red circle", "--model", "shapes-vae", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "is a AutoencoderKL, not a text-to-image pipeline" in r.stderr
+    r = run_cli("generate", "a red circle", "--model", "shapes-nothing", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "no released model 'shapes-nothing'" in r.stderr

@@ -7,8 +7,7 @@ import torch
 from sdlearn import convert, presets, pretrained
 from sdlearn.checks import CheckFailed
 from sdlearn.checks import vae as check
-from sdlearn.vae import (AutoencoderKL, DiagonalGaussian, VAEConfig, kl_divergence, main, psnr, reparameterize,
-                         train_shapes_vae, vae_loss)
+from sdlearn.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, kl_divergence, psnr, reparameterize, vae_loss
 
 TINY = dict(channels=(8, 16, 16), layers_per_block=1, norm_groups=4)
 
@@ -263,46 +262,3 @@ def test_vae_loss_checker(wrong, hint, capsys):
     assert "vae_loss: correct" in capsys.readouterr().out
     with pytest.raises(CheckFailed, match=hint):
         check.vae_loss(wrong)
-
-
-# -----------------------------------------------------------------------------
-# training and the releases
-
-
-def test_training_runs_and_sets_the_latent_scale():
-    vae, hist = train_shapes_vae(size=16, steps=3, batch_size=4, config=TINY, progress=False,
-                                  scale_images=16)
-    assert len(hist.losses) == 3 and not vae.training
-    assert vae.config.scaling_factor > 0 and vae.config.scaling_factor != 0.18215
-
-
-def test_cli_trains_and_writes_a_loadable_release(tmp_path, capsys):
-    out = tmp_path / "shapes-vae-16.safetensors"
-    main(["train", "--size", "16", "--steps", "2", "--batch-size", "2", "--eval", "8", "--out", str(out)])
-    assert "PSNR" in capsys.readouterr().out
-    from safetensors import safe_open
-
-    with safe_open(out, framework="pt") as f:
-        meta = f.metadata()
-    assert meta["command"].startswith("python -m sdlearn.vae train --size 16 --steps 2")
-    assert meta["command"].endswith("--release") and "heldout_psnr" in meta
-
-
-RELEASED = [int(n.rsplit("-", 1)[1]) for n in pretrained.available() if n.startswith("shapes-vae-")]
-
-
-@pytest.mark.parametrize("size", RELEASED)
-def test_released_vae_meets_the_quality_bar(size):
-    from sdlearn.vae import evaluate
-
-    vae = pretrained.load("shapes-vae", size=size)
-    assert isinstance(vae, AutoencoderKL) and vae.config.latent_channels == 4
-    assert vae.downsampling_factor == 4 and vae.config.scaling_factor != 0.18215
-    scores = evaluate(vae, size, n=300)
-    assert scores["psnr"] >= 28 and scores["exact"] >= 0.98, scores
-    meta = pretrained.metadata("shapes-vae", size)
-    assert "python -m sdlearn.vae train" in meta["command"] and meta["class"] == "sdlearn.vae.AutoencoderKL"
-
-
-def test_the_32px_release_exists():
-    assert 32 in RELEASED

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from sdlearn.checks import expect_tensor, fail, is_close, max_error, passed
-from sdlearn.diffusion import NoiseSchedule, cfg, ddim_step
-from sdlearn.pipeline import TextToImage, min_snr_weight, shapes_unet_config
-from sdlearn.text import TextConfig, TextEncoder, Tokenizer
-from sdlearn.unet import UNet
+from sdlearn.diffusion import NoiseSchedule, classifier_free_guidance, ddim_step, sample
+from sdlearn.pipeline import TextConditioner, TextToImage, min_snr_weight
+from sdlearn.text import TextConfig, TextEncoder
+from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL, VAEConfig
 
 
@@ -23,11 +23,12 @@ def tiny_pipeline(prediction: str = "eps", seed: int = 0) -> TextToImage:
         vae = AutoencoderKL(VAEConfig(channels=(8, 8), layers_per_block=1, norm_groups=4, scaling_factor=0.7,
                                       shift_factor=0.1))
         text = TextEncoder(TextConfig(width=16, layers=1, heads=2))
-        unet = UNet(shapes_unet_config(4, 16, width=8, heads=2))
+        unet = UNet(UNetConfig(in_channels=4, out_channels=4, channels=(8, 16), layers_per_block=1,
+                               attention=(True, True), heads=2, context_dim=16, norm_groups=8))
         with torch.no_grad():  # perturbed so that the prompt and every layer change the output
             for p in unet.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-    return TextToImage(vae, text, Tokenizer.for_encoder(text), unet, NoiseSchedule("scaled_linear"), prediction, 16)
+    return TextToImage(TextConditioner(text), unet, NoiseSchedule("scaled_linear"), vae, prediction, 16)
 
 
 # -----------------------------------------------------------------------------
@@ -119,10 +120,11 @@ def guided_prediction(fn) -> None:
     """fn(unet, z [B,...], t [B], context [B,L,D], uncond_context [B,L,D], w) -> uncond + w (cond - uncond)."""
     name = "guided_prediction"
     pipe = tiny_pipeline()
-    unet = pipe.unet
+    unet = pipe.denoiser
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([999, 500, 20])
-    cond, uncond = pipe.encode_prompts(["a red circle", "a blue square at the top", "a cross"]), pipe.encode_prompts([""] * 3)
+    cond = pipe.encode_prompts(["a red circle", "a blue square at the top", "a cross"])["context"]
+    uncond = pipe.encode_prompts([""] * 3)["context"]
     calls = []
     hook = unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     try:
@@ -133,7 +135,7 @@ def guided_prediction(fn) -> None:
     got = expect_tensor(name, got, tuple(z.shape), what="the guided prediction")
     with torch.no_grad():
         e_c, e_u = unet(z, t, cond), unet(z, t, uncond)
-    if is_close(got, cfg(e_u, e_c, 3.0), atol=1e-5):
+    if is_close(got, classifier_free_guidance(e_u, e_c, 3.0), atol=1e-5):
         if calls != [2 * len(z)]:
             print(f"   (correct; it ran the UNet {len(calls)} times on batches of {calls}: one call on a batch of "
                   f"{2 * len(z)} (torch.cat) does the same work in one pass)")
@@ -142,7 +144,7 @@ def guided_prediction(fn) -> None:
     wrong = {
         "the guidance is the wrong way round (or the halves of your batch swapped): uncond + w * (cond - uncond), "
         "you have cond + w * (uncond - cond)":
-            cfg(e_c, e_u, 3.0),
+            classifier_free_guidance(e_c, e_u, 3.0),
         "you returned the conditional prediction alone: guidance needs uncond + w * (cond - uncond)": e_c,
         "you returned uncond + w * cond: the step is w times the *difference* cond - uncond": e_u + 3.0 * e_c,
         "you returned w * cond - uncond: it is uncond + w * (cond - uncond)": 3.0 * e_c - e_u,
@@ -150,7 +152,7 @@ def guided_prediction(fn) -> None:
     for meaning, value in wrong.items():
         if is_close(got, value, atol=1e-5):
             fail(name, meaning)
-    fail(name, f"wrong values (max error {max_error(got, cfg(e_u, e_c, 3.0)):.3g}); expected "
+    fail(name, f"wrong values (max error {max_error(got, classifier_free_guidance(e_u, e_c, 3.0)):.3g}); expected "
                f"eps_uncond + w * (eps_cond - eps_uncond) with eps = unet(z, t, context)")
 
 
@@ -173,23 +175,28 @@ def sample_loop(fn) -> None:
         return
     ts = pipe.schedule.timesteps(4).tolist()
     z0 = pipe.noise(2, 5)
+    cond, uncond = pipe.encode_prompts(prompts), pipe.encode_prompts([""])
+
+    def loop(timesteps, w):  # the reference loop, over explicit timesteps
+        return sample(pipe.denoiser, z0, pipe.schedule, timesteps, cond=cond, uncond=uncond, guidance_scale=w,
+                      prediction=pipe.prediction, progress=False)
+
     with torch.no_grad():
-        ctx, unc = pipe.encode_prompts(prompts), pipe.encode_prompts(["", ""])
-        z = pipe.denoise(z0, ctx, ts, 3.0, progress=False)
+        z = loop(ts, 3.0)
         if is_close(got, pipe.vae.decode(z).clamp(-1, 1), atol=1e-4):
             fail(name, "the latents were decoded as they are: undo the latent scaling first, "
                        "pipe.vae.from_latent(z) = decode(z / scaling_factor + shift_factor)")
-        if is_close(got, pipe.decode(pipe.denoise(z0, ctx, ts, 1.0, progress=False)), atol=1e-4):
+        if is_close(got, pipe.decode(loop(ts, 1.0)), atol=1e-4):
             fail(name, "these are the images without guidance (w = 1): use your guided_prediction with w")
-        if is_close(got, pipe.decode(pipe.denoise(z0, ctx, ts[1:], 3.0, progress=False)), atol=1e-4):
+        if is_close(got, pipe.decode(loop(ts[1:], 3.0)), atol=1e-4):
             fail(name, "one step too few: the loop must visit every timestep of schedule.timesteps(steps)")
         if got.min() < -1 - 1e-6 or got.max() > 1 + 1e-6:
             fail(name, "the images should be clamped to [-1, 1] after decoding")
-        # a loop whose step goes to the wrong previous timestep
-        z = z0
+        z = z0  # a loop whose step goes to the wrong previous timestep
         for t in ts:
-            out = cfg(*pipe.unet(torch.cat([z, z]), torch.full((4,), t), torch.cat([unc, ctx])).chunk(2), 3.0)
-            z = ddim_step(pipe.schedule, out, z, t, t - 1)
+            out = classifier_free_guidance(*pipe.denoiser(torch.cat([z, z]), torch.full((4,), t), torch.cat(
+                [uncond["context"].expand(2, -1, -1), cond["context"]])).chunk(2), 3.0)
+            z = ddim_step(pipe.schedule, out, z, t, t - 1, prediction=pipe.prediction)
         if is_close(got, pipe.decode(z), atol=1e-4):
             fail(name, "each DDIM step must jump to the *next sampling* timestep (ts[i + 1], and -1 after the last), "
                        "not to t - 1")

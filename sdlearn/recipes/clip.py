@@ -1,0 +1,126 @@
+"""The recipe of the released shapes text encoder (notebook 02): CLIP's contrastive pretraining of a text encoder
+against an image encoder on rendered shapes with their captions.
+
+    python -m sdlearn train clip --size 32 --steps 4000 --pool 30000 --threads 1 --release   # shapes-clip-32
+    python -m sdlearn eval clip                                                              # its retrieval
+
+The release is two files: shapes-clip (the text encoder every later notebook conditions on) and shapes-clip-image
+(its training partner, for measuring retrieval).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sdlearn import pretrained
+from sdlearn.course import seed_everything
+from sdlearn.data import ShapesDataset, render_pool
+from sdlearn.recipes import add_options, command, options, parser, set_threads
+from sdlearn.text import CLIP, ImageEncoder, ImageEncoderConfig, TextConfig, TextEncoder, Tokenizer, retrieval
+from sdlearn.train import History, TrainConfig, fit
+
+RELEASE = "python -m sdlearn train clip --size 32 --steps 4000 --pool 30000 --threads 1 --release"
+
+
+def unique_caption_batches(images: torch.Tensor, captions: list[str], tokenizer: Tokenizer, batch_size: int,
+                           seed: int = 0):
+    """Endless (images, tokens) batches with no caption twice in a batch.
+
+    CLIP's loss says caption i is the *only* right caption of image i; with a small vocabulary, a random
+    batch often holds two images with the same caption, and the loss would push apart a right pair.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tokens = tokenizer(captions)  # [n, L]
+    while True:
+        order, batch, seen = torch.randperm(len(captions), generator=g).tolist(), [], set()
+        for i in order:
+            if captions[i] in seen:
+                continue
+            batch.append(i)
+            seen.add(captions[i])
+            if len(batch) == batch_size:
+                yield images[batch], tokens[batch]
+                batch, seen = [], set()
+
+
+def clip_step(model: CLIP, batch) -> tuple[torch.Tensor, dict]:
+    """The default loss_fn: CLIP.loss (the reference clip_loss) on a batch of (images, tokens)."""
+    return model.loss(batch)
+
+
+def train(size: int = 32, steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, pool: int = 10000,
+          eval_n: int = 1000, seed: int = 0, text: TextConfig | None = None, image: ImageEncoderConfig | None = None,
+          loss_fn: Callable = clip_step, device: str | torch.device = "cpu",
+          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+          callback: Callable | None = None, callback_every: int = 0,
+          progress: bool = True) -> tuple[CLIP, Tokenizer, History, dict[str, float]]:
+    """Train a CLIP on `pool` rendered shapes images -> (clip, tokenizer, History, held-out retrieval of eval_n).
+
+    loss_fn(clip, (images, tokens)) -> loss or (loss, logs): CLIP.loss, or a learner's (notebook 02).
+    callback(step, clip, None) every `callback_every` steps. With checkpoint_dir, a stopped run resumes."""
+    seed_everything(seed)
+    text = text or TextConfig()
+    image = image or ImageEncoderConfig(image_size=size, embed_dim=text.pooled_dim)
+    tok = Tokenizer(context_length=text.max_positions, vocab=text.vocab)
+    clip = CLIP(TextEncoder(text), ImageEncoder(image)).to(device)
+    images, captions = render_pool(ShapesDataset(size=size, split="train", seed=seed), pool, progress)
+    batches = ((x.to(device), t.to(device)) for x, t in unique_caption_batches(images, captions, tok, batch_size, seed))
+    hist = fit(clip, loss_fn, batches,
+               TrainConfig(steps=steps, lr=lr, warmup=100, callback_every=callback_every,
+                           checkpoint_every=checkpoint_every, desc="clip"),
+               callback=callback, progress=progress, checkpoint_dir=checkpoint_dir)
+    if not eval_n:
+        return clip, tok, hist, {}
+    h_images, h_captions = render_pool(ShapesDataset(size=size, split="heldout", seed=seed), eval_n, progress)
+    return clip, tok, hist, retrieval(clip, tok, h_images, h_captions)
+
+
+HELP = {
+    "size": "image size of the image encoder",
+    "steps": "training steps",
+    "batch_size": "training batch (no caption twice in a batch)",
+    "lr": "AdamW peak learning rate (warm-up, then cosine decay)",
+    "pool": "training images rendered once and reused",
+    "eval_n": "held-out images to measure retrieval on; 0: none",
+    "seed": "seed of the weights, the data and the batches",
+    "device": "cpu, cuda, ...",
+    "checkpoint_dir": "save checkpoints here; run the same command again to resume from the latest",
+    "checkpoint_every": "steps between checkpoints (0: only at the end)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, t, e = parser("clip", __doc__)
+    add_options(t, train, HELP)
+    e.add_argument("--size", type=int, default=32)
+    e.add_argument("--n", type=int, default=1000, help="held-out images")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    if args.cmd == "eval":
+        text = pretrained.load("shapes-clip", args.size)
+        clip = CLIP(text, pretrained.load("shapes-clip-image", args.size))
+        images, captions = render_pool(ShapesDataset(size=args.size, split="heldout", length=max(args.n, 1)), args.n)
+        acc = retrieval(clip, Tokenizer.for_encoder(text), images, captions)
+        print(f"held-out top-1 retrieval among {args.n}:", {k: round(v, 3) for k, v in acc.items()},
+              f"({time.perf_counter() - start:.1f} s)")
+        print("reproduce with:", pretrained.metadata("shapes-clip", args.size)["command"])
+        return 0
+    set_threads(args)
+    clip, tok, hist, acc = train(**options(args, HELP))
+    clip = clip.cpu()
+    print(f"trained {args.steps} steps in {hist.seconds / 60:.1f} min ({(time.perf_counter() - start) / 60:.1f} min "
+          f"with rendering and evaluation); final loss {sum(hist.losses[-50:]) / len(hist.losses[-50:]):.3f}")
+    print("held-out top-1 retrieval:", {k: round(v, 3) for k, v in acc.items()})
+    if args.release or args.out:
+        extra = {f"heldout_{k}": f"{v:.4f}" for k, v in acc.items()}
+        for model, name in ((clip.text, "shapes-clip"), (clip.image, "shapes-clip-image")):
+            dest = Path(args.out).with_name(f"{name}-{args.size}.safetensors") if args.out else None
+            print("wrote", pretrained.save(model, name, args.size, command("clip", argv), dest, **extra))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

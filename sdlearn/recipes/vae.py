@@ -1,0 +1,139 @@
+"""The recipe of the released shapes VAEs (notebook 03): an AutoencoderKL trained on freshly rendered shapes images,
+then given the latent scaling factor that makes its latents unit-variance.
+
+    python -m sdlearn train vae --size 32 --steps 1200 --threads 1 --release   # shapes-vae-32 (13 min, 1 thread)
+    python -m sdlearn train vae --size 64 --steps 600 --threads 1 --release    # shapes-vae-64 (26 min)
+    python -m sdlearn eval vae --size 32                                       # its PSNR and judge scores
+"""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sdlearn import pretrained
+from sdlearn.course import seed_everything
+from sdlearn.data import ShapesDataset, render_pool
+from sdlearn.metrics import prompt_adherence
+from sdlearn.recipes import add_options, command, options, parser, set_threads
+from sdlearn.train import History, TrainConfig, fit
+from sdlearn.vae import AutoencoderKL, VAEConfig, latent_scale, psnr, reconstruct, vae_loss
+
+RELEASE = {32: "python -m sdlearn train vae --size 32 --steps 1200 --threads 1 --release",
+           64: "python -m sdlearn train vae --size 64 --steps 600 --threads 1 --release"}
+
+# the released shapes VAEs: 32 px -> 8x8x4, 64 px -> 16x16x4 latents (downsampling factor 4)
+SHAPES_CONFIG = dict(channels=(32, 64, 64), layers_per_block=1, norm_groups=8, latent_channels=4)
+
+
+def training_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, recon: str = "l2",
+                  l1_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """vae_loss on a batch (a posterior sample decoded), plus l1_weight x the per-image L1; and what to log."""
+    x_rec, post = vae(images)
+    loss = vae_loss(images, x_rec, post.mean, post.logvar, kl_weight, recon)
+    if l1_weight:
+        loss = loss + l1_weight * (x_rec - images).abs().flatten(1).sum(1).mean()
+    with torch.no_grad():
+        logs = {"mse": F.mse_loss(x_rec, images).item(), "kl": post.kl().mean().item()}
+    return loss, logs
+
+
+def shapes_images(size: int, n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """The first n images of a shapes split and their captions -> ([n,3,size,size], captions)."""
+    return render_pool(ShapesDataset(size=size, split=split, seed=seed, length=max(n, 1)), n, progress=False)
+
+
+@torch.no_grad()
+def evaluate(vae: AutoencoderKL, size: int, n: int = 500, split: str = "heldout") -> dict[str, float]:
+    """PSNR (dB, mean over images) and the judge's adherence on reconstructions of n `split` images."""
+    images, captions = shapes_images(size, n, split)
+    rec = reconstruct(vae.eval(), images)
+    return {"psnr": psnr(rec, images).mean().item(), **prompt_adherence(rec, captions)}
+
+
+def train(size: int = 32, steps: int = 1200, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-4,
+          recon: str = "l2", l1_weight: float = 0.0, seed: int = 0, config: dict | None = None,
+          loss_fn: Callable | None = None, device: str | torch.device = "cpu",
+          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, scale_images: int = 512,
+          progress: bool = True) -> tuple[AutoencoderKL, History]:
+    """Train an AutoencoderKL (config: SHAPES_CONFIG) on the shapes training split and set its latent scale.
+
+    -> (vae, History). Fresh images every step (the dataset is a pure function of the index). loss_fn(vae,
+    images [B,3,H,W]) -> loss or (loss, logs): training_loss with kl_weight, recon and l1_weight, or a learner's
+    (notebook 03). The scaling factor is 1 / std of the latents of `scale_images` other training images."""
+    seed_everything(seed)
+    fmt = torch.channels_last  # on CPU, convolutions train several times faster in NHWC
+    vae = AutoencoderKL(VAEConfig(**(config or SHAPES_CONFIG))).to(device, memory_format=fmt)
+    ds = ShapesDataset(size=size, split="train", seed=seed, length=steps * batch_size)
+    loss_fn = loss_fn or functools.partial(training_loss, kl_weight=kl_weight, recon=recon, l1_weight=l1_weight)
+
+    def batch(step):  # a pure function of the step: a resumed run sees the same images
+        x = torch.stack([ds[i][0] for i in range(step * batch_size, (step + 1) * batch_size)])  # [B,3,size,size]
+        return x.to(device, memory_format=fmt)
+
+    hist = fit(vae, loss_fn, batch,
+               TrainConfig(steps=steps, lr=lr, warmup=100, checkpoint_every=checkpoint_every, desc=f"vae {size}px"),
+               progress=progress, checkpoint_dir=checkpoint_dir)
+    vae = vae.to(memory_format=torch.contiguous_format)
+    scale, shift = latent_scale(vae, shapes_images(size, scale_images, "train", seed=seed + 1)[0])
+    vae.config.scaling_factor, vae.config.shift_factor = scale, shift
+    return vae.eval(), hist
+
+
+HELP = {
+    "size": "image size",
+    "steps": "training steps",
+    "batch_size": "training batch",
+    "lr": "AdamW peak learning rate (warm-up, then cosine decay)",
+    "kl_weight": "weight of the KL term",
+    "recon": "reconstruction loss: l2 or l1",
+    "l1_weight": "weight of an extra per-image L1 term",
+    "seed": "seed of the weights and the data",
+    "device": "cpu, cuda, ...",
+    "checkpoint_dir": "save checkpoints here; run the same command again to resume from the latest",
+    "checkpoint_every": "steps between checkpoints (0: only at the end)",
+}
+
+
+def _print_scores(what: str, scores: dict) -> None:
+    print(f"{what}: PSNR {scores['psnr']:.2f} dB, "
+          + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "psnr"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, t, e = parser("vae", __doc__)
+    add_options(t, train, HELP)
+    t.add_argument("--eval", type=int, default=1000, help="held-out images to score; 0: none")
+    e.add_argument("--size", type=int, default=32)
+    e.add_argument("--n", type=int, default=1000, help="held-out images to score")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    if args.cmd == "eval":
+        scores = evaluate(pretrained.load("shapes-vae", size=args.size), args.size, args.n)
+        _print_scores(f"shapes-vae-{args.size} on {args.n} held-out images", scores)
+        print(f"({time.perf_counter() - start:.1f} s); reproduce with:",
+              pretrained.metadata("shapes-vae", args.size)["command"])
+        return 0
+    set_threads(args)
+    vae, hist = train(**options(args, HELP))
+    vae = vae.cpu()
+    minutes = (time.perf_counter() - start) / 60
+    print(f"trained {args.steps} steps in {minutes:.1f} min ({hist.steps_per_second:.2f} steps/s, "
+          f"{torch.get_num_threads()} threads); scaling_factor {vae.config.scaling_factor:.4f}")
+    scores = evaluate(vae, args.size, args.eval) if args.eval else {}
+    if scores:
+        _print_scores(f"held-out ({args.eval} images)", scores)
+    if args.release or args.out:
+        figures = {"heldout_psnr": f"{scores['psnr']:.2f}", "heldout_exact": f"{scores['exact']:.3f}"} if scores else {}
+        dest = pretrained.save(vae, "shapes-vae", args.size, command("vae", argv), Path(args.out) if args.out else None,
+                               steps=str(args.steps), train_minutes=f"{minutes:.1f}", **figures)
+        print("wrote", dest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
