@@ -11,11 +11,14 @@ def right(detected, wanted):
 
 
 WRONG = {
-    "ignores colour": (lambda d, w: sorted((o.shape, o.position) for o in d) == sorted((o.shape, o.position) for o in w),
+    "ignores colour": (lambda d, w: sorted((o.shape, o.position) for o in d)
+                       == sorted((o.shape, o.position) for o in w),
                        "compare .color"),
-    "ignores count": (lambda d, w: all(any((x.color, x.shape, x.position) == (o.color, o.shape, o.position) for x in d) for o in w),
+    "ignores count": (lambda d, w: all(any((x.color, x.shape, x.position) == (o.color, o.shape, o.position)
+                                           for x in d) for o in w),
                       "count must match"),
-    "order matters": (lambda d, w: [(o.color, o.shape, o.position) for o in d] == [(o.color, o.shape, o.position) for o in w],
+    "order matters": (lambda d, w: [(o.color, o.shape, o.position) for o in d]
+                      == [(o.color, o.shape, o.position) for o in w],
                       "order of the objects should not matter"),
     "returns a number": (lambda d, w: int(right(d, w)), "should return a bool"),
 }

@@ -87,3 +87,21 @@ def test_sample_loop():
     for mistake, message in [("t-1", "next sampling"), ("no-guidance", "without guidance"), ("no-scale", "latent scaling")]:
         with pytest.raises(CheckFailed, match=message):
             check.sample_loop(loop_with(mistake))
+
+
+def test_a_crash_in_the_learners_code_names_the_input():
+    def crashes(pipe, prompts, steps, w, seed):
+        return pipe.noise(len(prompts), seed) @ torch.zeros(3, 3)
+
+    with pytest.raises(CheckFailed, match=r"sample_loop: raised RuntimeError on 2 prompts, 4 steps"):
+        check.sample_loop(crashes)
+    with pytest.raises(CheckFailed, match=r"guided_prediction: raised ValueError on 3 latents"):
+        check.guided_prediction(lambda unet, z, t, c, u, w: unet(z, t, c[:1]))
+
+
+def test_sample_loop_without_the_clamp_is_named():
+    def unclamped(pipe, prompts, steps, w, seed):
+        return pipe.vae.from_latent(pipe.generate(prompts, steps, w, seed=seed, output="latent", progress=False))
+
+    with pytest.raises(CheckFailed, match="clamped to \\[-1, 1\\]"):
+        check.sample_loop(unclamped)

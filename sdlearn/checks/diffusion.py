@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sdlearn.checks import expect_tensor, fail, is_close, max_error, passed
+from sdlearn.checks import call, diagnose, expect_tensor, fail, passed
 from sdlearn.diffusion import NoiseSchedule, ddim_step as _ddim_step, posterior as _posterior
 
 ATOL, RTOL = 1e-4, 1e-4
@@ -25,28 +25,7 @@ def _b(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (x.ndim - 1)))
 
 
-def _call(name: str, fn, *args, broadcast_hint: str | None = None):
-    """Call the learner's fn; a shape error becomes a hint, NotImplementedError (an unsolved exercise) passes through."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except RuntimeError as e:
-        if broadcast_hint and ("size of tensor" in str(e) or "shape" in str(e) or "broadcast" in str(e)):
-            fail(name, f"{broadcast_hint} (your function raised: {e})")
-        raise
-
-
-def _diagnose(name: str, got: torch.Tensor, expected: torch.Tensor, mistakes: list[tuple[str, torch.Tensor]],
-              where: str, what: str = "the result") -> None:
-    """Pass if got == expected; else fail with the hint of the first known mistake it matches."""
-    if is_close(got, expected, ATOL, RTOL):
-        return
-    for hint, wrong in mistakes:
-        if wrong.shape == got.shape and is_close(got, wrong, ATOL, RTOL):
-            fail(name, f"{what} is wrong {where}: {hint}")
-    fail(name, f"{what} is wrong {where} (max abs error {max_error(got, expected):.3g}); "
-               "compare each coefficient with the formula above")
+ADVICE = "compare each coefficient with the formula above"
 
 
 # -----------------------------------------------------------------------------
@@ -65,7 +44,9 @@ def add_noise(fn) -> None:
                      ((2, 1, 2, 3, 3), [4, 11])]:
         x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         t = torch.tensor(t)
-        got = _call(name, fn, s, x0.clone(), noise.clone(), t.clone(), broadcast_hint=broadcast)
+        on = f"x0 of shape {shape}, t={t.tolist()}"
+        got = call(name, fn, s, x0.clone(), noise.clone(), t.clone(), on=on,
+                   hints={"size of tensor|shape|broadcast": broadcast})
         expect_tensor(name, got, shape, "x_t")
         abar = s.alphas_cumprod
         a = _b(abar[t], x0)
@@ -89,8 +70,8 @@ def add_noise(fn) -> None:
         if shape[-1] == shape[0]:  # abar [B] broadcast against the last axis: right shape, wrong numbers
             flat = abar[t]
             mistakes.insert(0, (broadcast, flat.sqrt() * x0 + (1 - flat).sqrt() * noise))
-        expected = s.add_noise(x0, noise, t)
-        _diagnose(name, got, expected, mistakes, f"for x0 of shape {shape}, t={t.tolist()}", "x_t")
+        diagnose(name, got, s.add_noise(x0, noise, t), mistakes, on=on, atol=ATOL, rtol=RTOL, what="x_t",
+                 advice=ADVICE)
     passed(name)
 
 
@@ -102,7 +83,8 @@ def posterior_mean_variance(fn) -> None:
     shape = (3, 2, 4, 5)
     for t in [len(s) - 1, 10, 1, 0]:
         x0, x_t = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-        out = fn(s, x0.clone(), x_t.clone(), t)
+        on = f"x0, x_t of shape {shape}, t={t}"
+        out = call(name, fn, s, x0.clone(), x_t.clone(), t, on=on)
         if not isinstance(out, tuple) or len(out) != 2:
             fail(name, f"should return a tuple (mean, variance), got {type(out).__name__}")
         mean, var = out
@@ -124,7 +106,6 @@ def posterior_mean_variance(fn) -> None:
             r = (lambda v: v**0.5) if sq else (lambda v: v)
             return r(a_p) * be / (1 - a_t) * x0 + r(al) * (1 - a_p) / (1 - a_t) * x_t
 
-        at = f"at t={t}"
         zero_hint = ("at t = 0 there is no abar_{t-1} in the table: alphas_cumprod[t - 1] is alphas_cumprod[-1], "
                      "python's LAST entry. Use abar_{t-1} = 1 when t = 0")
         mean_mistakes = [
@@ -150,7 +131,7 @@ def posterior_mean_variance(fn) -> None:
                                   "t -> t-1 with abar_t = alphas_cumprod[t]",
                                   m(a_t=abar[t + 1].item(), a_p=a_t, al=alphas[t + 1].item(),
                                     be=1 - alphas[t + 1].item())))
-        _diagnose(name, mean, exp_mean, mean_mistakes, at, "the mean")
+        diagnose(name, mean, exp_mean, mean_mistakes, on=on, atol=ATOL, rtol=RTOL, what="the mean", advice=ADVICE)
 
         var_mistakes = [
             ("that is beta_t; the posterior variance is beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t", be),
@@ -161,11 +142,7 @@ def posterior_mean_variance(fn) -> None:
         if t == 0:
             var_mistakes.insert(0, ("at t = 0 the variance is 0 (abar_{t-1} = 1): alphas_cumprod[-1] is python's "
                                     "LAST entry", (1 - last) / (1 - a_t) * be))
-        if not abs(var.item() - exp_var) <= ATOL + RTOL * abs(exp_var):
-            for hint, wrong in var_mistakes:
-                if abs(var.item() - wrong) <= ATOL + RTOL * abs(wrong):
-                    fail(name, f"the variance is wrong at t={t}: {hint}")
-            fail(name, f"the variance is wrong at t={t}: got {var.item():.6g}, expected {exp_var:.6g}")
+        diagnose(name, var, exp_var, var_mistakes, on=f"t={t}", atol=ATOL, rtol=RTOL, what="the variance")
     passed(name)
 
 
@@ -179,7 +156,9 @@ def ddim_step(fn) -> None:
     for t, t_prev, eta in [(19, 14, 0.0), (9, 4, 0.0), (4, -1, 0.0), (10, 9, 0.0), (14, 9, 0.7), (9, 4, 1.0),
                            (4, -1, 0.5)]:
         eps, x_t, noise = (torch.randn(shape, generator=g) for _ in range(3))
-        got = fn(s, eps.clone(), x_t.clone(), t, t_prev, eta, noise.clone() if eta > 0 else None)
+        where = f"t={t} -> t_prev={t_prev}, eta={eta}"
+        got = call(name, fn, s, eps.clone(), x_t.clone(), t, t_prev, eta, noise.clone() if eta > 0 else None,
+                   on=f"eps, x_t of shape {shape}, {where}")
         expect_tensor(name, got, shape, "x_prev")
         expected = _ddim_step(s, eps, x_t, t, t_prev, eta=eta, noise=noise)
 
@@ -192,15 +171,16 @@ def ddim_step(fn) -> None:
             return r(a_p) * x0 + r(d) * eps + sigma * z
 
         a_t, a_p = abar[t].item(), (abar[t_prev].item() if t_prev >= 0 else 1.0)
-        where = f"for t={t} -> t_prev={t_prev}, eta={eta}"
         mistakes = [
             ("at t_prev = -1 (the last step) abar_prev = 1: alphas_cumprod[-1] is python's LAST entry, not abar_{-1}",
              step(a_t, abar[-1].item())),
             ("the step goes to t_prev, not t - 1: abar_prev = alphas_cumprod[t_prev]",
              step(a_t, abar[t - 1].item())),
-            ("forgot the square roots: sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps", step(a_t, a_p, sq=False)),
+            ("forgot the square roots: sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps",
+             step(a_t, a_p, sq=False)),
             ("forgot the square roots: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), "
-             "x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps", step(a_t, a_p, sq=False, sq_x0=False)),
+             "x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps",
+             step(a_t, a_p, sq=False, sq_x0=False)),
             ("x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the division needs the square root",
              step(a_t, a_p, x0_sqrt=False)),
             ("used alpha (one step, schedule.alphas) where DDIM needs abar = schedule.alphas_cumprod",
@@ -215,5 +195,5 @@ def ddim_step(fn) -> None:
                 ("sigma is multiplied by eta (eta = 1 is DDPM's posterior std, eta = 0 no noise)",
                  step(a_t, a_p, eta=1.0) if eta != 1.0 else step(a_t, a_p, eta=0.0)),
             ]
-        _diagnose(name, got, expected, mistakes, where, "x_prev")
+        diagnose(name, got, expected, mistakes, on=where, atol=ATOL, rtol=RTOL, what="x_prev", advice=ADVICE)
     passed(name)

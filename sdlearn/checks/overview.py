@@ -1,7 +1,7 @@
 """Checkers for 00_overview."""
 from __future__ import annotations
 
-from sdlearn.checks import fail, passed
+from sdlearn.checks import call, fail, passed
 from sdlearn.data import ShapeObject
 from sdlearn.metrics import DetectedObject
 
@@ -30,10 +30,11 @@ def exact_match(fn) -> None:
          "each wanted object needs its own detection: don't match one detection twice"),
     ]
     for detected, wanted, expected, meaning in cases:
-        got = fn(detected, wanted)
+        on = (f"detected={[(d.color, d.shape, d.position) for d in detected]}, "
+              f"wanted={[(w.color, w.shape, w.position) for w in wanted]}")
+        got = call(name, fn, detected, wanted, on=on)
         if not isinstance(got, bool):
             fail(name, f"should return a bool (True/False), got {type(got).__name__}")
         if got != expected:
-            fail(name, f"returned {got} for detected={[(d.color, d.shape, d.position) for d in detected]}, "
-                       f"wanted={[(w.color, w.shape, w.position) for w in wanted]}: {meaning}")
+            fail(name, f"returned {got} for {on}: {meaning}")
     passed(name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sdlearn.checks import expect_tensor, fail, is_close, max_error, passed
+from sdlearn.checks import call, diagnose, expect_tensor, fail, passed
 from sdlearn.diffusion import NoiseSchedule, classifier_free_guidance, ddim_step, sample
 from sdlearn.pipeline import TextConditioner, TextToImage, min_snr_weight
 from sdlearn.text import TextConfig, TextEncoder
@@ -44,6 +44,7 @@ def latent_loss(fn) -> None:
     z0, ctx = torch.randn(512, 4, 2, 2, generator=g), torch.randn(512, 3, 8, generator=g) + 2.0
     uncond = torch.zeros(1, 3, 8)
     seen = {}
+    on = "512 latents [512, 4, 2, 2] with text states [512, 3, 8]"
 
     def oracle(prediction, offset=0.0):  # a perfect model (+ offset): it knows z0, so it recovers the noise from z_t
         def model(z_t, t, context):
@@ -57,11 +58,11 @@ def latent_loss(fn) -> None:
         return model
 
     for prediction in ("eps", "v"):
-        loss = fn(oracle(prediction), sched, z0, ctx, uncond, 0.1, prediction, None)
+        loss = call(name, fn, oracle(prediction), sched, z0, ctx, uncond, 0.1, prediction, None, on=on)
         expect_tensor(name, loss, (), what="the loss")
         if loss.item() > 1e-6:
             other = "v" if prediction == "eps" else "eps"
-            if fn(oracle(other), sched, z0, ctx, uncond, 0.1, prediction, None).item() < 1e-6:
+            if call(name, fn, oracle(other), sched, z0, ctx, uncond, 0.1, prediction, None, on=on).item() < 1e-6:
                 fail(name, f"with prediction={prediction!r} the target must be {prediction} "
                            f"(schedule.target(prediction, z0, noise, t)); yours is {other}")
             fail(name, f"a perfect {prediction}-predictor should have loss 0, yours gets {loss.item():.4g}: noise z0 "
@@ -72,19 +73,20 @@ def latent_loss(fn) -> None:
         if t.min() > 100 or t.max() < len(sched) - 100:
             fail(name, f"t must be drawn uniformly from all {len(sched)} timesteps; 512 draws ranged only "
                        f"{t.min().item()}..{t.max().item()}")
-    zero = fn(lambda z, t, c: torch.zeros_like(z), sched, z0, ctx, uncond, 0.1, "eps", None)
+    zero = call(name, fn, lambda z, t, c: torch.zeros_like(z), sched, z0, ctx, uncond, 0.1, "eps", None, on=on)
     if not 0.8 < zero.item() < 1.2:
         fail(name, f"predicting 0 should give an MSE near E[eps^2] = 1, got {zero.item():.3g}: is it the mean "
                    f"squared error over every element (F.mse_loss)?")
     for p, lo, hi in [(0.0, 0.0, 0.0), (0.1, 0.03, 0.2), (1.0, 1.0, 1.0)]:
-        fn(oracle("eps"), sched, z0, ctx, uncond, p, "eps", None)
+        call(name, fn, oracle("eps"), sched, z0, ctx, uncond, p, "eps", None, on=on)
         dropped = (seen["context"] == 0).flatten(1).all(1).float().mean().item()
         if not lo <= dropped <= hi:
             fail(name, f"with p_uncond={p} a fraction {p} of the captions should be replaced by uncond_context, "
                        f"{dropped:.2f} were" + (" (is the comparison the wrong way round?)" if dropped > 0.5 > p else ""))
     # every element off by 0.5: the loss is 0.25 x the mean weight of the timesteps drawn
     for prediction, gamma in [("v", None), ("v", 5.0), ("eps", 5.0), ("v", 1.0)]:
-        loss = fn(oracle(prediction, 0.5), sched, z0, ctx, uncond, 0.1, prediction, gamma).item()
+        loss = call(name, fn, oracle(prediction, 0.5), sched, z0, ctx, uncond, 0.1, prediction, gamma, on=on)
+        loss = loss.item()
         t = seen["t"].long()
         snr = sched.snr(t).float()
         weights = {"none": torch.ones_like(snr), "right": min_snr_weight(sched, t, prediction, gamma or 1.0),
@@ -127,33 +129,27 @@ def guided_prediction(fn) -> None:
     uncond = pipe.encode_prompts([""] * 3)["context"]
     calls = []
     hook = unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    on = "3 latents [3, 4, 8, 8] with w = 3"
     try:
         with torch.no_grad():
-            got = fn(unet, z, t, cond, uncond, 3.0)
+            got = call(name, fn, unet, z, t, cond, uncond, 3.0, on=on)
     finally:
         hook.remove()
     got = expect_tensor(name, got, tuple(z.shape), what="the guided prediction")
     with torch.no_grad():
         e_c, e_u = unet(z, t, cond), unet(z, t, uncond)
-    if is_close(got, classifier_free_guidance(e_u, e_c, 3.0), atol=1e-5):
-        if calls != [2 * len(z)]:
-            print(f"   (correct; it ran the UNet {len(calls)} times on batches of {calls}: one call on a batch of "
-                  f"{2 * len(z)} (torch.cat) does the same work in one pass)")
-        passed(name)
-        return
-    wrong = {
+    diagnose(name, got, classifier_free_guidance(e_u, e_c, 3.0), {
         "the guidance is the wrong way round (or the halves of your batch swapped): uncond + w * (cond - uncond), "
-        "you have cond + w * (uncond - cond)":
-            classifier_free_guidance(e_c, e_u, 3.0),
+        "you have cond + w * (uncond - cond)": classifier_free_guidance(e_c, e_u, 3.0),
         "you returned the conditional prediction alone: guidance needs uncond + w * (cond - uncond)": e_c,
         "you returned uncond + w * cond: the step is w times the *difference* cond - uncond": e_u + 3.0 * e_c,
         "you returned w * cond - uncond: it is uncond + w * (cond - uncond)": 3.0 * e_c - e_u,
-    }
-    for meaning, value in wrong.items():
-        if is_close(got, value, atol=1e-5):
-            fail(name, meaning)
-    fail(name, f"wrong values (max error {max_error(got, classifier_free_guidance(e_u, e_c, 3.0)):.3g}); expected "
-               f"eps_uncond + w * (eps_cond - eps_uncond) with eps = unet(z, t, context)")
+    }, on=on, what="the guided prediction",
+        advice="Expected eps_uncond + w * (eps_cond - eps_uncond) with eps = unet(z, t, context)")
+    if calls != [2 * len(z)]:
+        print(f"   (correct; it ran the UNet {len(calls)} times on batches of {calls}: one call on a batch of "
+              f"{2 * len(z)} (torch.cat) does the same work in one pass)")
+    passed(name)
 
 
 # -----------------------------------------------------------------------------
@@ -165,41 +161,42 @@ def sample_loop(fn) -> None:
     name = "sample_loop"
     pipe = tiny_pipeline()
     prompts = ["a red circle on the left", "a blue square at the top"]
+    on = "2 prompts, 4 steps, w = 3, seed 5"
     with torch.no_grad():
-        got = fn(pipe, prompts, 4, 3.0, 5)
-    shape = (2, 3, pipe.image_size, pipe.image_size)
-    got = expect_tensor(name, got, shape, what="the images")
-    expected = pipe.generate(prompts, 4, 3.0, seed=5, progress=False)
-    if is_close(got, expected, atol=1e-4):
-        passed(name)
-        return
+        got = call(name, fn, pipe, prompts, 4, 3.0, 5, on=on)
+    got = expect_tensor(name, got, (2, 3, pipe.image_size, pipe.image_size), what="the images")
     ts = pipe.schedule.timesteps(4).tolist()
     z0 = pipe.noise(2, 5)
     cond, uncond = pipe.encode_prompts(prompts), pipe.encode_prompts([""])
 
+    @torch.no_grad()
     def loop(timesteps, w):  # the reference loop, over explicit timesteps
         return sample(pipe.denoiser, z0, pipe.schedule, timesteps, cond=cond, uncond=uncond, guidance_scale=w,
                       prediction=pipe.prediction, progress=False)
 
-    with torch.no_grad():
-        z = loop(ts, 3.0)
-        if is_close(got, pipe.vae.decode(z).clamp(-1, 1), atol=1e-4):
-            fail(name, "the latents were decoded as they are: undo the latent scaling first, "
-                       "pipe.vae.from_latent(z) = decode(z / scaling_factor + shift_factor)")
-        if is_close(got, pipe.decode(loop(ts, 1.0)), atol=1e-4):
-            fail(name, "these are the images without guidance (w = 1): use your guided_prediction with w")
-        if is_close(got, pipe.decode(loop(ts[1:], 3.0)), atol=1e-4):
-            fail(name, "one step too few: the loop must visit every timestep of schedule.timesteps(steps)")
-        if got.min() < -1 - 1e-6 or got.max() > 1 + 1e-6:
-            fail(name, "the images should be clamped to [-1, 1] after decoding")
-        z = z0  # a loop whose step goes to the wrong previous timestep
+    @torch.no_grad()
+    def to_t_minus_one():  # a loop whose every step goes to t - 1
+        z = z0
         for t in ts:
-            out = classifier_free_guidance(*pipe.denoiser(torch.cat([z, z]), torch.full((4,), t), torch.cat(
-                [uncond["context"].expand(2, -1, -1), cond["context"]])).chunk(2), 3.0)
+            both = torch.cat([uncond["context"].expand(2, -1, -1), cond["context"]])
+            out = classifier_free_guidance(*pipe.denoiser(torch.cat([z, z]), torch.full((4,), t), both).chunk(2), 3.0)
             z = ddim_step(pipe.schedule, out, z, t, t - 1, prediction=pipe.prediction)
-        if is_close(got, pipe.decode(z), atol=1e-4):
-            fail(name, "each DDIM step must jump to the *next sampling* timestep (ts[i + 1], and -1 after the last), "
-                       "not to t - 1")
-    fail(name, f"your images differ from pipe.generate(prompts, steps, w, seed) (max error "
-               f"{max_error(got, expected):.3g}): start from pipe.noise(len(prompts), seed), step through "
-               f"schedule.timesteps(steps) with ddim_step, then pipe.decode")
+        return pipe.decode(z)
+
+    def mistakes():  # computed one at a time, only as far as needed
+        z = loop(ts, 3.0)
+        yield ("the latents were decoded as they are: undo the latent scaling first, "
+               "pipe.vae.from_latent(z) = decode(z / scaling_factor + shift_factor)"), pipe.vae.decode(z).clamp(-1, 1)
+        yield "the images should be clamped to [-1, 1] after decoding", pipe.vae.from_latent(z)
+        yield "these are the images without guidance (w = 1): use your guided_prediction with w", \
+            pipe.decode(loop(ts, 1.0))
+        yield "one step too few: the loop must visit every timestep of schedule.timesteps(steps)", \
+            pipe.decode(loop(ts[1:], 3.0))
+        yield ("each DDIM step must jump to the *next sampling* timestep (ts[i + 1], and -1 after the last), "
+               "not to t - 1"), to_t_minus_one()
+
+    expected = pipe.generate(prompts, 4, 3.0, seed=5, progress=False)
+    diagnose(name, got, expected, mistakes(), on=on, atol=1e-4, what="the images",
+             advice="Start from pipe.noise(len(prompts), seed), step through schedule.timesteps(steps) with "
+                    "ddim_step, then pipe.decode")
+    passed(name)

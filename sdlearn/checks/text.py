@@ -7,36 +7,12 @@ direction only, logits without the temperature, ...
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from sdlearn.checks import expect_tensor, fail, is_close, max_error, passed
-
-
-def _call(name: str, fn, *args, when: str = ""):
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as e:  # the learner's code crashed: say on what input
-        fail(name, f"raised {type(e).__name__}: {e}{when}")
-
-
-def _diagnose(name: str, got: torch.Tensor, compute, axes: list[tuple], hints: list[dict]) -> None:
-    """Name the mistakes of the first variant (fewest mistakes first) that reproduces `got`; else a bare mismatch.
-
-    axes: per aspect, the right choice first, then the wrong ones; compute(*choices) -> the answer they give.
-    """
-    right = tuple(a[0] for a in axes)
-    ranked = sorted(itertools.product(*axes), key=lambda v: sum(a != b for a, b in zip(v, right)))
-    for v in ranked[1:]:
-        if is_close(got, compute(*v)):
-            fail(name, "; ".join(hints[i][x] for i, (x, r) in enumerate(zip(v, right)) if x != r))
-    fail(name, f"differs from the reference by up to {max_error(got, compute(*right)):.3g} "
-               f"(and matches none of the usual mistakes)")
+from sdlearn.checks import call, diagnose, diagnose_combinations, expect_tensor, fail, passed
 
 
 # -----------------------------------------------------------------------------
@@ -73,20 +49,21 @@ def cross_attention(fn) -> None:
     # 1. x and context of the same width and length: every wrong wiring runs, and we can tell which it was
     B, N, C, d, dv = 2, 5, 6, 4, 3
     x, ctx, wq, wk, wv = r(B, N, C), r(B, N, C), r(C, d), r(C, d), r(C, dv)
-    got = expect_tensor(name, _call(name, fn, x, ctx, wq, wk, wv), (B, N, dv), "the output [B, N, dv]")
-    axes = [("x", "q_ctx"), ("ctx", "k_x"), ("ctx", "v_x"), ("sqrt_d", "none", "d", "sqrt_C"), ("keys", "queries", "none")]
-    if not is_close(got, _xattn(x, ctx, wq, wk, wv)):
-        _diagnose(name, got, lambda *v: _xattn(x, ctx, wq, wk, wv, *v), axes, _XATTN_HINTS)
+    on = f"x and a context of the same shape [{B}, {N}, {C}]"
+    got = expect_tensor(name, call(name, fn, x, ctx, wq, wk, wv, on=on), (B, N, dv), "the output [B, N, dv]")
+    axes = [("x", "q_ctx"), ("ctx", "k_x"), ("ctx", "v_x"), ("sqrt_d", "none", "d", "sqrt_C"),
+            ("keys", "queries", "none")]
+    diagnose_combinations(name, got, lambda *v: _xattn(x, ctx, wq, wk, wv, *v), axes, _XATTN_HINTS, on=on,
+                          what="the output")
     # 2. the real case: a context of another length (M tokens) and width (Cc) than x
     N, M, C, Cc = 7, 4, 6, 10
     x, ctx, wq, wk, wv = r(B, N, C), r(B, M, Cc), r(C, d), r(Cc, d), r(Cc, dv)
-    got = _call(name, fn, x, ctx, wq, wk, wv, when=(
-        f" with x [{B}, {N}, {C}] and a context of another length and width [{B}, {M}, {Cc}]: queries come from "
-        f"x, keys and values from the context, and the weights are [B, N, M]"))
+    on = f"x [{B}, {N}, {C}] and a context of another length and width [{B}, {M}, {Cc}]"
+    got = call(name, fn, x, ctx, wq, wk, wv, on=on, hints={"": "queries come from x, keys and values from the "
+                                                                "context, and the weights are [B, N, M]"})
     expect_tensor(name, got, (B, N, dv), f"the output for x [{B},{N},{C}], context [{B},{M},{Cc}]")
-    if not is_close(got, _xattn(x, ctx, wq, wk, wv)):
-        fail(name, f"right when x and context have the same shape, wrong (by {max_error(got, _xattn(x, ctx, wq, wk, wv)):.3g}) "
-                   f"when the context has another length or width: is something hard-coded?")
+    diagnose(name, got, _xattn(x, ctx, wq, wk, wv), on=on, what="the output",
+             advice="It was right when x and the context had the same shape: is something hard-coded?")
     passed(name)
 
 
@@ -113,7 +90,7 @@ def causal_mask(fn) -> None:
                  "nothing is masked: every token sees the whole prompt, future included"),
     }
     for n in (4, 7, 1):  # 4 first: for n=1 several mistakes look alike
-        got = _call(name, fn, n, when=f" for n={n}")
+        got = call(name, fn, n, on=f"n={n}")
         expect_tensor(name, got, (n, n), f"the mask for n={n}")
         expected = torch.ones(n, n, dtype=torch.bool).tril()
         if got.dtype != torch.bool:
@@ -125,12 +102,9 @@ def causal_mask(fn) -> None:
                 fail(name, "that is the additive form (0 / -inf), also valid in torch, but this exercise asks for "
                            "the bool mask: True where query i may attend to key j")
             fail(name, f"should be a bool tensor (True = may attend), got dtype {got.dtype}")
-        if torch.equal(got.cpu(), expected):
-            continue
-        for make, meaning in wrong.values():
-            if torch.equal(got.cpu(), make(n)):
-                fail(name, f"{meaning}. For n={n} expected\n{expected.int()}\ngot\n{got.int()}")
-        fail(name, f"for n={n} expected (1 = may attend)\n{expected.int()}\ngot\n{got.int()}")
+        shown = f"For n={n} expected (1 = may attend)\n{expected.int()}\ngot\n{got.int()}"
+        diagnose(name, got, expected, [(f"{meaning}. {shown}", make(n)) for make, meaning in wrong.values()],
+                 on=f"n={n}", what="the mask", atol=0, rtol=0, advice=shown)
     passed(name)
 
 
@@ -158,7 +132,8 @@ def _clip(img, txt, s, norm="dim1", scale="exp", direction="mean", labels="arang
     cos = img @ txt.T  # [B, B]
     logits = {"exp": cos * s.exp(), "none": cos, "raw": cos * s, "divide": cos / s.exp()}[scale]
     B = len(logits)
-    y = {"arange": torch.arange(B), "zeros": torch.zeros(B, dtype=torch.long), "reversed": torch.arange(B).flip(0)}[labels]
+    y = {"arange": torch.arange(B), "zeros": torch.zeros(B, dtype=torch.long),
+         "reversed": torch.arange(B).flip(0)}[labels]
     a, b = F.cross_entropy(logits, y), F.cross_entropy(logits.T, y)
     return {"mean": (a + b) / 2, "i2t": a, "t2i": b, "sum": a + b}[direction]
 
@@ -168,11 +143,11 @@ def clip_loss(fn) -> None:
     name = "clip_loss"
     g = torch.Generator().manual_seed(0)
     B, P = 6, 5
-    img = torch.randn(B, P, generator=g, dtype=torch.float64) * torch.rand(B, 1, generator=g, dtype=torch.float64).add(0.5) * 3
-    txt = torch.randn(B, P, generator=g, dtype=torch.float64) * torch.rand(B, 1, generator=g, dtype=torch.float64).add(0.5) * 3
+    img, txt = (torch.randn(B, P, generator=g, dtype=torch.float64)
+                * torch.rand(B, 1, generator=g, dtype=torch.float64).add(0.5) * 3 for _ in range(2))
     txt = txt + 0.8 * img  # pairs somewhat aligned, as during training
     scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-    got = _call(name, fn, img.clone(), txt.clone(), scale)
+    got = call(name, fn, img.clone(), txt.clone(), scale, on=f"image and text embeddings [{B}, {P}]")
     expect_tensor(name, got, None, "the loss")
     if got.numel() != 1:
         fail(name, f"should be one number (a 0-dim tensor), got shape {tuple(got.shape)}: average over the batch")
@@ -180,8 +155,7 @@ def clip_loss(fn) -> None:
     axes = [("dim1", "none", "dim0"), ("exp", "none", "raw", "divide"), ("mean", "i2t", "t2i", "sum"),
             ("arange", "zeros", "reversed")]
     with torch.no_grad():
-        if not is_close(got, _clip(img, txt, scale)):
-            _diagnose(name, got, lambda *v: _clip(img, txt, scale, *v), axes, _CLIP_HINTS)
+        diagnose_combinations(name, got, lambda *v: _clip(img, txt, scale, *v), axes, _CLIP_HINTS, what="the loss")
     if not got.requires_grad:
         fail(name, "the right value, but not differentiable in logit_scale: keep it a tensor "
                    "(logit_scale.exp(), not math.exp(logit_scale.item())), so the temperature is learned")

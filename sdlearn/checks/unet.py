@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sdlearn.checks import expect_tensor, fail, is_close, max_error, passed
+from sdlearn.checks import CheckFailed, call, diagnose, expect_tensor, fail, is_close, passed
 from sdlearn.unet import ResBlock, UNet, UNetConfig, timestep_embedding as _reference_embedding
 
 
@@ -33,7 +33,8 @@ def _embedding_variants(t: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
             cat(right, torch.sin, torch.cos),
         "cos and sin are interleaved (cos f0, sin f0, cos f1, ...): concatenate the two halves instead":
             torch.stack([torch.cos(t * right), torch.sin(t * right)], -1).flatten(1),
-        "the frequencies are wrong: exponent -log(10000) * i / (half - 1) (diffusers' freq_shift=1); SD divides by half":
+        "the frequencies are wrong: exponent -log(10000) * i / (half - 1) (diffusers' freq_shift=1); "
+        "SD divides by half":
             cat(torch.exp(-math.log(10000) * i / (half - 1))),
         "the frequencies are wrong: divide the exponent by half = dim // 2, not by dim":
             cat(torch.exp(-math.log(10000) * i / dim)),
@@ -50,20 +51,18 @@ def timestep_embedding(fn) -> None:
     """fn(t [B], dim) -> [B, dim]: cos(t f_i) for i < dim/2, then sin(t f_i); f_i = 10000^(-i / (dim/2))."""
     name = "timestep_embedding"
     for t, dim in [(torch.tensor([0, 1, 10, 250, 999]), 32), (torch.tensor([0.5, 3.0, 500.0]), 16)]:
-        got = fn(t.clone(), dim)
-        got = expect_tensor(name, got, (len(t), dim), what=f"timestep_embedding(t of shape {tuple(t.shape)}, dim={dim})")
+        on = f"t={t.tolist()}, dim={dim}"
+        got = call(name, fn, t.clone(), dim, on=on)
+        got = expect_tensor(name, got, (len(t), dim),
+                            what=f"timestep_embedding(t of shape {tuple(t.shape)}, dim={dim})")
         expected = _reference_embedding(t, dim)
-        if is_close(got, expected, atol=1e-4):
-            continue
-        for meaning, wrong in _embedding_variants(t, dim).items():
-            if is_close(got, wrong, atol=1e-4):
-                fail(name, meaning)
         row0 = got[t == 0]
+        advice = "expected cos(t f_i) then sin(t f_i) with f_i = exp(-ln(10000) i / (dim // 2))"
         if len(row0) and not is_close(row0[0], expected[0], atol=1e-4):
-            fail(name, f"at t=0 the embedding should be 1 (cos 0) in the first half and 0 (sin 0) in the second, "
-                       f"got {row0[0][:4].tolist()}... / {row0[0][dim // 2:dim // 2 + 4].tolist()}...")
-        fail(name, f"wrong values for dim={dim} (max error {max_error(got, expected):.3g}); "
-                   f"expected cos(t f_i) then sin(t f_i) with f_i = exp(-ln(10000) i / (dim // 2))")
+            advice = (f"at t=0 the embedding should be 1 (cos 0) in the first half and 0 (sin 0) in the second, "
+                      f"got {row0[0][:4].tolist()}... / {row0[0][dim // 2:dim // 2 + 4].tolist()}...")
+        diagnose(name, got, expected, _embedding_variants(t, dim), on=on, atol=1e-4, what="the embedding",
+                 advice=advice)
     passed(name)
 
 
@@ -99,25 +98,16 @@ def resblock_forward(fn) -> None:
             for p in block.parameters():
                 p.add_(0.3 * torch.randn_like(p))
         x, emb = torch.randn(2, cin, 6, 6), torch.randn(2, 24)
+        on = f"x [2, {cin}, 6, 6], emb [2, 24], Cin={cin}, Cout={cout}"
         with torch.no_grad():
-            try:
-                got = fn(block, x, emb)
-            except RuntimeError as e:
-                msg = str(e)
-                if "must match the size" in msg or "size of tensor" in msg:
-                    fail(name, f"shapes do not line up ({msg.splitlines()[0]}): the time embedding is [B,Cout]; "
-                               f"give it two trailing axes, [:, :, None, None], to add it to every pixel; and the "
-                               f"skip needs block.skip(x) (a 1x1 conv) when Cin != Cout")
-                raise
+            got = call(name, fn, block, x, emb, on=on, hints={"must match the size|size of tensor": (
+                "shapes do not line up: the time embedding is [B,Cout]; give it two trailing axes, [:, :, None, None], "
+                "to add it to every pixel; and the skip needs block.skip(x) (a 1x1 conv) when Cin != Cout")})
             expected = block(x, emb)
             got = expect_tensor(name, got, tuple(expected.shape), what=f"the output for Cin={cin}, Cout={cout}")
-            if is_close(got, expected, atol=1e-4):
-                continue
-            for meaning, wrong in _resblock_variants(block, x, emb).items():
-                if is_close(got, wrong, atol=1e-4):
-                    fail(name, meaning)
-        fail(name, f"wrong values for Cin={cin}, Cout={cout} (max error {max_error(got, expected):.3g}); expected "
-                   f"skip(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + time_proj(silu(emb))))))")
+            diagnose(name, got, expected, _resblock_variants(block, x, emb), on=on, atol=1e-4, what="the output",
+                     advice="expected skip(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) "
+                            "+ time_proj(silu(emb))))))")
     passed(name)
 
 
@@ -151,6 +141,13 @@ def tiny_unet(seed: int = 0) -> UNet:
         for p in unet.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return unet
+
+
+def _skip_order(name: str, stack: _Stack) -> None:
+    """Fail if the skips were popped from the wrong end."""
+    if stack.pops and stack.pops[0] == 0:
+        fail(name, "skips popped in the wrong order: the up path needs the most recent skip first "
+                   "(a stack, last in first out): skips.pop(), not skips.pop(0)")
 
 
 def _up_path_variants(unet: UNet, h, skips, emb, context) -> dict[str, torch.Tensor]:
@@ -192,34 +189,26 @@ def up_path(fn) -> None:
         h = unet.mid(h, emb, context)
         expected = unet.up_path(h, list(skips), emb, context)
         stack = _Stack(skips)
+        on = f"x [2, 3, 8, 8] through the tiny UNet's down path and mid block ({len(skips)} skips)"
         try:
-            got = fn(unet, h, stack, emb, context)
-        except RuntimeError as e:
+            got = call(name, fn, unet, h, stack, emb, context, on=on, hints={"Sizes of tensors must match|size": (
+                "shapes do not line up: pop the skip (skips.pop()) and concatenate it to h along channels before "
+                "each ResBlock, and upsample only after the level's ResBlocks")})
+        except CheckFailed:  # a crash: name the skip bookkeeping that caused it, if it is one
             if stack.reads and not stack.pops:
                 fail(name, "skips read with skips[-1] but never removed, so every ResBlock gets the same skip and "
                            "the rest are left unused: take each one with skips.pop()")
-            if stack.pops and stack.pops[0] == 0:
-                fail(name, "skips popped in the wrong order: the up path needs the most recent skip first "
-                           "(a stack, last in first out): skips.pop(), not skips.pop(0)")
-            if "Sizes of tensors must match" in str(e) or "size" in str(e):
-                fail(name, f"shapes do not line up ({str(e).splitlines()[0]}): pop the skip (skips.pop()) and "
-                           f"concatenate it to h along channels before each ResBlock, and upsample only after "
-                           f"the level's ResBlocks")
+            _skip_order(name, stack)
             raise
-        if stack.pops and stack.pops[0] == 0:
-            fail(name, "skips popped in the wrong order: the up path needs the most recent skip first "
-                       "(a stack, last in first out): skips.pop(), not skips.pop(0)")
+        _skip_order(name, stack)
         got = expect_tensor(name, got, tuple(expected.shape), what="the up path's output")
         if len(stack):
             fail(name, f"{len(stack)} skip(s) left unused: every ResBlock of the up path takes one with skips.pop() "
                        f"(the up path has one more ResBlock per level than the down path)"
                  + (" - indexing skips[-1] reads a skip without removing it" if stack.reads else ""))
-        if is_close(got, expected, atol=1e-4):
-            passed(name)
-            return
-        for meaning, wrong in _up_path_variants(unet, h, skips, emb, context).items():
-            if is_close(got, wrong, atol=1e-4):
-                fail(name, meaning)
-    fail(name, f"wrong values (max error {max_error(got, expected):.3g}): for each level in unet.up, for each ResBlock "
-               f"j: h = resnet(cat([h, skips.pop()], 1), emb), then level.attentions[j](h, context) if any; after "
-               f"the ResBlocks, level.resample(h) if it is not None")
+        diagnose(name, got, expected, _up_path_variants(unet, h, skips, emb, context), on=on, atol=1e-4,
+                 what="the up path's output",
+                 advice="for each level in unet.up, for each ResBlock j: h = resnet(cat([h, skips.pop()], 1), emb), "
+                        "then level.attentions[j](h, context) if any; after the ResBlocks, level.resample(h) if it "
+                        "is not None")
+    passed(name)
