@@ -1,15 +1,12 @@
 """sdlearn.unet: published parameter counts, parity with diffusers' UNet2DConditionModel, bad input, checkers."""
+import dataclasses
 import json
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sdlearn import convert, presets, pretrained
-from sdlearn.checks import CheckFailed
-from sdlearn.checks import unet as check
-from sdlearn.unet import ResBlock, UNet, UNetConfig, timestep_embedding
+from sdlearn.unet import UNet, UNetConfig, timestep_embedding
 
 
 @pytest.mark.parametrize("name", ["sd15-unet", "sd21base-unet", "sdxl-unet", "sdxl-refiner-unet"])
@@ -95,6 +92,49 @@ def test_from_diffusers_gives_the_same_outputs(name):
     assert (a - b).abs().max().item() < 1e-4
     back = convert.to_diffusers(ours)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in theirs.state_dict().items())
+
+
+def _diffusers_sdxl_like(pooled_dim):
+    """A tiny randomised diffusers UNet with SDXL's text_time conditioning and pooled text of width pooled_dim."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = dataclasses.replace(TINY["xl-text-time"], pooled_dim=pooled_dim)
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel(**convert.unet.config_to_diffusers(cfg)).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return cfg, theirs
+
+
+def test_from_diffusers_forwards_pooled_dim_and_gives_the_same_outputs():
+    cfg, theirs = _diffusers_sdxl_like(pooled_dim=24)  # not SDXL's 1280: only pooled_dim tells the two apart
+    ours = convert.from_diffusers(theirs, pooled_dim=24)
+    assert (ours.config.pooled_dim, ours.config.num_time_ids) == (24, cfg.num_time_ids)
+    x, t, ctx, kw, theirs_kw = _inputs(cfg, seed=3)
+    with torch.no_grad():
+        a = ours(x, t, ctx, **kw)
+        b = theirs(x, t, ctx, **theirs_kw).sample
+    err = (a - b).abs().max().item()
+    print(f"SDXL-like UNet, pooled_dim=24, from_diffusers fp32: max abs error {err:.2e}")
+    assert err <= 1e-5, err
+
+
+def test_from_diffusers_without_the_needed_pooled_dim_names_the_call_that_works():
+    _, theirs = _diffusers_sdxl_like(pooled_dim=24)
+    with pytest.raises(ValueError, match=r"call sdlearn\.convert\.from_diffusers\(unet, "
+                                         r"pooled_dim=<the pooled text width>\)"):
+        convert.from_diffusers(theirs)
+    sd15_like = convert.to_diffusers(UNet(TINY["sd1-conv-heads"]))
+    with pytest.raises(ValueError, match="pooled_dim=24 is for a UNet with SDXL's text_time conditioning"):
+        convert.from_diffusers(sd15_like, pooled_dim=24)
+
+
+def test_from_diffusers_rejects_an_option_the_unet_converter_lacks():
+    _, theirs = _diffusers_sdxl_like(pooled_dim=24)
+    with pytest.raises(TypeError, match=r"from_diffusers\(UNet2DConditionModel, \.\.\.\): the 'unet' family's "
+                                        r"converter .* takes no option 'pooled'; its options: pooled_dim"):
+        convert.from_diffusers(theirs, pooled=24)
 
 
 def test_sd15_like_config_from_diffusers_reads_attention_head_dim_as_heads():
@@ -203,123 +243,3 @@ def test_from_diffusers_refuses_options_sdlearn_lacks():
                                   resnet_time_scale_shift="scale_shift")
     with pytest.raises(ValueError, match="resnet_time_scale_shift='scale_shift'"):
         convert.from_diffusers(theirs)
-
-
-# -- checkers: the right answer passes, each typical mistake is named ---------------------------------------
-
-
-def _emb_right(t, dim):
-    half = dim // 2
-    f = torch.exp(-math.log(10000) * torch.arange(half) / half)
-    a = t.float()[:, None] * f
-    return torch.cat([a.cos(), a.sin()], -1)
-
-
-def _emb_swapped(t, dim):
-    return _emb_right(t, dim).roll(dim // 2, -1)
-
-
-def _emb_shift(t, dim):
-    half = dim // 2
-    a = t.float()[:, None] * torch.exp(-math.log(10000) * torch.arange(half) / (half - 1))
-    return torch.cat([a.cos(), a.sin()], -1)
-
-
-def _emb_over_dim(t, dim):
-    a = t.float()[:, None] * torch.exp(-math.log(10000) * torch.arange(dim // 2) / dim)
-    return torch.cat([a.cos(), a.sin()], -1)
-
-
-def _emb_interleaved(t, dim):
-    a = t.float()[:, None] * torch.exp(-math.log(10000) * torch.arange(dim // 2) / (dim // 2))
-    return torch.stack([a.cos(), a.sin()], -1).flatten(1)
-
-
-def _emb_half_only(t, dim):
-    return _emb_right(t, dim)[:, : dim // 2]
-
-
-def test_timestep_embedding_checker(capsys):
-    check.timestep_embedding(_emb_right)
-    assert "correct" in capsys.readouterr().out
-    for fn, hint in [(_emb_swapped, "halves are swapped"), (_emb_shift, r"half - 1"), (_emb_over_dim, "not by dim"),
-                     (_emb_interleaved, "interleaved"), (_emb_half_only, r"shape \(5, 16\), expected \(5, 32\)")]:
-        with pytest.raises(CheckFailed, match=hint):
-            check.timestep_embedding(fn)
-
-
-def _res_right(b, x, emb):
-    h = b.conv1(F.silu(b.norm1(x)))
-    h = h + b.time_proj(F.silu(emb))[:, :, None, None]
-    return b.skip(x) + b.conv2(b.dropout(F.silu(b.norm2(h))))
-
-
-def _res_time_after(b, x, emb):
-    h = b.conv2(b.dropout(F.silu(b.norm2(b.conv1(F.silu(b.norm1(x)))))))
-    return b.skip(x) + h + b.time_proj(F.silu(emb))[:, :, None, None]
-
-
-def _res_no_silu_on_emb(b, x, emb):
-    h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(emb)[:, :, None, None]
-    return b.skip(x) + b.conv2(F.silu(b.norm2(h)))
-
-
-def _res_no_broadcast(b, x, emb):
-    h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(F.silu(emb))
-    return b.skip(x) + b.conv2(F.silu(b.norm2(h)))
-
-
-def _res_no_skip(b, x, emb):
-    h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(F.silu(emb))[:, :, None, None]
-    return b.conv2(F.silu(b.norm2(h)))
-
-
-def _res_identity_skip(b, x, emb):
-    h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(F.silu(emb))[:, :, None, None]
-    return x + b.conv2(F.silu(b.norm2(h)))
-
-
-def test_resblock_checker(capsys):
-    check.resblock_forward(_res_right)
-    assert "correct" in capsys.readouterr().out
-    for fn, hint in [(_res_time_after, "after the second conv"), (_res_no_silu_on_emb, "without SiLU"),
-                     (_res_no_broadcast, r"\[:, :, None, None\]"), (_res_no_skip, "skip connection is missing"),
-                     (_res_identity_skip, r"block.skip\(x\)")]:
-        with pytest.raises(CheckFailed, match=hint):
-            check.resblock_forward(fn)
-
-
-def _up(order="hs", pop=lambda s: s.pop(), attention=True, upsample_first=False):
-    def fn(unet, h, skips, emb, context):
-        for level in unet.up:
-            if upsample_first and level.resample is not None:
-                h = level.resample(h)
-            for j, resnet in enumerate(level.resnets):
-                s = pop(skips)
-                h = resnet(torch.cat([h, s] if order == "hs" else [s, h], 1), emb)
-                if level.attentions and attention:
-                    h = level.attentions[j](h, context)
-            if not upsample_first and level.resample is not None:
-                h = level.resample(h)
-        return h
-    return fn
-
-
-def test_up_path_checker(capsys):
-    check.up_path(_up())
-    assert "correct" in capsys.readouterr().out
-    for fn, hint in [(_up(pop=lambda s: s.pop(0)), r"wrong order.*pop\(0\)"),
-                     (_up(order="sh"), "concatenated in the wrong order"),
-                     (_up(attention=False), "spatial transformer is missing"),
-                     (_up(upsample_first=True), "upsample only after"),
-                     (_up(pop=lambda s: s[-1]), r"skips\[-1\] but never removed")]:
-        with pytest.raises(CheckFailed, match=hint):
-            check.up_path(fn)
-
-
-def test_checkers_unet_is_the_library_unet():
-    unet = check.tiny_unet()
-    x = torch.randn(1, 3, 8, 8)
-    out = unet(x, torch.tensor([5]), torch.randn(1, 2, 8))
-    assert out.shape == x.shape
-    assert isinstance(unet.down[0].resnets[0], ResBlock)

@@ -2,13 +2,16 @@
 
     ours = convert.from_diffusers(diffusers_model)    # an sdlearn module
     theirs = convert.to_diffusers(ours)               # a diffusers / transformers module
+    ours = convert.from_diffusers(sdxl_unet, pooled_dim=1280)   # options go to the family's converter
 
-One submodule per model family holds the key mapping; this module dispatches on
-the class name, so it imports diffusers only when asked to build one of its models.
+One submodule per model family holds the key mapping (its RENAMES, applied both ways by
+sdlearn.convert.keys.rename), the config translation and from_diffusers / to_diffusers; this module
+dispatches on the class name, so it imports diffusers only when asked to build one of its models.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from torch import nn
 
@@ -30,6 +33,13 @@ _BY_CLASS = {
 }
 
 
+def __getattr__(name: str):
+    """The family submodules (convert.unet, convert.text, ...) and convert.keys, imported on first use."""
+    if name == "keys" or name in _BY_CLASS.values():
+        return importlib.import_module(f"sdlearn.convert.{name}")
+    raise AttributeError(f"module 'sdlearn.convert' has no attribute {name!r}")
+
+
 def _converter(model: nn.Module, ours: bool):
     cls = type(model)
     key = f"{cls.__module__}.{cls.__qualname__}" if ours else cls.__name__
@@ -40,11 +50,31 @@ def _converter(model: nn.Module, ours: bool):
     return importlib.import_module(f"sdlearn.convert.{_BY_CLASS[key]}")
 
 
-def from_diffusers(model: nn.Module) -> nn.Module:
-    """The sdlearn module equivalent to a diffusers / transformers `model`, with its weights."""
-    return _converter(model, ours=False).from_diffusers(model)
+def _options(convert, model: nn.Module, options: dict) -> dict:
+    """`options` when the family's `convert` (its from_diffusers / to_diffusers) takes them all; else a TypeError
+    naming them, the family and the options it does take."""
+    params = list(inspect.signature(convert).parameters.values())[1:]  # the first is the model
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return options
+    takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in takes]
+    if unknown:
+        family = convert.__module__.rpartition(".")[2]
+        raise TypeError(f"sdlearn.convert.{convert.__name__}({type(model).__name__}, ...): the {family!r} family's "
+                        f"converter ({convert.__module__}.{convert.__name__}) takes no option "
+                        f"{', '.join(map(repr, unknown))}; its options: {', '.join(takes) or 'none'}")
+    return options
 
 
-def to_diffusers(module: nn.Module) -> nn.Module:
-    """The diffusers / transformers model equivalent to an sdlearn `module`, with its weights."""
-    return _converter(module, ours=True).to_diffusers(module)
+def from_diffusers(model: nn.Module, **options) -> nn.Module:
+    """The sdlearn module equivalent to a diffusers / transformers `model`, with its weights; `options` go to
+    the family's converter (e.g. pooled_dim to sdlearn.convert.unet.from_diffusers)."""
+    convert = _converter(model, ours=False).from_diffusers
+    return convert(model, **_options(convert, model, options))
+
+
+def to_diffusers(module: nn.Module, **options) -> nn.Module:
+    """The diffusers / transformers model equivalent to an sdlearn `module`, with its weights; `options` go to
+    the family's converter."""
+    convert = _converter(module, ours=True).to_diffusers
+    return convert(module, **_options(convert, module, options))

@@ -9,18 +9,15 @@ The layouts are the same up to one name: diffusers wraps the output projection i
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from sdlearn.attention import Attention
+from sdlearn.convert.keys import rename
 
-
-def _state_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.replace("to_out.0.", "to_out."): v for k, v in sd.items()}
-
-
-def _state_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.replace("to_out.", "to_out.0."): v for k, v in sd.items()}
+# (ours, theirs) name pieces, applied by sdlearn.convert.keys.rename
+RENAMES = [
+    ("to_out.", "to_out.0."),
+]
 
 
 def _unsupported(m) -> list[str]:
@@ -58,7 +55,7 @@ def from_diffusers(m) -> Attention:
                      qkv_bias=m.to_q.bias is not None, out_bias=m.to_out[0].bias is not None,
                      dropout=m.to_out[1].p)
     ours = ours.to(device=m.to_q.weight.device, dtype=m.to_q.weight.dtype)
-    ours.load_state_dict(_state_from_diffusers(m.state_dict()))
+    ours.load_state_dict(rename(m.state_dict(), RENAMES, to="ours"))
     return ours
 
 
@@ -70,7 +67,7 @@ def to_diffusers(ours: Attention):
                                 dim_head=ours.head_dim, bias=ours.to_q.bias is not None,
                                 out_bias=ours.to_out.bias is not None, dropout=ours.dropout.p)
     theirs = theirs.to(device=ours.to_q.weight.device, dtype=ours.to_q.weight.dtype)
-    theirs.load_state_dict(_state_to_diffusers(ours.state_dict()))
+    theirs.load_state_dict(rename(ours.state_dict(), RENAMES, to="theirs"))
     return theirs
 
 

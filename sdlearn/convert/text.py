@@ -17,41 +17,21 @@ ours says which in TextConfig.pool ("argmax" / "eos").
 """
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
+from sdlearn.convert.keys import rename
 from sdlearn.text import TextConfig, TextEncoder
 
-_RENAMES = [  # (theirs, ours) regex pairs on the CLIPTextModel state dict
-    (r"^embeddings\.(token|position)_embedding\.", r"\1_embedding."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"blocks.\1.attn.to_\2."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.to_out."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm([12])\.", r"blocks.\1.norm\2."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-    (r"^final_layer_norm\.", r"final_norm."),
+# (ours, theirs) name pieces on the CLIPTextModel state dict, applied by sdlearn.convert.keys.rename
+RENAMES = [
+    ("token_embedding.", "embeddings.token_embedding."),
+    ("position_embedding.", "embeddings.position_embedding."),
+    ("blocks.{i}.attn.to_{p}.", "encoder.layers.{i}.self_attn.{p}_proj."),  # p: q, k, v, out
+    ("blocks.{i}.norm{n}.", "encoder.layers.{i}.layer_norm{n}."),  # n: 1, 2
+    ("blocks.{i}.mlp.", "encoder.layers.{i}.mlp."),
+    ("final_norm.", "final_layer_norm."),
 ]
 _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
-
-
-def _rename(key: str, pairs) -> str:
-    for pattern, repl in pairs:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    raise KeyError(f"no mapping for parameter {key!r}")
-
-
-def _inverse():
-    """Ours -> theirs: the same table, read backwards."""
-    return [
-        (r"^(token|position)_embedding\.", r"embeddings.\1_embedding."),
-        (r"^blocks\.(\d+)\.attn\.to_([qkv])\.", r"encoder.layers.\1.self_attn.\2_proj."),
-        (r"^blocks\.(\d+)\.attn\.to_out\.", r"encoder.layers.\1.self_attn.out_proj."),
-        (r"^blocks\.(\d+)\.norm([12])\.", r"encoder.layers.\1.layer_norm\2."),
-        (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-        (r"^final_norm\.", r"final_layer_norm."),
-    ]
 
 
 def config_from_transformers(c, with_projection: bool = False) -> TextConfig:
@@ -76,7 +56,7 @@ def from_diffusers(model: nn.Module) -> TextEncoder:
     body = model.text_model if with_proj else model
     cfg = config_from_transformers(model.config, with_proj)
     ours = TextEncoder(cfg)
-    state = {_rename(k, _RENAMES): v for k, v in body.state_dict().items() if not k.endswith("position_ids")}
+    state = rename({k: v for k, v in body.state_dict().items() if not k.endswith("position_ids")}, RENAMES, to="ours")
     if with_proj:
         state["projection.weight"] = model.text_projection.weight
     ours.load_state_dict(state, strict=True)
@@ -98,7 +78,8 @@ def to_diffusers(module: TextEncoder) -> nn.Module:
     if cfg.vocab is not None:  # the course tokenizer's special ids
         ids = dict(bos_token_id=cfg.vocab.index("<bos>"), pad_token_id=cfg.vocab.index("<pad>"))
     else:  # CLIP's (49406, 1) where they exist; pooling never reads them
-        ids = dict(bos_token_id=49406 if cfg.vocab_size > 49406 else None, pad_token_id=1 if cfg.vocab_size > 1 else None)
+        ids = dict(bos_token_id=49406 if cfg.vocab_size > 49406 else None,
+                   pad_token_id=1 if cfg.vocab_size > 1 else None)
     c = CLIPTextConfig(
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_positions, hidden_size=cfg.width,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_dim,
@@ -107,7 +88,8 @@ def to_diffusers(module: TextEncoder) -> nn.Module:
     )
     theirs = CLIPTextModelWithProjection(c) if cfg.projection_dim else CLIPTextModel(c)
     body = theirs.text_model if cfg.projection_dim else theirs
-    state = {_rename(k, _inverse()): v for k, v in module.state_dict().items() if not k.startswith("projection.")}
+    state = rename({k: v for k, v in module.state_dict().items() if not k.startswith("projection.")}, RENAMES,
+                   to="theirs")
     missing, unexpected = body.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.endswith("position_ids")]:
         raise RuntimeError(f"weight mismatch converting to transformers: missing {missing}, unexpected {unexpected}")

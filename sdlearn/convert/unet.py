@@ -9,13 +9,14 @@ calls the number of heads `attention_head_dim` (unless `num_attention_heads` is 
 from __future__ import annotations
 
 import inspect
-import re
 
 import torch
 
+from sdlearn.convert.keys import rename
 from sdlearn.unet import UNet, UNetConfig
 
-# (ours, theirs) name pieces, {i} a level index; a piece without a leading "." is a key's prefix
+# (ours, theirs) name pieces, applied by sdlearn.convert.keys.rename: {i} a level index; a piece without a
+# leading "." is a key's prefix
 RENAMES = [
     ("time_embed.", "time_embedding."),
     ("add_embed.", "add_embedding."),
@@ -34,15 +35,6 @@ RENAMES = [
     (".ff.out.", ".ff.net.2."),
     (".to_out.", ".to_out.0."),
 ]
-
-
-def _rename(key: str, to_theirs: bool) -> str:
-    """Apply RENAMES in order (specific before general, both ways)."""
-    for ours, theirs in RENAMES:
-        src, dst = (ours, theirs) if to_theirs else (theirs, ours)
-        pattern = ("" if src.startswith(".") else "^") + re.escape(src).replace(re.escape("{i}"), r"(\d+)")
-        key = re.sub(pattern, dst.replace("{i}", r"\1"), key)
-    return key
 
 
 # diffusers' UNet2DConditionModel options that sdlearn's UNet reproduces; every other option must keep its default
@@ -95,8 +87,13 @@ def config_from_diffusers(c, pooled_dim: int | None = None) -> UNetConfig:
         pooled = pooled_dim or 1280  # the pooled text width is not in diffusers' config; SDXL's is 1280
         if total <= pooled or (total - pooled) % id_dim:
             raise ValueError(f"diffusers UNet: projection_class_embeddings_input_dim={total} is not pooled text "
-                             f"({pooled}) + time ids of {id_dim}: pass pooled_dim=<the pooled text width>")
+                             f"({pooled}) + time ids of {id_dim}: call sdlearn.convert.from_diffusers(unet, "
+                             f"pooled_dim=<the pooled text width>) (in an SDXL-like pipeline, "
+                             f"text_encoder_2.config.projection_dim)")
         num_ids = (total - pooled) // id_dim
+    elif pooled_dim is not None:
+        raise ValueError(f"pooled_dim={pooled_dim} is for a UNet with SDXL's text_time conditioning; this one has "
+                         f"addition_embed_type={c['addition_embed_type']!r}: leave pooled_dim out")
     return UNetConfig(
         in_channels=c["in_channels"], out_channels=c["out_channels"], channels=tuple(c["block_out_channels"]),
         layers_per_block=layers.pop(), attention=tuple(attention),
@@ -137,8 +134,7 @@ def from_diffusers(model, pooled_dim: int | None = None) -> UNet:
     p = next(model.parameters())
     with torch.device("meta"):
         ours = UNet(cfg)
-    state = {_rename(k, to_theirs=False): v for k, v in model.state_dict().items()}
-    ours.load_state_dict(state, assign=True)
+    ours.load_state_dict(rename(model.state_dict(), RENAMES, to="ours"), assign=True)
     return ours.to(device=p.device, dtype=p.dtype)
 
 
@@ -148,6 +144,6 @@ def to_diffusers(ours: UNet):
 
     p = next(ours.parameters())
     theirs = UNet2DConditionModel(**config_to_diffusers(ours.config))
-    theirs.load_state_dict({_rename(k, to_theirs=True): v for k, v in ours.state_dict().items()})
+    theirs.load_state_dict(rename(ours.state_dict(), RENAMES, to="theirs"))
     theirs = theirs.to(p.device)
     return theirs if p.dtype == torch.float32 else theirs.to(p.dtype)

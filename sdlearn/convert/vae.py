@@ -18,33 +18,25 @@ The layouts differ only in names:
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
+from sdlearn.convert.keys import rename
 from sdlearn.vae import AutoencoderKL, VAEConfig
 
-# diffusers name -> sdlearn name, applied in order
-_RENAMES = [
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.blocks.\2."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.resample."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.up.\1.blocks.\2."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.up.\1.resample."),
-    (r"\.mid_block\.resnets\.0\.", ".mid.block1."),
-    (r"\.mid_block\.resnets\.1\.", ".mid.block2."),
-    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn.norm."),
-    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn.attn.to_out."),
-    (r"\.mid_block\.attentions\.0\.to_(q|k|v)\.", r".mid.attn.attn.to_\1."),
-    (r"\.conv_shortcut\.", ".shortcut."),
-    (r"\.conv_norm_out\.", ".norm_out."),
+# (ours, theirs) name pieces, applied by sdlearn.convert.keys.rename
+RENAMES = [
+    ("encoder.down.{i}.blocks.{j}.", "encoder.down_blocks.{i}.resnets.{j}."),
+    ("encoder.down.{i}.resample.", "encoder.down_blocks.{i}.downsamplers.0."),
+    ("decoder.up.{i}.blocks.{j}.", "decoder.up_blocks.{i}.resnets.{j}."),
+    ("decoder.up.{i}.resample.", "decoder.up_blocks.{i}.upsamplers.0."),
+    (".mid.block1.", ".mid_block.resnets.0."),
+    (".mid.block2.", ".mid_block.resnets.1."),
+    (".mid.attn.norm.", ".mid_block.attentions.0.group_norm."),
+    (".mid.attn.attn.to_out.", ".mid_block.attentions.0.to_out.0."),
+    (".mid.attn.attn.to_{p}.", ".mid_block.attentions.0.to_{p}."),  # p: q, k, v
+    (".shortcut.", ".conv_shortcut."),
+    (".norm_out.", ".conv_norm_out."),
 ]
-
-
-def ours_name(theirs: str) -> str:
-    """A diffusers AutoencoderKL state-dict key -> the sdlearn one."""
-    for pattern, repl in _RENAMES:
-        theirs = re.sub(pattern, repl, theirs)
-    return theirs
 
 
 def config_from_diffusers(c) -> VAEConfig:
@@ -76,7 +68,7 @@ def from_diffusers(model) -> AutoencoderKL:
     p = next(model.parameters())
     with torch.device("meta"):
         ours = AutoencoderKL(config_from_diffusers(model.config))
-    state = {ours_name(k): v.detach().clone() for k, v in model.state_dict().items()}
+    state = rename({k: v.detach().clone() for k, v in model.state_dict().items()}, RENAMES, to="ours")
     ours.load_state_dict(state, strict=True, assign=True)
     return ours.to(device=p.device, dtype=p.dtype)
 
@@ -94,7 +86,6 @@ def to_diffusers(ours: AutoencoderKL):
         norm_num_groups=c.norm_groups, scaling_factor=c.scaling_factor, shift_factor=c.shift_factor or None,
         use_quant_conv=c.use_quant_conv, use_post_quant_conv=c.use_post_quant_conv,
         mid_block_add_attention=c.mid_attention)
-    ours_state = ours.state_dict()
-    theirs.load_state_dict({k: ours_state[ours_name(k)] for k in theirs.state_dict()}, strict=True)
+    theirs.load_state_dict(rename(ours.state_dict(), RENAMES, to="theirs"), strict=True)
     theirs = theirs.to(p.device)
     return theirs if p.dtype == torch.float32 else theirs.to(p.dtype)
