@@ -112,8 +112,8 @@ class TimestepMLP(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv; + the projected time embedding; GroupNorm, SiLU, dropout, conv; + skip (1x1 conv
-    when the width changes). The time embedding sits between the two convs, one value per channel."""
+    """GroupNorm, SiLU, conv; + the projected time embedding; GroupNorm, SiLU, dropout, conv; + the shortcut (a 1x1
+    conv when the width changes). The time embedding sits between the two convs, one value per channel."""
 
     def __init__(self, cin: int, cout: int, temb: int, groups: int = 32, dropout: float = 0.0):
         super().__init__()
@@ -123,13 +123,13 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, cout, eps=1e-5)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):                             # x [B,cin,H,W], emb [B,temb]
         h = self.conv1(F.silu(self.norm1(x)))              # [B,cout,H,W]
         h = h + self.time_proj(F.silu(emb))[:, :, None, None]  # [B,cout,1,1] broadcast over pixels
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        return self.shortcut(x) + h
 
 
 class GEGLU(nn.Module):

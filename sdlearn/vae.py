@@ -118,7 +118,7 @@ class DiagonalGaussian:
 # building blocks
 
 
-class ResnetBlock(nn.Module):
+class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv3x3, twice, plus the input (through a 1x1 conv when the channels change)."""
 
     def __init__(self, c_in: int, c_out: int, groups: int):
@@ -155,12 +155,12 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, attention: bool = True):
         super().__init__()
-        self.block1 = ResnetBlock(channels, channels, groups)
-        self.attn = AttnBlock(channels, groups) if attention else nn.Identity()
-        self.block2 = ResnetBlock(channels, channels, groups)
+        self.resnet1 = ResBlock(channels, channels, groups)
+        self.attention = AttnBlock(channels, groups) if attention else nn.Identity()
+        self.resnet2 = ResBlock(channels, channels, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block2(self.attn(self.block1(x)))
+        return self.resnet2(self.attention(self.resnet1(x)))
 
 
 class Downsample(nn.Module):
@@ -190,13 +190,13 @@ class Level(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, n_blocks: int, groups: int, resample: nn.Module | None):
         super().__init__()
-        self.blocks = nn.ModuleList(
-            [ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n_blocks)])
+        self.resnets = nn.ModuleList(
+            [ResBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n_blocks)])
         self.resample = resample if resample is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
+        for resnet in self.resnets:
+            x = resnet(x)
         return self.resample(x)
 
 

@@ -56,30 +56,30 @@ def test_timestep_embedding_checker(capsys):
 def _res_right(b, x, emb):
     h = b.conv1(F.silu(b.norm1(x)))
     h = h + b.time_proj(F.silu(emb))[:, :, None, None]
-    return b.skip(x) + b.conv2(b.dropout(F.silu(b.norm2(h))))
+    return b.shortcut(x) + b.conv2(b.dropout(F.silu(b.norm2(h))))
 
 
 def _res_time_after(b, x, emb):
     h = b.conv2(b.dropout(F.silu(b.norm2(b.conv1(F.silu(b.norm1(x)))))))
-    return b.skip(x) + h + b.time_proj(F.silu(emb))[:, :, None, None]
+    return b.shortcut(x) + h + b.time_proj(F.silu(emb))[:, :, None, None]
 
 
 def _res_no_silu_on_emb(b, x, emb):
     h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(emb)[:, :, None, None]
-    return b.skip(x) + b.conv2(F.silu(b.norm2(h)))
+    return b.shortcut(x) + b.conv2(F.silu(b.norm2(h)))
 
 
 def _res_no_broadcast(b, x, emb):
     h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(F.silu(emb))
-    return b.skip(x) + b.conv2(F.silu(b.norm2(h)))
+    return b.shortcut(x) + b.conv2(F.silu(b.norm2(h)))
 
 
-def _res_no_skip(b, x, emb):
+def _res_no_shortcut(b, x, emb):
     h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(F.silu(emb))[:, :, None, None]
     return b.conv2(F.silu(b.norm2(h)))
 
 
-def _res_identity_skip(b, x, emb):
+def _res_identity_shortcut(b, x, emb):
     h = b.conv1(F.silu(b.norm1(x))) + b.time_proj(F.silu(emb))[:, :, None, None]
     return x + b.conv2(F.silu(b.norm2(h)))
 
@@ -88,8 +88,8 @@ def test_resblock_checker(capsys):
     check.resblock_forward(_res_right)
     assert "correct" in capsys.readouterr().out
     for fn, hint in [(_res_time_after, "after the second conv"), (_res_no_silu_on_emb, "without SiLU"),
-                     (_res_no_broadcast, r"\[:, :, None, None\]"), (_res_no_skip, "skip connection is missing"),
-                     (_res_identity_skip, r"block.skip\(x\)")]:
+                     (_res_no_broadcast, r"\[:, :, None, None\]"), (_res_no_shortcut, "shortcut is missing"),
+                     (_res_identity_shortcut, r"block.shortcut\(x\)")]:
         with pytest.raises(CheckFailed, match=hint):
             check.resblock_forward(fn)
 

@@ -76,15 +76,15 @@ def _resblock_variants(b: ResBlock, x, emb) -> dict[str, torch.Tensor]:
     tail = lambda h: b.conv2(b.dropout(F.silu(b.norm2(h))))
     return {
         "the time embedding is added after the second conv: add it between the convs (after conv1, before norm2)":
-            b.skip(x) + tail(h1) + temb,
+            b.shortcut(x) + tail(h1) + temb,
         "the time embedding goes through time_proj without SiLU first: time_proj(silu(emb))":
-            b.skip(x) + tail(h1 + b.time_proj(emb)[:, :, None, None]),
-        "the skip connection is missing: return skip(x) + h":
+            b.shortcut(x) + tail(h1 + b.time_proj(emb)[:, :, None, None]),
+        "the shortcut is missing: return shortcut(x) + h":
             tail(h1 + temb),
         "norm and activation are swapped: GroupNorm first, then SiLU (norm1 -> silu -> conv1)":
-            b.skip(x) + b.conv2(b.norm2(F.silu(h1 + temb))),
+            b.shortcut(x) + b.conv2(b.norm2(F.silu(h1 + temb))),
         "the first half is not normalised: conv1(silu(norm1(x)))":
-            b.skip(x) + tail(b.conv1(F.silu(x)) + temb),
+            b.shortcut(x) + tail(b.conv1(F.silu(x)) + temb),
     }
 
 
@@ -102,11 +102,11 @@ def resblock_forward(fn) -> None:
         with torch.no_grad():
             got = call(name, fn, block, x, emb, on=on, hints={"must match the size|size of tensor": (
                 "shapes do not line up: the time embedding is [B,Cout]; give it two trailing axes, [:, :, None, None], "
-                "to add it to every pixel; and the skip needs block.skip(x) (a 1x1 conv) when Cin != Cout")})
+                "to add it to every pixel; and the shortcut needs block.shortcut(x) (a 1x1 conv) when Cin != Cout")})
             expected = block(x, emb)
             got = expect_tensor(name, got, tuple(expected.shape), what=f"the output for Cin={cin}, Cout={cout}")
             diagnose(name, got, expected, _resblock_variants(block, x, emb), on=on, atol=1e-4, what="the output",
-                     advice="expected skip(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) "
+                     advice="expected shortcut(x) + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) "
                             "+ time_proj(silu(emb))))))")
     passed(name)
 

@@ -5,7 +5,7 @@ Every converter lists its renames as RENAMES, (ours, theirs) pairs of name piece
     RENAMES = [
         ("down.{i}.resample.", "down_blocks.{i}.downsamplers.0."),   # specific ...
         ("down.", "down_blocks."),                                    # ... before general
-        (".skip.", ".conv_shortcut."),
+        (".shortcut.", ".conv_shortcut."),
     ]
     ours_state = rename(theirs.state_dict(), RENAMES, to="ours")
     theirs_state = rename(ours.state_dict(), RENAMES, to="theirs")

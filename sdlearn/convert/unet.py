@@ -29,7 +29,7 @@ RENAMES = [
     ("mid.resnet2.", "mid_block.resnets.1."),
     ("mid.attention.", "mid_block.attentions.0."),
     (".time_proj.", ".time_emb_proj."),
-    (".skip.", ".conv_shortcut."),
+    (".shortcut.", ".conv_shortcut."),
     (".blocks.", ".transformer_blocks."),
     (".ff.proj.", ".ff.net.0.proj."),
     (".ff.out.", ".ff.net.2."),

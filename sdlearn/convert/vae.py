@@ -3,14 +3,14 @@
 The layouts differ only in names:
 
     diffusers                                      sdlearn
-    encoder.down_blocks.i.resnets.j.*              encoder.down.i.blocks.j.*
+    encoder.down_blocks.i.resnets.j.*              encoder.down.i.resnets.j.*
     encoder.down_blocks.i.downsamplers.0.conv      encoder.down.i.resample.conv
-    decoder.up_blocks.i.resnets.j.*                decoder.up.i.blocks.j.*
+    decoder.up_blocks.i.resnets.j.*                decoder.up.i.resnets.j.*
     decoder.up_blocks.i.upsamplers.0.conv          decoder.up.i.resample.conv
-    *.mid_block.resnets.0 / .1                     *.mid.block1 / .block2
-    *.mid_block.attentions.0.group_norm            *.mid.attn.norm
-    *.mid_block.attentions.0.to_{q,k,v}            *.mid.attn.attn.to_{q,k,v}
-    *.mid_block.attentions.0.to_out.0              *.mid.attn.attn.to_out
+    *.mid_block.resnets.0 / .1                     *.mid.resnet1 / .resnet2
+    *.mid_block.attentions.0.group_norm            *.mid.attention.norm
+    *.mid_block.attentions.0.to_{q,k,v}            *.mid.attention.attn.to_{q,k,v}
+    *.mid_block.attentions.0.to_out.0              *.mid.attention.attn.to_out
     *.conv_shortcut / *.conv_norm_out              *.shortcut / *.norm_out
 
     ours = from_diffusers(diffusers.AutoencoderKL(...))
@@ -25,15 +25,15 @@ from sdlearn.vae import AutoencoderKL, VAEConfig
 
 # (ours, theirs) name pieces, applied by sdlearn.convert.keys.rename
 RENAMES = [
-    ("encoder.down.{i}.blocks.{j}.", "encoder.down_blocks.{i}.resnets.{j}."),
+    ("encoder.down.{i}.resnets.{j}.", "encoder.down_blocks.{i}.resnets.{j}."),
     ("encoder.down.{i}.resample.", "encoder.down_blocks.{i}.downsamplers.0."),
-    ("decoder.up.{i}.blocks.{j}.", "decoder.up_blocks.{i}.resnets.{j}."),
+    ("decoder.up.{i}.resnets.{j}.", "decoder.up_blocks.{i}.resnets.{j}."),
     ("decoder.up.{i}.resample.", "decoder.up_blocks.{i}.upsamplers.0."),
-    (".mid.block1.", ".mid_block.resnets.0."),
-    (".mid.block2.", ".mid_block.resnets.1."),
-    (".mid.attn.norm.", ".mid_block.attentions.0.group_norm."),
-    (".mid.attn.attn.to_out.", ".mid_block.attentions.0.to_out.0."),
-    (".mid.attn.attn.to_{p}.", ".mid_block.attentions.0.to_{p}."),  # p: q, k, v
+    (".mid.resnet1.", ".mid_block.resnets.0."),
+    (".mid.resnet2.", ".mid_block.resnets.1."),
+    (".mid.attention.norm.", ".mid_block.attentions.0.group_norm."),
+    (".mid.attention.attn.to_out.", ".mid_block.attentions.0.to_out.0."),
+    (".mid.attention.attn.to_{p}.", ".mid_block.attentions.0.to_{p}."),  # p: q, k, v
     (".shortcut.", ".conv_shortcut."),
     (".norm_out.", ".conv_norm_out."),
 ]
