@@ -35,6 +35,7 @@ def _randomise(m: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def parity() -> dict[str, float]:
+    # optional: only the parity check needs diffusers
     from diffusers.models.attention_processor import Attention as DiffusersAttention
 
     worst = {"from_diffusers": 0.0, "to_diffusers": 0.0, "reference_math": 0.0, "MultiheadAttention": 0.0}
@@ -69,11 +70,15 @@ def speed(tokens: int, dim: int, heads: int, repeats: int, device: str) -> tuple
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     runs = {"sdlearn": [], "diffusers": []}
     fns = {"sdlearn": lambda: ours(x), "diffusers": lambda: theirs(x)}
-    for fn in fns.values():
-        fn(); sync()  # warm-up
+    for fn in fns.values():  # warm-up
+        fn()
+        sync()
     for r in range(repeats):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t = time.perf_counter(); fns[name](); sync(); runs[name].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            fns[name]()
+            sync()
+            runs[name].append(time.perf_counter() - t)
     return statistics.median(runs["sdlearn"]), statistics.median(runs["diffusers"])
 
 
@@ -90,7 +95,8 @@ def main() -> None:
         print(f"parity, max |difference| vs {name:18}: {err:.2e}")
     t_ours, t_theirs = speed(args.tokens, args.dim, args.heads, args.repeats, args.device)
     print(f"forward, {args.tokens} tokens, dim {args.dim}, {args.heads} heads, {args.device}: "
-          f"sdlearn {t_ours * 1e3:.2f} ms, diffusers {t_theirs * 1e3:.2f} ms, ratio {t_ours / t_theirs:.2f} (medians of {args.repeats})")
+          f"sdlearn {t_ours * 1e3:.2f} ms, diffusers {t_theirs * 1e3:.2f} ms, ratio {t_ours / t_theirs:.2f} "
+          f"(medians of {args.repeats})")
 
 
 if __name__ == "__main__":

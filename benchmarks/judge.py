@@ -38,7 +38,8 @@ def main():
         rows.append(("someone else's caption", prompt_adherence(x, c[1:] + c[:1])["exact"]))
         for sigma in (0.5, 1.0, 1.5, 2.0):
             s = sigma * size / 32
-            rows.append((f"blur sigma {sigma} px@32", prompt_adherence(gaussian_blur(x, 2 * round(3 * s) + 1, s), c)["exact"]))
+            blurred = gaussian_blur(x, 2 * round(3 * s) + 1, s)
+            rows.append((f"blur sigma {sigma} px@32", prompt_adherence(blurred, c)["exact"]))
         for std in (0.1, 0.2, 0.4, 0.8):
             noisy = (x + std * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
             rows.append((f"noise std {std}", prompt_adherence(noisy, c)["exact"]))

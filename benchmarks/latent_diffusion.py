@@ -61,7 +61,7 @@ def main():
     for r in rows:
         print(f"{r['step']:5} {r['train_minutes']:8.1f} {r['1 object']:6.3f} "
               f"{r.get('1 object, held-out pair', float('nan')):15.3f} {r.get('2 objects', float('nan')):6.3f}")
-    import matplotlib
+    import matplotlib  # optional: only the plot needs it (and Agg must be chosen before pyplot is imported)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -37,7 +37,8 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Callable, Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -61,8 +62,12 @@ def _prediction(kind: str) -> str:
 
 
 def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal 2021 eq. 17: abar(t) = cos^2((t/T + s)/(1 + s) pi/2), beta_t = 1 - abar_t/abar_{t-1} <= 0.999."""
-    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    """Nichol & Dhariwal 2021 eq. 17: abar(t) = cos^2((t/T + s)/(1 + s) pi/2),
+    beta_t = 1 - abar_t/abar_{t-1} <= 0.999."""
+
+    def f(u):
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
     betas = [min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)]
     return torch.tensor(betas, dtype=torch.float32)  # as diffusers' betas_for_alpha_bar
 
@@ -107,7 +112,8 @@ class NoiseSchedule:
 
     def init_args(self) -> dict:
         """What rebuilds this schedule: NoiseSchedule(**init_args()) (a release stores it)."""
-        return {"kind": self.kind, "num_steps": self.num_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+        return {"kind": self.kind, "num_steps": self.num_steps,
+                "beta_start": self.beta_start, "beta_end": self.beta_end}
 
     def __repr__(self) -> str:
         betas = "" if self.kind == "cosine" else f", beta_start={self.beta_start}, beta_end={self.beta_end}"
@@ -218,7 +224,8 @@ class NoiseSchedule:
         return (abar.sqrt() * noise - (1 - abar).sqrt() * x0).to(x0.dtype)
 
     def target(self, prediction: str, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-        """What a model trained with `prediction` ("eps" | "x0" | "v") should output for x_t = add_noise(x0, noise, t)."""
+        """What a model trained with `prediction` ("eps" | "x0" | "v") should output
+        for x_t = add_noise(x0, noise, t)."""
         prediction = _prediction(prediction)
         if prediction == "eps":
             return noise
@@ -227,7 +234,8 @@ class NoiseSchedule:
         return self.velocity(x0, noise, t)
 
     def to_x0(self, prediction: str, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-        """The model's estimate of x_0: from eps, (x_t - sqrt(1-abar) eps) / sqrt(abar); from v, sqrt(abar) x_t - sqrt(1-abar) v."""
+        """The model's estimate of x_0: from eps, (x_t - sqrt(1-abar) eps) / sqrt(abar);
+        from v, sqrt(abar) x_t - sqrt(1-abar) v."""
         prediction = _prediction(prediction)
         abar = self.gather(self.alphas_cumprod, t, x_t)
         if prediction == "eps":
@@ -239,7 +247,8 @@ class NoiseSchedule:
         return x0.to(x_t.dtype)
 
     def to_eps(self, prediction: str, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-        """The model's estimate of eps: from x0, (x_t - sqrt(abar) x0) / sqrt(1-abar); from v, sqrt(abar) v + sqrt(1-abar) x_t."""
+        """The model's estimate of eps: from x0, (x_t - sqrt(abar) x0) / sqrt(1-abar);
+        from v, sqrt(abar) v + sqrt(1-abar) x_t."""
         prediction = _prediction(prediction)
         abar = self.gather(self.alphas_cumprod, t, x_t)
         if prediction == "eps":
@@ -485,7 +494,7 @@ class GaussianMixture:
         self.weights, self.std = w / w.sum(), float(std)
 
     @classmethod
-    def ring(cls, k: int = 8, radius: float = 2.0, std: float = 0.1) -> "GaussianMixture":
+    def ring(cls, k: int = 8, radius: float = 2.0, std: float = 0.1) -> GaussianMixture:
         angle = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
         return cls(torch.stack([angle.cos(), angle.sin()], 1) * radius, std)
 
@@ -532,7 +541,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256,
 
 def parity_report() -> dict[str, float]:
     """Max abs difference from diffusers' DDPMScheduler / DDIMScheduler, over schedules, predictions and t."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler  # optional: only the parity report needs it
 
     names = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
     preds = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -554,7 +563,8 @@ def parity_report() -> dict[str, float]:
             ddpm = DDPMScheduler(**kw)
             for t in (999, 500, 100, 10, 2, 1, 0):
                 ref = ddpm.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
-                note(f"ddpm_step[{p}]", ddpm_step(s, out, x, t, t - 1, p, generator=torch.Generator().manual_seed(t)), ref)
+                ours = ddpm_step(s, out, x, t, t - 1, p, generator=torch.Generator().manual_seed(t))
+                note(f"ddpm_step[{p}]", ours, ref)
             for steps in (50, 1000):
                 ddim = DDIMScheduler(**kw, set_alpha_to_one=True)
                 ddim.set_timesteps(steps)
@@ -568,8 +578,6 @@ def parity_report() -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    import sys
-
     if sys.argv[1:] != ["parity"]:
         sys.exit("usage: python -m sdlearn.diffusion parity")
     for key, err in parity_report().items():

@@ -15,18 +15,29 @@ Assumes what the dataset guarantees: black background, saturated pure-hue object
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Sequence
+from functools import cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
+from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
-from sdlearn.data import COLORS, POSITION_XY, POSITIONS, SHAPES, SIZE_RANGE, Placement, ShapeObject, ShapesDataset, \
-    parse_caption, render
+from sdlearn.data import (
+    COLORS,
+    POSITION_XY,
+    POSITIONS,
+    SHAPES,
+    SIZE_RANGE,
+    Placement,
+    ShapeObject,
+    ShapesDataset,
+    parse_caption,
+    render,
+)
 
 FG_THRESHOLD = 0.5  # saturation (max - min channel, in [0,1]) above which a pixel is foreground
 MIN_AREA = 0.007  # smallest object kept, as a fraction of the image area (a triangle is ~0.03)
@@ -145,11 +156,10 @@ def _components(images: torch.Tensor) -> _Components:
     return _Components(image[keep], color[keep], area[keep], centroid[keep], sil[keep])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _templates(size: int) -> torch.Tensor:
     """[4,V,R*R] unit-norm silhouettes of SHAPES rendered at this image size and decoded like real objects;
     V variants: sharp and increasingly blurred (generated images are often soft)."""
-    from torchvision.transforms.functional import gaussian_blur
     rng = np.random.default_rng(0)
     images, shapes = [], []
     for k, shape in enumerate(SHAPES):

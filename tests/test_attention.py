@@ -5,8 +5,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlearn import convert
-from sdlearn.attention import (Attention, SelfAttentionBlock, attention_map, causal_mask, image_to_tokens,
-                               scaled_dot_product_attention, tokens_to_image)
+from sdlearn.attention import (
+    Attention,
+    SelfAttentionBlock,
+    attention_map,
+    causal_mask,
+    image_to_tokens,
+    scaled_dot_product_attention,
+    tokens_to_image,
+)
 
 TOL = 1e-5
 

@@ -11,7 +11,6 @@ from sdlearn.attention import Attention, SelfAttentionBlock, scaled_dot_product_
 from sdlearn.checks import CheckFailed
 from sdlearn.checks import attention as check
 
-
 # -----------------------------------------------------------------------------
 # checkers: the right answers pass, each classic mistake gets its own hint
 

@@ -6,7 +6,6 @@ from sdlearn import diffusion as D
 from sdlearn.checks import CheckFailed
 from sdlearn.checks import diffusion as check
 
-
 # -----------------------------------------------------------------------------
 # checkers: right answers pass, each usual mistake gets its hint
 
@@ -43,9 +42,12 @@ def test_add_noise_checker(capsys):
     for hint, fn in wrong.items():
         with pytest.raises(CheckFailed, match=hint):
             check.add_noise(fn)
+
     # 4-D only: a reshape that ignores x0.ndim fails on 2-D points
-    four_d = lambda s, x0, n, t: s.alphas_cumprod[t][:, None, None, None].sqrt() * x0 + (
-        1 - s.alphas_cumprod[t][:, None, None, None]).sqrt() * n
+    def four_d(s, x0, n, t):
+        abar = s.alphas_cumprod[t][:, None, None, None]
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * n
+
     with pytest.raises(CheckFailed, match="has shape|broadcast"):
         check.add_noise(four_d)
 

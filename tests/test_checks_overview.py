@@ -6,7 +6,9 @@ from sdlearn.checks import overview as check
 
 
 def right(detected, wanted):
-    key = lambda o: (o.color, o.shape, o.position)
+    def key(o):
+        return o.color, o.shape, o.position
+
     return sorted(map(key, detected)) == sorted(map(key, wanted))
 
 

@@ -4,7 +4,8 @@ import torch
 
 from sdlearn.checks import CheckFailed
 from sdlearn.checks import pipeline as check
-from sdlearn.diffusion import classifier_free_guidance as cfg, ddim_step
+from sdlearn.diffusion import classifier_free_guidance as cfg
+from sdlearn.diffusion import ddim_step
 from sdlearn.pipeline import training_loss
 
 
@@ -31,7 +32,8 @@ def loss_with(target="right", drop="right", mse="right", weight="right"):
 
 def test_latent_loss_passes_the_reference():
     def reference(unet, schedule, z0, context, uncond, p_uncond=0.1, prediction="eps", snr_gamma=None):
-        def model(z_t, t, context):  # training_loss calls model(z_t, t, **cond), the checker's models take it positionally
+        # training_loss calls model(z_t, t, **cond), the checker's models take it positionally
+        def model(z_t, t, context):
             return unet(z_t, t, context)
 
         return training_loss(model, schedule, z0, {"context": context}, {"context": uncond}, p_uncond, prediction,
@@ -65,7 +67,8 @@ def test_guided_prediction():
     with pytest.raises(CheckFailed, match="conditional prediction alone"):
         check.guided_prediction(lambda unet, z, t, c, u, w: unet(z, t, c))
     with pytest.raises(CheckFailed, match="shape"):
-        check.guided_prediction(lambda unet, z, t, c, u, w: unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([u, c])))
+        check.guided_prediction(
+            lambda unet, z, t, c, u, w: unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([u, c])))
 
 
 def loop_with(mistake=None):
@@ -84,7 +87,8 @@ def loop_with(mistake=None):
 
 def test_sample_loop():
     check.sample_loop(loop_with())
-    for mistake, message in [("t-1", "next sampling"), ("no-guidance", "without guidance"), ("no-scale", "latent scaling")]:
+    for mistake, message in [("t-1", "next sampling"), ("no-guidance", "without guidance"),
+                             ("no-scale", "latent scaling")]:
         with pytest.raises(CheckFailed, match=message):
             check.sample_loop(loop_with(mistake))
 

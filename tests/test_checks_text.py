@@ -9,7 +9,6 @@ from sdlearn.checks import CheckFailed
 from sdlearn.checks import text as check
 from sdlearn.text import clip_loss
 
-
 # -----------------------------------------------------------------------------
 # checkers, against right and deliberately wrong answers
 

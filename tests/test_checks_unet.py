@@ -9,7 +9,6 @@ from sdlearn.checks import CheckFailed
 from sdlearn.checks import unet as check
 from sdlearn.unet import ResBlock
 
-
 # -- checkers: the right answer passes, each typical mistake is named ---------------------------------------
 
 

@@ -6,7 +6,6 @@ from sdlearn.checks import CheckFailed
 from sdlearn.checks import vae as check
 from sdlearn.vae import kl_divergence, vae_loss
 
-
 # -----------------------------------------------------------------------------
 # the checkers: right answers pass, each typical mistake gets its hint
 

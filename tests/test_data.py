@@ -9,9 +9,24 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sdlearn.data import (COLOR_RGB, COLORS, HELDOUT_PAIRS, POSITION_PHRASES, POSITION_XY, POSITIONS, SHAPES,
-                          ImageCaptionFolder, Placement, ShapeObject, ShapesDataset, TorchvisionCaptions, caption,
-                          layout, parse_caption, render)
+from sdlearn.data import (
+    COLOR_RGB,
+    COLORS,
+    HELDOUT_PAIRS,
+    POSITION_PHRASES,
+    POSITION_XY,
+    POSITIONS,
+    SHAPES,
+    ImageCaptionFolder,
+    Placement,
+    ShapeObject,
+    ShapesDataset,
+    TorchvisionCaptions,
+    caption,
+    layout,
+    parse_caption,
+    render,
+)
 
 ALL_OBJECTS = [ShapeObject(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
 

@@ -259,8 +259,8 @@ def test_sample_loop_equals_a_diffusers_loop(sampler, eta, prediction):
         ref = theirs.step(out, t, ref, generator=g, **kw).prev_sample
     seen = []
     ours = D.sample(model, x.clone(), NoiseSchedule("scaled_linear"), steps, sampler=sampler,
-                    **({"eta": eta} if sampler == "ddim" else {}), prediction=prediction, generator=torch.Generator().manual_seed(7), progress=False,
-                    callback=seen.append)
+                    **({"eta": eta} if sampler == "ddim" else {}), prediction=prediction,
+                    generator=torch.Generator().manual_seed(7), progress=False, callback=seen.append)
     assert _err(ours, ref) <= 1e-5
     assert [c["t"] for c in seen] == theirs.timesteps.tolist() and torch.equal(seen[-1]["x_prev"], ours)
 
@@ -363,7 +363,8 @@ def test_sample_guides_with_cond_dicts_and_skips_the_uncond_half_at_w_1():
     ref = x
     for t, t_prev in zip([800, 600, 400, 200, 0], [600, 400, 200, 0, -1]):
         tt = torch.full((2,), t)
-        out = D.classifier_free_guidance(model(ref, tt, uncond["context"].expand(2, 4)), model(ref, tt, cond["context"]), w)
+        out = D.classifier_free_guidance(model(ref, tt, uncond["context"].expand(2, 4)),
+                                         model(ref, tt, cond["context"]), w)
         ref = D.ddim_step(s, out, ref, t, t_prev)
     calls.clear()
     got = D.sample(model, x, s, [800, 600, 400, 200, 0], cond=cond, uncond=uncond, guidance_scale=w, progress=False)

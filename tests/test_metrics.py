@@ -6,8 +6,17 @@ import pytest
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from sdlearn.data import COLORS, POSITION_XY, POSITIONS, SHAPES, ShapeObject, ShapesDataset, caption, \
-    parse_caption, render
+from sdlearn.data import (
+    COLORS,
+    POSITION_XY,
+    POSITIONS,
+    SHAPES,
+    ShapeObject,
+    ShapesDataset,
+    caption,
+    parse_caption,
+    render,
+)
 from sdlearn.metrics import DetectedObject, detect_batch, detect_objects, judge_report, prompt_adherence, score
 
 KEYS = {"exact", "color", "shape", "position", "count"}

@@ -45,7 +45,8 @@ def test_nbgrader_generate_assignment_accepts_the_solutions(tmp_path):
     for p in (ROOT / "solutions").glob("*.ipynb"):
         shutil.copy(p, source)
     r = subprocess.run([sys.executable, "-m", "nbgrader", "generate_assignment", "sdlearn", "--force",
-                        f"--CourseDirectory.root={tmp_path}", "--CourseDirectory.db_url=sqlite:///" + str(tmp_path / "gb.db")],
+                        f"--CourseDirectory.root={tmp_path}",
+                        "--CourseDirectory.db_url=sqlite:///" + str(tmp_path / "gb.db")],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     released = sorted(p.name for p in (tmp_path / "release" / "sdlearn").glob("*.ipynb"))

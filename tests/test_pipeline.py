@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sdlearn import pretrained
 from sdlearn.checks.pipeline import tiny_pipeline
@@ -15,7 +14,6 @@ from sdlearn.recipes.t2i import unet_config
 from sdlearn.text import TextConfig, TextEncoder
 from sdlearn.unet import UNet
 from sdlearn.vae import AutoencoderKL, VAEConfig
-
 
 tiny_pipe = tiny_pipeline
 

@@ -71,7 +71,8 @@ def test_a_release_saved_by_python_dash_m_names_the_importable_module(weights, t
         "import sys\nfrom dataclasses import dataclass\nfrom pathlib import Path\nfrom torch import nn\n"
         "from sdlearn import pretrained\n"
         "@dataclass\nclass C:\n    w: int = 2\n"
-        "class M(nn.Module):\n    def __init__(self, config: C):\n        super().__init__(); self.config = config; self.l = nn.Linear(config.w, 1)\n"
+        "class M(nn.Module):\n    def __init__(self, config: C):\n"
+        "        super().__init__(); self.config = config; self.l = nn.Linear(config.w, 1)\n"
         "if __name__ == '__main__':\n    pretrained.save(M(C()), 'm', 32, command='x', dest=Path(sys.argv[1]))\n")
     (script.parent / "__init__.py").write_text("")
     out = tmp_path / "m-32.safetensors"

@@ -1,7 +1,12 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from sdlearn import train as train_mod
 from sdlearn.train import TrainConfig, ema_update, fit, lr_at
 
 
@@ -16,7 +21,10 @@ def test_fit_learns_a_linear_map():
     x, y = _regression()
     model = nn.Linear(4, 1)
     batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
-    loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]).squeeze(-1), b[1])
+
+    def loss_fn(m, b):
+        return nn.functional.mse_loss(m(b[0]).squeeze(-1), b[1])
+
     hist = fit(model, loss_fn, batches, TrainConfig(steps=300, lr=5e-2, ema_decay=0.9), progress=False)
     assert len(hist.losses) == 300 and hist.losses[-1] < 1e-3 < hist.losses[0]
     assert hist.ema is not None and loss_fn(hist.ema, (x, y)).item() < 1e-2
@@ -26,7 +34,10 @@ def test_fit_learns_a_linear_map():
 def test_fit_logs_extra_numbers_and_calls_back():
     model = nn.Linear(2, 1)
     seen = []
-    loss_fn = lambda m, b: (m(b).pow(2).mean(), {"scale": 2.0})
+
+    def loss_fn(m, b):
+        return m(b).pow(2).mean(), {"scale": 2.0}
+
     hist = fit(model, loss_fn, [torch.ones(3, 2)], TrainConfig(steps=6, callback_every=3),
                callback=lambda step, m, ema: seen.append(step), progress=False)
     assert hist.logs["scale"] == [2.0] * 6 and seen == [3, 6]
@@ -49,7 +60,10 @@ def test_ema_update_moves_towards_the_model():
 def test_nan_loss_names_the_step():
     model = nn.Linear(2, 1)
     calls = iter(range(100))
-    loss_fn = lambda m, b: m(b).mean() * (float("nan") if next(calls) == 4 else 1.0)
+
+    def loss_fn(m, b):
+        return m(b).mean() * (float("nan") if next(calls) == 4 else 1.0)
+
     with pytest.raises(FloatingPointError, match="at step 4; likely causes"):
         fit(model, loss_fn, [torch.ones(1, 2)], TrainConfig(steps=10), progress=False)
 
@@ -61,12 +75,6 @@ def test_empty_batches_is_an_error():
 
 # ----------------------------------------------------------------------------
 # checkpoints, resume, data parallel
-
-import subprocess
-import sys
-from pathlib import Path
-
-from sdlearn import train as train_mod
 
 
 class Net(nn.Module):

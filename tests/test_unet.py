@@ -52,7 +52,8 @@ def _inputs(cfg, B=2, seed=1):
     kw, theirs = {}, {}
     if cfg.text_time:
         pooled = torch.randn(B, cfg.pooled_dim, generator=g)
-        ids = torch.tensor([[512.0, 768, 0, 16, 1024, 1024][:cfg.num_time_ids], [64.0, 96, 8, 0, 128, 6][:cfg.num_time_ids]])[:B]
+        ids = torch.tensor([[512.0, 768, 0, 16, 1024, 1024][:cfg.num_time_ids],
+                            [64.0, 96, 8, 0, 128, 6][:cfg.num_time_ids]])[:B]
         kw = dict(pooled=pooled, time_ids=ids)
         theirs = dict(added_cond_kwargs=dict(text_embeds=pooled, time_ids=ids))
     return x, t, ctx, kw, theirs

@@ -4,7 +4,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from sdlearn import convert, presets, pretrained
+from sdlearn import convert, presets
 from sdlearn.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, kl_divergence, psnr, reparameterize, vae_loss
 
 TINY = dict(channels=(8, 16, 16), layers_per_block=1, norm_groups=4)

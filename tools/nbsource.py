@@ -44,7 +44,7 @@ def to_ipynb(text: str, name: str):
         while lines and not lines[-1].strip():
             lines.pop()
         if md:
-            src = "\n".join(l[2:] if l.startswith("# ") else l.lstrip("#") for l in lines)
+            src = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in lines)
             nb.cells.append(nbformat.v4.new_markdown_cell(src))
             continue
         cell = nbformat.v4.new_code_cell("\n".join(lines))
@@ -67,7 +67,7 @@ def to_script(nb) -> str:
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             out.append("# %% [markdown]")
-            out += [("# " + l) if l else "#" for l in cell.source.splitlines()]
+            out += [("# " + line) if line else "#" for line in cell.source.splitlines()]
         else:
             meta = cell.metadata.get("nbgrader", {})
             role = " solution" if meta.get("solution") else " check" if meta.get("grade") else ""

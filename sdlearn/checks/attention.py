@@ -15,7 +15,6 @@ from torch import nn
 from sdlearn.attention import Attention, SelfAttentionBlock, attention_map
 from sdlearn.checks import call, diagnose, expect_tensor, fail, is_close, passed
 
-
 # -----------------------------------------------------------------------------
 # exercise 1: scaled dot-product attention
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from sdlearn.checks import call, diagnose, expect_tensor, fail, passed
-from sdlearn.diffusion import NoiseSchedule, ddim_step as _ddim_step, posterior as _posterior
+from sdlearn.diffusion import NoiseSchedule
+from sdlearn.diffusion import ddim_step as _ddim_step
+from sdlearn.diffusion import posterior as _posterior
 
 ATOL, RTOL = 1e-4, 1e-4
 
@@ -102,7 +104,7 @@ def posterior_mean_variance(fn) -> None:
         al, be = alphas[t].item(), 1 - alphas[t].item()
         last = abar[-1].item()  # what alphas_cumprod[t - 1] gives at t = 0
 
-        def m(a_t=a_t, a_p=a_p, al=al, be=be, sq=True):
+        def m(a_t=a_t, a_p=a_p, al=al, be=be, sq=True, x0=x0, x_t=x_t):  # bound: called in this iteration
             r = (lambda v: v**0.5) if sq else (lambda v: v)
             return r(a_p) * be / (1 - a_t) * x0 + r(al) * (1 - a_p) / (1 - a_t) * x_t
 
@@ -162,7 +164,8 @@ def ddim_step(fn) -> None:
         expect_tensor(name, got, shape, "x_prev")
         expected = _ddim_step(s, eps, x_t, t, t_prev, eta=eta, noise=noise)
 
-        def step(a_t, a_p, eta=eta, sq=True, sq_x0=True, direction_sigma=True, x0_sqrt=True, z=noise):
+        def step(a_t, a_p, eta=eta, sq=True, sq_x0=True, direction_sigma=True, x0_sqrt=True, z=noise,
+                 x_t=x_t, eps=eps):
             r = (lambda v: v**0.5) if sq else (lambda v: v)
             r0 = (lambda v: v**0.5) if sq_x0 else (lambda v: v)
             x0 = (x_t - r0(1 - a_t) * eps) / (r0(a_t) if x0_sqrt else a_t)

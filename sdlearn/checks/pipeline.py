@@ -65,8 +65,9 @@ def latent_loss(fn) -> None:
             if call(name, fn, oracle(other), sched, z0, ctx, uncond, 0.1, prediction, None, on=on).item() < 1e-6:
                 fail(name, f"with prediction={prediction!r} the target must be {prediction} "
                            f"(schedule.target(prediction, z0, noise, t)); yours is {other}")
-            fail(name, f"a perfect {prediction}-predictor should have loss 0, yours gets {loss.item():.4g}: noise z0 "
-                       f"with schedule.add_noise(z0, noise, t) and compare with schedule.target(prediction, z0, noise, t)")
+            fail(name, f"a perfect {prediction}-predictor should have loss 0, yours gets {loss.item():.4g}: "
+                       f"noise z0 with schedule.add_noise(z0, noise, t) and compare with "
+                       f"schedule.target(prediction, z0, noise, t)")
         t = seen["t"]
         if t.dtype not in (torch.long, torch.int) or t.min() < 0 or t.max() >= len(sched):
             fail(name, f"t must be integer timesteps in 0..{len(sched) - 1}, got {t.dtype} from {t.min()} to {t.max()}")
@@ -81,8 +82,9 @@ def latent_loss(fn) -> None:
         call(name, fn, oracle("eps"), sched, z0, ctx, uncond, p, "eps", None, on=on)
         dropped = (seen["context"] == 0).flatten(1).all(1).float().mean().item()
         if not lo <= dropped <= hi:
+            wrong_way = " (is the comparison the wrong way round?)" if dropped > 0.5 > p else ""
             fail(name, f"with p_uncond={p} a fraction {p} of the captions should be replaced by uncond_context, "
-                       f"{dropped:.2f} were" + (" (is the comparison the wrong way round?)" if dropped > 0.5 > p else ""))
+                       f"{dropped:.2f} were{wrong_way}")
     # every element off by 0.5: the loss is 0.25 x the mean weight of the timesteps drawn
     for prediction, gamma in [("v", None), ("v", 5.0), ("eps", 5.0), ("v", 1.0)]:
         loss = call(name, fn, oracle(prediction, 0.5), sched, z0, ctx, uncond, 0.1, prediction, gamma, on=on)

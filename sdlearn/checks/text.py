@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from sdlearn.checks import call, diagnose, diagnose_combinations, expect_tensor, fail, passed
 
-
 # -----------------------------------------------------------------------------
 # exercise 1: cross-attention
 
@@ -45,7 +44,10 @@ def cross_attention(fn) -> None:
     """fn(x [B,N,C], context [B,M,Cc], w_q [C,d], w_k [Cc,d], w_v [Cc,dv]) -> [B,N,dv]"""
     name = "cross_attention"
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
     # 1. x and context of the same width and length: every wrong wiring runs, and we can tell which it was
     B, N, C, d, dv = 2, 5, 6, 4, 3
     x, ctx, wq, wk, wv = r(B, N, C), r(B, N, C), r(C, d), r(C, d), r(C, dv)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.checks import CheckFailed, call, diagnose, expect_tensor, fail, is_close, passed
-from sdlearn.unet import ResBlock, UNet, UNetConfig, timestep_embedding as _reference_embedding
-
+from sdlearn.unet import ResBlock, UNet, UNetConfig
+from sdlearn.unet import timestep_embedding as _reference_embedding
 
 # -----------------------------------------------------------------------------
 # timestep embedding
@@ -73,7 +73,10 @@ def timestep_embedding(fn) -> None:
 def _resblock_variants(b: ResBlock, x, emb) -> dict[str, torch.Tensor]:
     temb = b.time_proj(F.silu(emb))[:, :, None, None]
     h1 = b.conv1(F.silu(b.norm1(x)))
-    tail = lambda h: b.conv2(b.dropout(F.silu(b.norm2(h))))
+
+    def tail(h):
+        return b.conv2(b.dropout(F.silu(b.norm2(h))))
+
     return {
         "the time embedding is added after the second conv: add it between the convs (after conv1, before norm2)":
             b.shortcut(x) + tail(h1) + temb,

@@ -61,6 +61,7 @@ def from_diffusers(m) -> Attention:
 
 def to_diffusers(ours: Attention):
     """sdlearn Attention -> diffusers' Attention with the same weights."""
+    # optional: only to_diffusers needs diffusers
     from diffusers.models.attention_processor import Attention as DiffusersAttention
 
     theirs = DiffusersAttention(query_dim=ours.dim, cross_attention_dim=ours.context_dim, heads=ours.heads,

@@ -65,6 +65,7 @@ def from_diffusers(model: nn.Module) -> TextEncoder:
 
 def to_diffusers(module: TextEncoder) -> nn.Module:
     """The transformers CLIPTextModel (or ...WithProjection when `module` projects) with `module`'s weights."""
+    # optional: only to_diffusers needs transformers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = module.config

@@ -56,7 +56,7 @@ def _per_level(value, n: int, name: str) -> list:
 
 def config_from_diffusers(c, pooled_dim: int | None = None) -> UNetConfig:
     """A UNetConfig from a UNet2DConditionModel's config; a clear error for the options sdlearn lacks."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # optional: only the diffusers conversions need it
 
     defaults = {k: p.default for k, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
                 if k != "self"}
@@ -140,7 +140,7 @@ def from_diffusers(model, pooled_dim: int | None = None) -> UNet:
 
 def to_diffusers(ours: UNet):
     """sdlearn UNet -> diffusers' UNet2DConditionModel with the same weights."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # optional: only the diffusers conversions need it
 
     p = next(ours.parameters())
     theirs = UNet2DConditionModel(**config_to_diffusers(ours.config))

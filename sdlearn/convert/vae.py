@@ -75,7 +75,7 @@ def from_diffusers(model) -> AutoencoderKL:
 
 def to_diffusers(ours: AutoencoderKL):
     """sdlearn AutoencoderKL -> diffusers.AutoencoderKL with the same weights."""
-    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import AutoencoderKL as DiffusersVAE  # optional: only to_diffusers needs it
 
     c, p = ours.config, next(ours.parameters())
     n = len(c.channels)
