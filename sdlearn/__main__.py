@@ -13,15 +13,15 @@ import importlib
 import sys
 import time
 
+import torch
+from torchvision.utils import save_image
+
+from sdlearn import pretrained
 from sdlearn.recipes import RECIPES
+from sdlearn.sdxl import SDXLPipeline
 
 
 def generate(argv: list[str]) -> int:
-    import torch
-    from torchvision.utils import save_image
-
-    from sdlearn import pretrained
-
     p = argparse.ArgumentParser(prog="python -m sdlearn generate", description="images from a released model",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompts", nargs="+", help='e.g. "a red circle on the left"')
@@ -31,19 +31,28 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default=None, help="the schedule's sampler (ddim or ddpm; default: its first)")
-    p.add_argument("--model", default="shapes-t2i", help=f"a released pipeline ({', '.join(pretrained.available())})")
+    p.add_argument("--model", default="shapes-t2i", help=f"a released pipeline ({', '.join(pretrained.available())}); "
+                   "shapes-sdxl is shapes-sdxl-base")
+    p.add_argument("--refiner", action="store_true", help="SDXL: hand over to <model>-refiner part-way")
+    p.add_argument("--switch", type=float, default=0.8, help="with --refiner: where the refiner takes over")
     p.add_argument("--size", type=int, default=32, help="image size of the released model")
     p.add_argument("--scale", type=int, default=4, help="upscale the grid by this factor (nearest) for viewing")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
     start = time.perf_counter()
+    name = args.model
+    if f"{name}-{args.size}" not in pretrained.available() and f"{name}-base-{args.size}" in pretrained.available():
+        name = f"{name}-base"
     try:
-        pipe = pretrained.load(args.model, args.size)
+        pipe = pretrained.load(name, args.size)
         if not hasattr(pipe, "generate"):
             p.error(f"{args.model} is a {type(pipe).__name__}, not a text-to-image pipeline")
+        if args.refiner:
+            refiner = pretrained.load(f"{name.removesuffix('-base')}-refiner", args.size)
+            pipe = SDXLPipeline(pipe, refiner, args.switch)
         prompts = [q for q in args.prompts for _ in range(args.n)]
-        images = pipe.generate(prompts, args.steps, args.guidance, args.seed, args.sampler, progress=False)
+        images = pipe.generate(prompts, args.steps, args.guidance, args.seed, sampler=args.sampler, progress=False)
     except (ValueError, FileNotFoundError) as e:  # an unknown word or model, steps < 1, ...: say it, no traceback
         p.error(str(e))
     images = torch.nn.functional.interpolate(images, scale_factor=args.scale, mode="nearest")

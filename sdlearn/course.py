@@ -17,6 +17,7 @@ in step with `REPO` below.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import sys
@@ -81,12 +82,14 @@ class Profile:
     ldm_width: int = knob(16, 64, 96)             # channels of the latent UNet's first level
     sweep_prompts: int = knob(8, 100, 200)        # judge prompts per point of the guidance / step-count sweeps
     # 07 SDXL refiner
-    refiner_steps: int = knob(10, 1000, 4000)
+    sdxl_steps: int = knob(10, 1200, 6000)        # the base UNet's training steps (the released one: 4000)
+    refiner_steps: int = knob(10, 500, 3000)      # the refiner's (it learns only t < 200; the released one: 2000)
+    sdxl_pool: int = knob(256, 8000, 30000)       # training images, rendered and encoded once, for each
     # 08 MMDiT
     mmdit_steps: int = knob(10, 2000, 8000)
 
     @classmethod
-    def named(cls, name: str) -> "Profile":
+    def named(cls, name: str) -> Profile:
         if name not in PROFILES:
             raise ValueError(
                 f"unknown run profile {name!r}: SDLEARN_PROFILE must be one of {', '.join(PROFILES)}"
@@ -126,9 +129,12 @@ COLAB_TAG = "colab-setup"
 def colab_cell_source() -> str:
     return (
         "# Colab only: install sdlearn (does nothing elsewhere)\n"
-        "import sys, subprocess\n"
+        "import subprocess\n"
+        "import sys\n"
+        "\n"
         "if 'google.colab' in sys.modules:\n"
-        f"    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', 'sdlearn @ git+https://github.com/{REPO}'], check=True)"
+        "    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q',\n"
+        f"                    'sdlearn @ git+https://github.com/{REPO}'], check=True)"
     )
 
 
@@ -139,7 +145,7 @@ def colab_badge(notebook: str) -> str:
 
 def _with_colab_cell(nb):
     """The notebook with the Colab set-up cell first (inserted, or rewritten to the current REPO)."""
-    import nbformat
+    import nbformat  # optional: only the notebook build needs it (a dev dependency; notebooks import this module)
 
     cell = nbformat.v4.new_code_cell(colab_cell_source(), metadata={"tags": [COLAB_TAG]})
     cell.id = COLAB_TAG
@@ -167,9 +173,7 @@ def _check_nbgrader_metadata(nb, path: Path) -> None:
 
 def student_version(nb):
     """Clear solutions and outputs with nbgrader's preprocessors: what a learner receives."""
-    import copy
-
-    from nbgrader.preprocessors import ClearOutput, ClearSolutions
+    from nbgrader.preprocessors import ClearOutput, ClearSolutions  # optional: only the notebook build needs it
 
     nb = copy.deepcopy(nb)
     resources = {}
@@ -189,7 +193,7 @@ README_BEGIN, README_END = "<!-- notebooks:begin -->", "<!-- notebooks:end -->"
 
 def build_notebooks(root: Path = ROOT, check: bool = False) -> list[str]:
     """Write notebooks/ from solutions/; return the paths that changed (or would change, with check)."""
-    import nbformat
+    import nbformat  # optional: only the notebook build needs it
 
     sol_dir, out_dir = root / "solutions", root / "notebooks"
     sources = sorted(sol_dir.glob("*.ipynb"))
@@ -237,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check and changed:
         print("out of date (run: python -m sdlearn.course build-notebooks):\n  " + "\n  ".join(changed))
         return 1
-    print(("up to date" if args.check else "wrote") + f": {len(changed)} file(s) changed" + "".join(f"\n  {c}" for c in changed))
+    print(("up to date" if args.check else "wrote") + f": {len(changed)} file(s) changed"
+          + "".join(f"\n  {c}" for c in changed))
     return 0
 
 

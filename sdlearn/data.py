@@ -10,16 +10,21 @@ folder of image + .txt pairs into the same (image [3,size,size] in [-1,1], capti
 """
 from __future__ import annotations
 
+import io
+import math
 import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import datasets
 from tqdm.auto import tqdm
 
 # -----------------------------------------------------------------------------
@@ -203,6 +208,28 @@ def render(objects: Sequence[ShapeObject | Placement], size: int, rng: np.random
 _TRAIN_PAIRS = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]  # 20 pairs
 
 
+QUALITY_CLEAN, QUALITY_WORST = 6.0, 2.0  # the quality label of a clean render and of the most degraded one
+DEGRADATIONS = ("blur", "noise", "jpeg")
+
+
+def degrade_image(image: torch.Tensor, kind: str, severity: float) -> torch.Tensor:
+    """An image [3,H,W] in [-1,1] made worse, by `severity` in [0, 1]: a Gaussian blur (sigma 0.4 to 1.5 px),
+    Gaussian noise (std 0.05 to 0.3) or JPEG compression (quality 60 down to 5)."""
+    if kind == "blur":
+        sigma = 0.4 + 1.1 * severity
+        return TF.gaussian_blur(image[None], kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)[0].clamp(-1, 1)
+    if kind == "noise":
+        g = torch.Generator().manual_seed(int(severity * 1e6))
+        return (image + (0.05 + 0.25 * severity) * torch.randn(image.shape, generator=g)).clamp(-1, 1)
+    if kind == "jpeg":
+        pixels = ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # [H,W,3]
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=round(60 - 55 * severity))
+        back = torch.from_numpy(np.array(Image.open(buffer).convert("RGB"))).permute(2, 0, 1)  # [3,H,W]
+        return back.float() / 127.5 - 1
+    raise ValueError(f"unknown degradation {kind!r}, expected one of {DEGRADATIONS}")
+
+
 @dataclass
 class ShapesSample:
     image: torch.Tensor  # [3,H,W] float32 in [-1,1]
@@ -211,6 +238,7 @@ class ShapesSample:
     original_size: tuple[int, int]  # (h, w) the scene was rendered at
     crop_top_left: tuple[int, int]  # (top, left) of the crop, in rescaled pixels
     target_size: tuple[int, int]  # (h, w) of image
+    quality: float = QUALITY_CLEAN  # SDXL's aesthetic-score analogue: 6 clean, down to 2 for the worst degradation
 
 
 class ShapesDataset(Dataset):
@@ -219,10 +247,12 @@ class ShapesDataset(Dataset):
     Item i is a pure function of (seed, split, i). split="train" never shows a HELDOUT_PAIRS object;
     split="heldout" shows exactly one per image (the other object, if any, is a training pair).
     augment=True: SDXL-style random original size + rescale + crop, recorded in ds.item(i).
+    degrade=p: a fraction p of the images blurred, noised or JPEG-compressed (degrade_image), with a quality label
+    from QUALITY_CLEAN down to QUALITY_WORST by severity (ds.item(i).quality): the refiner's aesthetic score.
     """
 
     def __init__(self, size: int = 32, split: str = "train", seed: int = 0, max_objects: int = 2,
-                 length: int | None = None, augment: bool = False):
+                 length: int | None = None, augment: bool = False, degrade: float = 0.0):
         _check_size(size)
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
@@ -232,8 +262,10 @@ class ShapesDataset(Dataset):
             length = 50_000 if split == "train" else 1_000
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int or None, got {length!r}")
+        if not 0 <= degrade <= 1:
+            raise ValueError(f"degrade is the fraction of degraded images, in [0, 1], got {degrade!r}")
         self.size, self.split, self.seed = int(size), split, int(seed)
-        self.max_objects, self.length, self.augment = max_objects, length, augment
+        self.max_objects, self.length, self.augment, self.degrade = max_objects, length, augment, degrade
 
     def __len__(self) -> int:
         return self.length
@@ -261,20 +293,27 @@ class ShapesDataset(Dataset):
         size = self.size
         placements = layout(objects, rng, margin=1 / size)
         if not self.augment:
-            image = _draw(placements, size)
-            return ShapesSample(image, caption(objects), tuple(objects), (size, size), (0, 0), (size, size))
-        # SDXL-style: a really smaller/larger original, rescaled to [1, 1.25] x size, then a random crop
-        o = int(rng.integers(size // 2, 2 * size + 1))
-        side = round(size * rng.uniform(1.0, 1.25))
-        top, left = (int(v) for v in rng.integers(0, side - size + 1, size=2))
-        image = _draw(placements, o)[None]  # [1,3,o,o]
-        image = F.interpolate(image, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        image = image[0, :, top:top + size, left:left + size].clamp(-1, 1).contiguous()  # [3,size,size]
-        return ShapesSample(image, caption(objects), tuple(objects), (o, o), (top, left), (size, size))
+            sample = ShapesSample(_draw(placements, size), caption(objects), tuple(objects), (size, size), (0, 0),
+                                  (size, size))
+        else:  # SDXL-style: a really smaller/larger original, rescaled to [1, 1.25] x size, then a random crop
+            o = int(rng.integers(size // 2, 2 * size + 1))
+            side = round(size * rng.uniform(1.0, 1.25))
+            top, left = (int(v) for v in rng.integers(0, side - size + 1, size=2))
+            image = _draw(placements, o)[None]  # [1,3,o,o]
+            image = F.interpolate(image, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            image = image[0, :, top:top + size, left:left + size].clamp(-1, 1).contiguous()  # [3,size,size]
+            sample = ShapesSample(image, caption(objects), tuple(objects), (o, o), (top, left), (size, size))
+        if self.degrade:  # its own random stream: the scene does not depend on `degrade`
+            rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i, 1])
+            if rng.random() < self.degrade:
+                severity = float(rng.uniform())
+                sample.image = degrade_image(sample.image, DEGRADATIONS[int(rng.integers(3))], severity)
+                sample.quality = QUALITY_CLEAN - (QUALITY_CLEAN - QUALITY_WORST) * severity
+        return sample
 
 
-def render_pool(dataset: Dataset, n: int, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """The first n items of a (shapes) dataset, rendered once: images [n, 3, H, W] and their captions.
+def render_samples(dataset: ShapesDataset, n: int, progress: bool = True) -> list[ShapesSample]:
+    """The first n samples of a shapes dataset, with their metadata (sizes, crop, quality), rendered once.
 
     Renders on one thread: drawing is many tiny tensor ops, which extra threads only slow down (by 10x and
     more when other programs share the cores).
@@ -282,10 +321,15 @@ def render_pool(dataset: Dataset, n: int, progress: bool = True) -> tuple[torch.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        items = [dataset[i] for i in tqdm(range(n), desc="render", disable=not progress)]
+        return [dataset.item(i) for i in tqdm(range(n), desc="render", disable=not progress)]
     finally:
         torch.set_num_threads(threads)
-    return torch.stack([im for im, _ in items]), [c for _, c in items]
+
+
+def render_pool(dataset: ShapesDataset, n: int, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """The first n items of a shapes dataset, rendered once: images [n, 3, H, W] and their captions."""
+    samples = render_samples(dataset, n, progress)
+    return torch.stack([s.image for s in samples]), [s.caption for s in samples]
 
 
 # -----------------------------------------------------------------------------
@@ -294,7 +338,6 @@ def render_pool(dataset: Dataset, n: int, progress: bool = True) -> tuple[torch.
 
 def _to_model_range(img, size: int) -> torch.Tensor:
     """PIL image -> RGB, shorter side resized to size, centre crop -> [3,size,size] float32 in [-1,1]."""
-    from torchvision.transforms import functional as TF
     img = TF.center_crop(TF.resize(img.convert("RGB"), size, antialias=True), size)
     return TF.pil_to_tensor(img).float() / 127.5 - 1
 
@@ -311,7 +354,6 @@ class TorchvisionCaptions(Dataset):
     NAMES = ("mnist", "fashion-mnist", "cifar10")
 
     def __init__(self, name: str, root: str | Path, size: int = 32, train: bool = True, download: bool = False):
-        from torchvision import datasets
         if name not in self.NAMES:
             raise ValueError(f"unknown dataset {name!r}, supported: {', '.join(self.NAMES)}")
         cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
@@ -368,7 +410,6 @@ class ImageCaptionFolder(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        from PIL import Image
         image_path, text_path = self.pairs[i]
         with Image.open(image_path) as img:
             image = _to_model_range(img, self.size)

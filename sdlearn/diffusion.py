@@ -110,6 +110,11 @@ class NoiseSchedule:
     def __len__(self) -> int:
         return self.num_steps
 
+    @staticmethod
+    def parse_prediction(kind: str) -> str:
+        """A model's prediction type, checked: "eps", "x0" or "v" (diffusers' "epsilon", "sample", "v_prediction")."""
+        return _prediction(kind)
+
     def init_args(self) -> dict:
         """What rebuilds this schedule: NoiseSchedule(**init_args()) (a release stores it)."""
         return {"kind": self.kind, "num_steps": self.num_steps,

@@ -21,7 +21,7 @@ min-SNR-5 loss weights (Hang et al. 2023): the choices that measured best within
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -56,16 +56,18 @@ def drop_conditions(cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tenso
 
 def training_loss(model: nn.Module, schedule: NoiseSchedule, z0: torch.Tensor, cond: dict[str, torch.Tensor],
                   uncond: dict[str, torch.Tensor], p_uncond: float = 0.1, prediction: str = "eps",
-                  snr_gamma: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                  snr_gamma: float | None = None, generator: torch.Generator | None = None,
+                  t_max: int | None = None) -> torch.Tensor:
     """The latent-diffusion loss (LDM eq. 2) on scaled latents z0 [B,C,h,w] with conditions cond (e.g.
     {"context": [B,L,D]}), the model called as model(z_t, t, **cond).
 
     Conditions are dropped to their unconditional twins (`uncond`, [1,...] each) with probability p_uncond; t is
-    uniform over the schedule; the target is eps (or v / x0, per `prediction`); with snr_gamma, each sample's
-    squared error is weighted by min_snr_weight (else a plain mean)."""
+    uniform over the schedule (or over [0, t_max): SDXL's refiner only learns the low-noise end); the target is
+    eps (or v / x0, per `prediction`); with snr_gamma, each sample's squared error is weighted by min_snr_weight
+    (else a plain mean)."""
     B = z0.shape[0]
     cond = drop_conditions(cond, uncond, p_uncond, generator)
-    t = torch.randint(0, len(schedule), (B,), device=z0.device, generator=generator)  # [B]
+    t = torch.randint(0, t_max or len(schedule), (B,), device=z0.device, generator=generator)  # [B]
     noise = torch.randn(z0.shape, device=z0.device, generator=generator)            # [B,C,h,w]
     z_t = schedule.add_noise(z0, noise, t)                                          # sqrt(abar) z0 + sqrt(1-abar) eps
     err = (model(z_t, t, **cond).float() - schedule.target(prediction, z0, noise, t)) ** 2
@@ -78,7 +80,10 @@ def training_loss(model: nn.Module, schedule: NoiseSchedule, z0: torch.Tensor, c
 class TextConditioner(nn.Module):
     """tau_theta of SD 1.x / 2.x: prompts -> {"context": the text encoder's token states [N, L, D]}.
 
-    The unconditional twin (guidance, caption dropout) is the empty prompt "" through the same encoder."""
+    The unconditional twin (guidance, caption dropout) is the empty prompt "" through the same encoder.
+    A conditioner says which of its entries caption dropout replaces (`dropout_keys`) and their widths (`dims`)."""
+
+    dropout_keys = ("context",)
 
     def __init__(self, text_encoder: TextEncoder, tokenizer: Tokenizer | None = None):
         super().__init__()
@@ -121,7 +126,7 @@ class TextToImage(nn.Module):
                  prediction: str = "eps", image_size: int = 32):
         super().__init__()
         self.conditioner, self.denoiser, self.vae = conditioner, denoiser, vae
-        self.schedule, self.prediction = schedule, _prediction(prediction)
+        self.schedule, self.prediction = schedule, schedule.parse_prediction(prediction)
         f = vae.downsampling_factor
         if image_size % f:
             raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor {f}")
@@ -145,9 +150,10 @@ class TextToImage(nn.Module):
         return next(self.denoiser.parameters()).device
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        """Prompts -> the conditions the denoiser reads (SD 1.x: {"context": [N, L, D]})."""
-        return self.conditioner(_check_prompts(prompts))
+    def encode_prompts(self, prompts: str | Sequence[str], **conditions) -> dict[str, torch.Tensor]:
+        """Prompts (and the conditioner's other conditions, e.g. SDXL's sizes) -> what the denoiser reads
+        (SD 1.x: {"context": [N, L, D]})."""
+        return self.conditioner(_check_prompts(prompts), **conditions)
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         """z_T for n images: image i from a generator seeded seed + i -> [n, C, h, w] on the pipeline's device."""
@@ -157,16 +163,17 @@ class TextToImage(nn.Module):
     @torch.no_grad()
     def denoise(self, z: torch.Tensor, cond: dict[str, torch.Tensor], steps: int = 50, guidance_scale: float = 3.0,
                 start: float = 0.0, end: float = 1.0, sampler: str | None = None, seed: int = 0,
-                progress: bool = True, callback: Callable[[dict], None] | None = None, **options) -> torch.Tensor:
+                progress: bool = True, callback: Callable[[dict], None] | None = None,
+                uncond: dict[str, torch.Tensor] | None = None, **options) -> torch.Tensor:
         """Latents z [B,C,h,w] at fraction `start` of the trajectory -> latents at fraction `end` (1: clean), by
-        sdlearn.diffusion.sample with classifier-free guidance against the conditioner's unconditional twin.
-        seed seeds the fresh noise a stochastic sampler draws (DDPM, DDIM with eta > 0)."""
+        sdlearn.diffusion.sample with classifier-free guidance against `uncond` (default: the conditioner's
+        unconditional twin). seed seeds the fresh noise a stochastic sampler draws (DDPM, DDIM with eta > 0)."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a number >= 0 (1: no guidance, 0: unconditional), "
                              f"got {guidance_scale!r}")
-        uncond = self.conditioner.unconditional(1)
+        uncond = self.conditioner.unconditional(1) if uncond is None else uncond
         generator = torch.Generator(device=z.device).manual_seed(seed)
         return sample(self.denoiser, z, self.schedule, steps, sampler, cond, uncond, guidance_scale, start, end,
                       self.prediction, generator, progress=progress, callback=callback, **options)
@@ -180,11 +187,13 @@ class TextToImage(nn.Module):
     def generate(self, prompts: str | Sequence[str], steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
                  sampler: str | None = None, batch_size: int = 256, progress: bool = True,
                  callback: Callable[[dict], None] | None = None, start: float = 0.0, end: float = 1.0,
-                 latents: torch.Tensor | None = None, output: str = "image", **options) -> torch.Tensor:
+                 latents: torch.Tensor | None = None, output: str = "image", conditions: dict | None = None,
+                 **options) -> torch.Tensor:
         """Text to images [N,3,H,W] in [-1,1] on the CPU, or (output="latent") to latents [N,C,h,w].
 
         By default from fresh noise over the whole trajectory; `end` < 1 stops part-way (SDXL's base hands over
         at 0.8), and `latents` with `start` > 0 continues latents already there (SDXL's refiner takes over).
+        conditions: the conditioner's other inputs (SDXL: original_size, crop_top_left, ...).
         **options go to the sampler (DDIM: eta)."""
         prompts = _check_prompts(prompts)
         if output not in ("image", "latent"):
@@ -193,20 +202,22 @@ class TextToImage(nn.Module):
                                     or tuple(latents.shape) != (len(prompts), *self.latent_shape)):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be [N, C, h, w] = {[len(prompts), *self.latent_shape]}, got {got}")
-        cond = self.encode_prompts(prompts)                                      # checks every word
+        conditions = conditions or {}
+        cond = self.encode_prompts(prompts, **conditions)                        # checks every word
+        uncond = self.conditioner.unconditional(1, **conditions)
         out = []
         for i in range(0, len(prompts), batch_size):
             z = self.noise(len(prompts[i:i + batch_size]), seed + i) if latents is None else \
                 latents[i:i + batch_size].to(self.device)                        # [b, C, h, w]
             z = self.denoise(z, {k: v[i:i + batch_size] for k, v in cond.items()}, steps, guidance_scale, start, end,
-                             sampler, seed + i, progress, callback, **options)
+                             sampler, seed + i, progress, callback, uncond, **options)
             out.append((self.decode(z) if output == "image" else z).cpu())
         return torch.cat(out)
 
     @torch.no_grad()
     def img2img(self, images: torch.Tensor, prompts: str | Sequence[str], strength: float = 0.5, steps: int = 50,
                 guidance_scale: float = 3.0, seed: int = 0, sampler: str | None = None, progress: bool = True,
-                **options) -> torch.Tensor:
+                conditions: dict | None = None, **options) -> torch.Tensor:
         """SDEdit (Meng et al. 2022): encode images [N,3,H,W] in [-1,1], noise them to where the last `strength` of
         the trajectory starts, and denoise from there with the prompts. strength 0 returns the (re-decoded) input,
         1 keeps almost nothing of it."""
@@ -226,4 +237,4 @@ class TextToImage(nn.Module):
         t = torch.full((len(z0),), trajectory[0], device=self.device)
         z = self.schedule.add_noise(z0, self.noise(len(z0), seed), t)           # q(z_t | z_0) where sampling starts
         return self.generate(prompts, steps, guidance_scale, seed, sampler, progress=progress, start=start,
-                             latents=z, **options)
+                             latents=z, conditions=conditions, **options)

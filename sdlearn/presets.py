@@ -16,6 +16,8 @@ from torch import nn
 # name -> the sdlearn module that defines it
 WHERE = {
     "clip-l-text": "sdlearn.text",
+    "clip-l-text-proj": "sdlearn.text",
+    "clip-g-text": "sdlearn.text",
     "sd-vae": "sdlearn.vae",
     "sd3-vae": "sdlearn.vae",
     "sd15-unet": "sdlearn.unet",
@@ -29,6 +31,8 @@ WHERE = {
 # parameter counts of the released models (diffusers 0.42.1 / transformers); buffers excluded
 PUBLISHED = {
     "clip-l-text": 123_060_480,
+    "clip-l-text-proj": 123_650_304,
+    "clip-g-text": 694_659_840,
     "sd-vae": 83_653_863,
     "sd3-vae": 83_819_683,
     "sd15-unet": 859_520_964,

@@ -26,8 +26,8 @@ import difflib
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ class Tokenizer:
         self.pad_id, self.bos_id, self.eos_id = self.ids[PAD], self.ids[BOS], self.ids[EOS]
 
     @classmethod
-    def for_encoder(cls, encoder: "TextEncoder", truncate: bool = False) -> "Tokenizer":
+    def for_encoder(cls, encoder: TextEncoder, truncate: bool = False) -> Tokenizer:
         """The tokenizer an encoder was trained with: its config's vocab, padded to its position table."""
         cfg = encoder.config
         if cfg.vocab is None:
@@ -159,6 +159,19 @@ class Tokenizer:
             if i not in (self.bos_id, self.pad_id):
                 words.append(self.vocab[i])
         return " ".join(words)
+
+
+class PretrainedTokenizer:
+    """A transformers tokenizer (CLIPTokenizer for real checkpoints) called like the course's Tokenizer:
+    prompts -> ids [B, max_length], padded and truncated as diffusers' pipelines do."""
+
+    def __init__(self, tokenizer, max_length: int | None = None):
+        self.tokenizer, self.context_length = tokenizer, max_length or tokenizer.model_max_length
+
+    def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.tokenizer(prompts, padding="max_length", max_length=self.context_length, truncation=True,
+                              return_tensors="pt").input_ids  # [B, L]
 
 
 # -----------------------------------------------------------------------------
@@ -243,8 +256,9 @@ class Block(nn.Module):
 class TextEncoder(nn.Module):
     """CLIP's text transformer: tokens [B, L] -> (hidden [B, L, D], pooled [B, P]).
 
-    hidden: final-LayerNorm'd states of every token (what the UNet cross-attends to).
-    pooled: the state at <eos> (which, causally, has read the whole prompt), times text_projection if any.
+    hidden: final-LayerNorm'd states of every token (what the UNet cross-attends to); with hidden_layer=-2, the
+        penultimate block's output as it is (SDXL's context; transformers' hidden_states[-2]).
+    pooled: the final state at <eos> (which, causally, has read the whole prompt), times text_projection if any.
     """
 
     def __init__(self, config: TextConfig):
@@ -285,25 +299,39 @@ class TextEncoder(nn.Module):
             return tokens.int().argmax(-1)
         return (tokens == self.config.eos_token_id).int().argmax(-1)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, hidden_layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(tokens)
+        layers = len(self.blocks)
+        if not -layers <= hidden_layer <= -1:
+            raise ValueError(f"hidden_layer must be in -{layers}..-1 (-1: the last block, final-normed; -2: the "
+                             f"penultimate, as SDXL reads it), got {hidden_layer}")
         B, L = tokens.shape
         pos = torch.arange(L, device=tokens.device)  # [L]
         x = self.token_embedding(tokens) + self.position_embedding(pos)  # [B, L, D]
+        states = []
         for block in self.blocks:
             x = block(x)  # [B, L, D]
-        hidden = self.final_norm(x)  # [B, L, D]
-        pooled = hidden[torch.arange(B, device=tokens.device), self.pool_index(tokens)]  # [B, D]
+            states.append(x)
+        final = self.final_norm(x)  # [B, L, D]
+        hidden = final if hidden_layer == -1 else states[hidden_layer]
+        pooled = final[torch.arange(B, device=tokens.device), self.pool_index(tokens)]  # [B, D]
         if self.projection is not None:
             pooled = self.projection(pooled)  # [B, P]
         return hidden, pooled
 
 
+CLIP_L = dict(vocab=None, vocab_size=49408, max_positions=77, width=768, layers=12, heads=12, mlp_dim=3072,
+              activation="quick_gelu", eos_token_id=2, pool="argmax")
+
 PRESETS = {
-    # CLIP ViT-L/14's text tower (SD 1.x's text encoder; SDXL's and SD3's first one): openai/clip-vit-large-patch14
-    "clip-l-text": lambda: TextEncoder(TextConfig(
-        vocab=None, vocab_size=49408, max_positions=77, width=768, layers=12, heads=12, mlp_dim=3072,
-        activation="quick_gelu", projection_dim=None, eos_token_id=2, pool="argmax")),
+    # CLIP ViT-L/14's text tower (SD 1.x's text encoder; SDXL's first one): openai/clip-vit-large-patch14
+    "clip-l-text": lambda: TextEncoder(TextConfig(**CLIP_L, projection_dim=None)),
+    # the same with its text projection, as SD3 uses it (CLIPTextModelWithProjection)
+    "clip-l-text-proj": lambda: TextEncoder(TextConfig(**CLIP_L, projection_dim=768)),
+    # OpenCLIP ViT-bigG/14's text tower with its projection: SDXL's second text encoder, SD3's too
+    "clip-g-text": lambda: TextEncoder(TextConfig(
+        vocab=None, vocab_size=49408, max_positions=77, width=1280, layers=32, heads=20, mlp_dim=5120,
+        activation="gelu", projection_dim=1280, eos_token_id=2, pool="argmax")),
 }
 
 

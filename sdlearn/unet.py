@@ -47,7 +47,10 @@ class UNetConfig:
 
     def __post_init__(self):
         n = len(self.channels)
-        per_level = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+        def per_level(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
         self.channels, self.attention = tuple(self.channels), tuple(bool(a) for a in self.attention)
         self.transformer_layers = per_level(self.transformer_layers)
         for name in ("attention", "transformer_layers"):
@@ -98,6 +101,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]                 # [B,half]
     emb = torch.cat([torch.cos(args), torch.sin(args)], -1)  # [B,2*half]
     return F.pad(emb, (0, dim % 2))                          # [B,dim]
+
+
+def text_time_input(pooled: torch.Tensor, time_ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's "text_time" input (Podell et al. 2023, sec. 2.2): pooled text [B,P] and K micro-conditions [B,K],
+    each id its own dim-channel sinusoid, concatenated -> [B, P + K*dim] (SDXL base: 1280 + 6 x 256 = 2816)."""
+    ids = timestep_embedding(time_ids.flatten(), dim)                   # [B*K, dim]
+    ids = rearrange(ids, "(b k) d -> b (k d)", b=pooled.shape[0])       # [B, K*dim], id 0's channels first
+    return torch.cat([pooled, ids.to(pooled.dtype)], dim=-1)
 
 
 class TimestepMLP(nn.Module):
@@ -174,7 +185,8 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         proj = (lambda a, b: nn.Linear(a, b)) if linear_proj else (lambda a, b: nn.Conv2d(a, b, 1))
         self.proj_in = proj(channels, inner)
-        self.blocks = nn.ModuleList(TransformerBlock(inner, context_dim, heads, head_dim, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(inner, context_dim, heads, head_dim, dropout)
+                                    for _ in range(depth))
         self.proj_out = proj(inner, channels)
 
     def forward(self, x, context):                         # x [B,C,H,W]
@@ -294,9 +306,7 @@ class UNet(nn.Module):
         cfg = self.config
         emb = self.time_embed(timestep_embedding(t, cfg.channels[0]))            # [B,temb]
         if cfg.text_time:
-            ids = timestep_embedding(time_ids.flatten(), cfg.time_id_dim)        # [B*K,256]
-            ids = rearrange(ids, "(b k) d -> b (k d)", b=t.shape[0])             # [B,K*256]
-            emb = emb + self.add_embed(torch.cat([pooled, ids.to(pooled.dtype)], -1))
+            emb = emb + self.add_embed(text_time_input(pooled, time_ids, cfg.time_id_dim))  # [B,temb]
         return emb
 
     def down_path(self, h, emb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:

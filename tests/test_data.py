@@ -16,6 +16,8 @@ from sdlearn.data import (
     POSITION_PHRASES,
     POSITION_XY,
     POSITIONS,
+    QUALITY_CLEAN,
+    QUALITY_WORST,
     SHAPES,
     ImageCaptionFolder,
     Placement,
@@ -23,6 +25,7 @@ from sdlearn.data import (
     ShapesDataset,
     TorchvisionCaptions,
     caption,
+    degrade_image,
     layout,
     parse_caption,
     render,
@@ -401,3 +404,21 @@ def test_image_caption_folder_errors(tmp_path):
         ImageCaptionFolder(tmp_path / "empty")
     with pytest.raises(ValueError, match="not a folder"):
         ImageCaptionFolder(tmp_path / "missing")
+
+
+def test_degraded_images_carry_a_quality_label_and_the_same_scene():
+    plain, bad = ShapesDataset(seed=5, augment=True), ShapesDataset(seed=5, augment=True, degrade=0.5)
+    qualities = []
+    for i in range(60):
+        a, b = plain.item(i), bad.item(i)
+        assert a.caption == b.caption and a.original_size == b.original_size and a.crop_top_left == b.crop_top_left
+        assert b.image.shape == a.image.shape and b.image.min() >= -1 and b.image.max() <= 1
+        assert (b.quality == QUALITY_CLEAN) == torch.equal(a.image, b.image)
+        qualities.append(b.quality)
+    degraded = [q for q in qualities if q < QUALITY_CLEAN]
+    assert 15 < len(degraded) < 45 and min(degraded) >= QUALITY_WORST
+    assert all(ShapesDataset(seed=5, degrade=1.0).item(i).quality < QUALITY_CLEAN for i in range(10))
+    with pytest.raises(ValueError, match=r"degrade is the fraction of degraded images, in \[0, 1\], got 1.5"):
+        ShapesDataset(degrade=1.5)
+    with pytest.raises(ValueError, match="unknown degradation 'smear'"):
+        degrade_image(plain[0][0], "smear", 0.5)

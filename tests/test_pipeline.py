@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdlearn import pretrained
+from sdlearn.__main__ import main as cli
 from sdlearn.checks.pipeline import tiny_pipeline
 from sdlearn.diffusion import NoiseSchedule
 from sdlearn.pipeline import TextConditioner, TextToImage, training_loss
@@ -45,6 +46,12 @@ class LineSchedule:
 
     def init_args(self):
         return {"num_steps": self.num_steps}
+
+    @staticmethod
+    def parse_prediction(kind):
+        if kind != "x0":
+            raise ValueError(f"a LineSchedule's model predicts x0, got {kind!r}")
+        return kind
 
     def trajectory(self, steps, start=0.0, end=1.0):
         s = torch.linspace(1, 0, steps + 1).tolist()
@@ -232,11 +239,26 @@ def test_cli_generate_writes_a_grid(tmp_path):
     assert Image.open(out).size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)  # 3 columns x 2 rows of 64 px, 2 px padding
 
 
-def test_cli_bad_input_says_what_is_wrong(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["a red blob"], "unknown word 'blob'"),
+    (["a red circle", "--model", "shapes-vae"], "is a AutoencoderKL, not a text-to-image pipeline"),
+    (["a red circle", "--model", "shapes-nothing"], "no released model 'shapes-nothing'"),
+])
+def test_cli_bad_input_says_what_is_wrong(args, message, tmp_path, capsys):
+    """A one-line error and exit status 2, no traceback (argparse's error; the subprocess test above runs the
+    real command line)."""
     released_t2i()
-    r = run_cli("generate", "a red blob", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and "unknown word 'blob'" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("generate", "a red circle", "--model", "shapes-vae", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and "is a AutoencoderKL, not a text-to-image pipeline" in r.stderr
-    r = run_cli("generate", "a red circle", "--model", "shapes-nothing", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and "no released model 'shapes-nothing'" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        cli(["generate", *args, "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_generates_with_the_sdxl_base_and_refiner(tmp_path, capsys):
+    if not {"shapes-sdxl-base-32", "shapes-sdxl-refiner-32"} <= set(pretrained.available()):
+        pytest.skip("needs the released shapes-sdxl-base-32 and shapes-sdxl-refiner-32")
+    out = tmp_path / "sdxl.png"
+    assert cli(["generate", "a red circle on the left", "--model", "shapes-sdxl", "--refiner", "--n", "2",
+                "--steps", "5", "--scale", "1", "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (2 * 32 + 3 * 2, 32 + 2 * 2) and "wrote" in capsys.readouterr().out

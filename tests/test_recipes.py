@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from sdlearn import pretrained
+from sdlearn import train as train_module
 from sdlearn.__main__ import main as cli
-from sdlearn.pipeline import TextToImage
-from sdlearn.recipes import RECIPES, clip, t2i, vae
+from sdlearn.pipeline import TextToImage, training_loss
+from sdlearn.recipes import RECIPES, clip, command, sdxl, t2i, vae
 from sdlearn.text import Tokenizer
 from sdlearn.vae import AutoencoderKL
 
@@ -37,15 +38,18 @@ def test_train_help_lists_the_models_and_each_recipe_its_defaults(capsys):
 
 def test_unknown_model_is_a_clear_error(capsys):
     assert cli(["train", "unet"]) == 2
-    assert "model must be one of clip, vae, t2i, got 'unet'" in capsys.readouterr().err
+    assert "model must be one of clip, vae, t2i, sdxl, got 'unet'" in capsys.readouterr().err
 
 
 def test_release_commands_are_the_recipes():
-    for name, size, command in [("shapes-t2i", 32, t2i.RELEASE), ("shapes-vae", 32, vae.RELEASE[32]),
-                                ("shapes-vae", 64, vae.RELEASE[64]), ("shapes-clip", 32, clip.RELEASE),
-                                ("shapes-clip-image", 32, clip.RELEASE)]:
+    releases = [("shapes-t2i", 32, t2i.RELEASE), ("shapes-vae", 32, vae.RELEASE[32]),
+                ("shapes-vae", 64, vae.RELEASE[64]), ("shapes-clip", 32, clip.RELEASE),
+                ("shapes-clip-image", 32, clip.RELEASE),
+                ("shapes-clip-g", 32, clip.RELEASE_G), ("shapes-clip-g-image", 32, clip.RELEASE_G),
+                ("shapes-sdxl-base", 32, sdxl.RELEASE["base"]), ("shapes-sdxl-refiner", 32, sdxl.RELEASE["refiner"])]
+    for name, size, made_by in releases:
         if f"{name}-{size}" in pretrained.available():
-            assert pretrained.metadata(name, size)["command"] == command
+            assert pretrained.metadata(name, size)["command"] == made_by
 
 
 # -----------------------------------------------------------------------------
@@ -119,44 +123,76 @@ def test_t2i_cli_trains_and_writes_a_loadable_release(tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# a run killed part-way and started again ends where an uninterrupted run ends
-
-RESUMABLE = {
-    "vae": ["--size", "16", "--steps", "40", "--batch-size", "2", "--eval", "0"],
-    "clip": ["--steps", "40", "--batch-size", "8", "--pool", "64", "--eval-n", "0"],
-    "t2i": ["--steps", "40", "--batch-size", "8", "--pool", "32", "--width", "16", "--eval", "0"],
-}
+# a run stopped part-way and started again ends where an uninterrupted run ends
 
 
-def _train(name, folder, **popen):
-    args = [sys.executable, "-m", "sdlearn", "train", name, *RESUMABLE[name], "--threads", "1",
-            "--checkpoint-dir", str(folder), "--checkpoint-every", "1"]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
-
-
-@pytest.mark.parametrize("name", list(RESUMABLE))
-def test_cli_resumes_a_killed_run_to_the_same_weights(name, tmp_path):
-    if name == "t2i" and not {"shapes-vae-32", "shapes-clip-32"} <= set(pretrained.available()):
+def test_cli_resumes_a_killed_run_to_the_same_weights(tmp_path):
+    """The real thing, for the text-to-image recipe: the process is killed (SIGKILL) after its first checkpoint,
+    the same command is run again, and the weights equal those of a run that never stopped."""
+    if not {"shapes-vae-32", "shapes-clip-32"} <= set(pretrained.available()):
         pytest.skip("needs the released shapes-vae-32 and shapes-clip-32")
-    steps = int(RESUMABLE[name][RESUMABLE[name].index("--steps") + 1])
-    whole = _train(name, tmp_path / "whole")
-    run = _train(name, tmp_path / "killed")
-    start = time.monotonic()
+    steps = 40
+    args = [sys.executable, "-m", "sdlearn", "train", "t2i", "--steps", str(steps), "--batch-size", "8", "--pool", "32",
+            "--width", "16", "--eval", "0", "--threads", "1", "--checkpoint-every", "1", "--checkpoint-dir"]
+
+    def start(folder):
+        return subprocess.Popen([*args, str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    whole, run = start(tmp_path / "whole"), start(tmp_path / "killed")
+    began = time.monotonic()
     while not (tmp_path / "killed" / "latest").exists():  # the first checkpoint: kill it there
         assert run.poll() is None, run.stderr.read()
-        assert time.monotonic() - start < 240, "no checkpoint appeared"
+        assert time.monotonic() - began < 240, "no checkpoint appeared"
         time.sleep(0.002)
     run.kill()
     run.wait()
     killed_at = int((tmp_path / "killed" / "latest").read_text().rsplit("-", 1)[1])
     assert killed_at < steps
-    again = _train(name, tmp_path / "killed")
+    again = start(tmp_path / "killed")
     assert again.wait(timeout=300) == 0, again.stderr.read()
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
-    final = f"step-{steps:07d}"
-    for file in ("model.safetensors",) + (("ema.safetensors",) if name == "t2i" else ()):
-        a, b = load_file(tmp_path / "whole" / final / file), load_file(tmp_path / "killed" / final / file)
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: {file} differs after resuming from {killed_at}"
+    for file in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(tmp_path / run / f"step-{steps:07d}" / file) for run in ("whole", "killed"))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{file} differs after resuming from step {killed_at}"
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name, args", [
+    ("vae", ["--size", "16", "--steps", "12", "--batch-size", "2", "--eval", "0"]),
+    ("clip", ["--steps", "12", "--batch-size", "8", "--pool", "64", "--eval-n", "0"]),
+])
+def test_every_recipe_resumes_from_its_checkpoint_folder(name, args, tmp_path, monkeypatch):
+    """The other recipes, in-process: the run crashes right after writing its checkpoint of step 5, the same
+    command line is run again, and its last checkpoint equals an uninterrupted run's."""
+    def run(folder):
+        assert cli(["train", name, *args, "--threads", "1", "--checkpoint-every", "1",
+                    "--checkpoint-dir", str(folder)]) == 0
+
+    run(tmp_path / "whole")
+    save = train_module.save_checkpoint
+
+    def save_then_crash(folder, step, *a, **k):
+        path = save(folder, step, *a, **k)
+        if step == 5:
+            raise Crash(f"crashed after saving step {step}")
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run(tmp_path / "stopped")
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    assert (tmp_path / "stopped" / "latest").read_text() == "step-0000005"
+    run(tmp_path / "stopped")
+    a, b = (load_file(tmp_path / r / "step-0000012" / "model.safetensors") for r in ("whole", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_stored_command_leaves_out_where_checkpoints_go():
+    assert command("t2i", ["train", "--steps", "3", "--checkpoint-dir", "/x", "--checkpoint-every=5", "--release"]) \
+        == "python -m sdlearn train t2i --steps 3 --release"
 
 
 # -----------------------------------------------------------------------------
@@ -176,3 +212,36 @@ def test_released_vae_meets_the_quality_bar(size):
 
 def test_the_32px_vae_release_exists():
     assert 32 in RELEASED_VAES
+
+
+NEEDS_SDXL_PARTS = pytest.mark.skipif(
+    not {"shapes-vae-32", "shapes-clip-32", "shapes-clip-g-32"} <= set(pretrained.available()),
+    reason="needs the released shapes-vae-32, shapes-clip-32 and shapes-clip-g-32")
+
+
+@NEEDS_SDXL_PARTS
+@pytest.mark.parametrize("part", ["base", "refiner"])
+def test_sdxl_recipe_trains_each_part_with_its_conditions(part):
+    seen = []
+
+    def loss_fn(model, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma, **kw):
+        seen.append((sorted(cond), sorted(uncond), kw))
+        return training_loss(model, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma, **kw)
+
+    pipe, hist = sdxl.train(part, steps=2, batch_size=4, pool=8, width=16, loss_fn=loss_fn, progress=False)
+    assert len(hist.losses) == 2 and isinstance(pipe, TextToImage)
+    keys, dropped, kw = seen[0]
+    assert keys == ["context", "pooled", "time_ids"] and dropped == ["context", "pooled"]  # ids are never dropped
+    assert kw == ({"t_max": 200} if part == "refiner" else {})
+    assert pipe.conditioner.dims["time_ids"] == (5 if part == "refiner" else 6)
+
+
+@NEEDS_SDXL_PARTS
+def test_sdxl_training_samples_record_their_micro_conditions():
+    images, captions, base_ids = sdxl.training_samples("base", 32, 8, augment=0.5, progress=False)
+    assert images.shape == (8, 3, 32, 32) and len(captions) == 8
+    assert sorted(base_ids) == ["crop_top_left", "original_size", "target_size"]
+    assert (base_ids["original_size"][4:] == 32).all() and not base_ids["crop_top_left"][4:].any()  # plain half
+    _, _, refiner_ids = sdxl.training_samples("refiner", 32, 40, degrade=0.5, progress=False)
+    assert sorted(refiner_ids) == ["aesthetic_score", "crop_top_left", "original_size"]
+    assert (refiner_ids["aesthetic_score"] < 6).any() and (refiner_ids["aesthetic_score"] == 6).any()

@@ -5,8 +5,17 @@ import torch
 
 from sdlearn import convert, presets, pretrained
 from sdlearn.data import ShapesDataset
-from sdlearn.text import (CLIP, COURSE_VOCAB, ImageEncoder, ImageEncoderConfig, TextConfig, TextEncoder, Tokenizer,
-                          clip_loss, retrieval)
+from sdlearn.text import (
+    CLIP,
+    COURSE_VOCAB,
+    ImageEncoder,
+    ImageEncoderConfig,
+    TextConfig,
+    TextEncoder,
+    Tokenizer,
+    clip_loss,
+    retrieval,
+)
 
 # -----------------------------------------------------------------------------
 # tokenizer
@@ -76,10 +85,32 @@ def test_encoder_shapes_and_causality():
     assert torch.allclose(pooled, enc.projection(hidden[:, 7]))
 
 
-def test_clip_l_preset_has_the_published_parameter_count():
-    model = presets.build("clip-l-text")
-    assert presets.count_parameters(model) == presets.PUBLISHED["clip-l-text"] == 123_060_480
-    assert model.projection is None and model.config.pool == "argmax"
+@pytest.mark.parametrize("name, count", [("clip-l-text", 123_060_480), ("clip-l-text-proj", 123_650_304),
+                                         ("clip-g-text", 694_659_840)])
+def test_text_presets_have_the_published_parameter_count(name, count):
+    model = presets.build(name)
+    assert presets.count_parameters(model) == presets.PUBLISHED[name] == count
+    assert (model.projection is None) == (name == "clip-l-text") and model.config.pool == "argmax"
+
+
+def test_penultimate_hidden_states_equal_transformers_hidden_states_minus_2():
+    """SDXL reads the penultimate block's states, unnormalised: transformers' hidden_states[-2]."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    theirs = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        projection_dim=16, max_position_embeddings=20, hidden_act="gelu", eos_token_id=2)).eval()
+    ours = convert.from_diffusers(theirs).eval()
+    ids = torch.randint(3, 100, (2, 20))
+    ids[:, 9] = 99  # the largest id: the pooled position (eos_token_id == 2: argmax, as old CLIP configs)
+    with torch.no_grad():
+        out = theirs(ids, output_hidden_states=True)
+        hidden, pooled = ours(ids, hidden_layer=-2)
+        assert (hidden - out.hidden_states[-2]).abs().max() == 0 and (pooled - out.text_embeds).abs().max() == 0
+        assert not torch.equal(hidden, ours(ids)[0])  # not the final-normed states
+    with pytest.raises(ValueError, match=r"hidden_layer must be in -3\.\.-1"):
+        ours(ids, hidden_layer=-4)
 
 
 def test_bad_tokens_are_clear_errors():

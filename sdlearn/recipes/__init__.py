@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-from typing import Callable
+import time
+from collections.abc import Callable
 
 import torch
 
+from sdlearn import pretrained
+
 # model name on the command line -> the recipe module
-RECIPES = {"clip": "sdlearn.recipes.clip", "vae": "sdlearn.recipes.vae", "t2i": "sdlearn.recipes.t2i"}
+RECIPES = {"clip": "sdlearn.recipes.clip", "vae": "sdlearn.recipes.vae", "t2i": "sdlearn.recipes.t2i",
+           "sdxl": "sdlearn.recipes.sdxl"}
 
 
 def parser(name: str, doc: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -39,10 +43,34 @@ def parser(name: str, doc: str) -> tuple[argparse.ArgumentParser, argparse.Argum
     return p, train, evaluate
 
 
+# the options every recipe's train() has
+COMMON_HELP = {
+    "steps": "training steps",
+    "batch_size": "training batch",
+    "lr": "AdamW peak learning rate (warm-up, then cosine decay)",
+    "seed": "seed of the weights, the data and the batches",
+    "device": "cpu, cuda, ...",
+    "checkpoint_dir": "save checkpoints here; run the same command again to resume from the latest",
+    "checkpoint_every": "steps between checkpoints (0: only at the end)",
+}
+# and the latent diffusion recipes' (t2i, sdxl)
+LATENT_HELP = {
+    "size": "image size (the released VAE of this size is used)",
+    "pool": "training images rendered and encoded once",
+    "width": "channels of the UNet's first level (the second has twice)",
+    "layers": "ResBlocks per level",
+    "prediction": "what the UNet predicts: eps, v or x0",
+    "schedule": "noise schedule: linear, scaled_linear or cosine",
+    "snr_gamma": "min-SNR-gamma loss weighting (0: a plain mean)",
+    "p_uncond": "probability of training with the text dropped (for classifier-free guidance)",
+}
+
+
 def add_options(p: argparse.ArgumentParser, fn: Callable, helps: dict[str, str]) -> None:
-    """One --option per parameter of fn named in helps, with fn's default (so the two cannot drift) and its type."""
+    """One --option per parameter of fn named in helps or COMMON_HELP, with fn's default (so the two cannot
+    drift) and its type."""
     params = inspect.signature(fn).parameters
-    for name, help in helps.items():
+    for name, help in {**COMMON_HELP, **helps}.items():
         default = params[name].default
         p.add_argument("--" + name.replace("_", "-"), type=str if default is None else type(default),
                        default=default, help=help)
@@ -50,7 +78,17 @@ def add_options(p: argparse.ArgumentParser, fn: Callable, helps: dict[str, str])
 
 def options(args: argparse.Namespace, helps: dict[str, str]) -> dict:
     """The values of the options `add_options` made, as keyword arguments."""
-    return {name: getattr(args, name) for name in helps}
+    return {name: getattr(args, name) for name in {**COMMON_HELP, **helps}}
+
+
+def reproduce(name: str, size: int, start: float) -> None:
+    """After an evaluation: how long it took, and the command that made the release."""
+    print(f"({time.perf_counter() - start:.1f} s); reproduce with:", pretrained.metadata(name, size)["command"])
+
+
+def exact_figures(scores: dict[str, dict[str, float]]) -> dict[str, str]:
+    """The judge's exact rates by group, as release metadata: {"exact_1_object": "0.981", ...}."""
+    return {f"exact_{k.replace(' ', '_').replace(',', '')}": f"{s['exact']:.3f}" for k, s in scores.items()}
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -59,6 +97,15 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 def command(name: str, argv: list[str] | None) -> str:
-    """The command line that ran this recipe, as `python -m sdlearn train <name> ...` (stored in a release)."""
+    """The command line that ran this recipe, as `python -m sdlearn train <name> ...` (stored in a release),
+    without the checkpoint options, which change where a run is saved, not what it makes."""
     rest = sys.argv[2:] if argv is None else argv[1:]  # drop the subcommand, "train"
-    return " ".join(["python -m sdlearn train", name, *rest])
+    kept, skip = [], False
+    for arg in rest:
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in ("--checkpoint-dir", "--checkpoint-every"):
+            skip = "=" not in arg  # its value is the next argument
+        else:
+            kept.append(arg)
+    return " ".join(["python -m sdlearn train", name, *kept])

@@ -5,24 +5,30 @@ against an image encoder on rendered shapes with their captions.
     python -m sdlearn eval clip                                                              # its retrieval
 
 The release is two files: shapes-clip (the text encoder every later notebook conditions on) and shapes-clip-image
-(its training partner, for measuring retrieval).
+(its training partner, for measuring retrieval). shapes-clip-g is SDXL's second, wider text encoder, trained by the
+same recipe (notebook 07):
+
+    python -m sdlearn train clip --name shapes-clip-g --width 128 --layers 4 --heads 8 --activation gelu \
+        --size 32 --steps 4000 --pool 30000 --threads 1 --release
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from sdlearn import pretrained
 from sdlearn.course import seed_everything
 from sdlearn.data import ShapesDataset, render_pool
-from sdlearn.recipes import add_options, command, options, parser, set_threads
+from sdlearn.recipes import add_options, command, options, parser, reproduce, set_threads
 from sdlearn.text import CLIP, ImageEncoder, ImageEncoderConfig, TextConfig, TextEncoder, Tokenizer, retrieval
 from sdlearn.train import History, TrainConfig, fit
 
 RELEASE = "python -m sdlearn train clip --size 32 --steps 4000 --pool 30000 --threads 1 --release"
+RELEASE_G = ("python -m sdlearn train clip --name shapes-clip-g --width 128 --layers 4 --heads 8 --activation gelu "
+             "--size 32 --steps 4000 --pool 30000 --threads 1 --release")
 
 
 def unique_caption_batches(images: torch.Tensor, captions: list[str], tokenizer: Tokenizer, batch_size: int,
@@ -52,17 +58,22 @@ def clip_step(model: CLIP, batch) -> tuple[torch.Tensor, dict]:
 
 
 def train(size: int = 32, steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, pool: int = 10000,
-          eval_n: int = 1000, seed: int = 0, text: TextConfig | None = None, image: ImageEncoderConfig | None = None,
+          eval_n: int = 1000, seed: int = 0, width: int = 64, layers: int = 3, heads: int = 4,
+          activation: str = "quick_gelu", text: TextConfig | None = None, image: ImageEncoderConfig | None = None,
           loss_fn: Callable = clip_step, device: str | torch.device = "cpu",
           checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
           callback: Callable | None = None, callback_every: int = 0,
           progress: bool = True) -> tuple[CLIP, Tokenizer, History, dict[str, float]]:
     """Train a CLIP on `pool` rendered shapes images -> (clip, tokenizer, History, held-out retrieval of eval_n).
 
+    The text encoder: `text`, or TextConfig(width, layers, heads, activation) with a projection as wide as it (the
+    released shapes-clip: 64 wide, 3 layers; shapes-clip-g, SDXL's second and larger encoder: 128 wide, 4 layers,
+    GELU like OpenCLIP bigG).
+
     loss_fn(clip, (images, tokens)) -> loss or (loss, logs): CLIP.loss, or a learner's (notebook 02).
     callback(step, clip, None) every `callback_every` steps. With checkpoint_dir, a stopped run resumes."""
     seed_everything(seed)
-    text = text or TextConfig()
+    text = text or TextConfig(width=width, layers=layers, heads=heads, projection_dim=width, activation=activation)
     image = image or ImageEncoderConfig(image_size=size, embed_dim=text.pooled_dim)
     tok = Tokenizer(context_length=text.max_positions, vocab=text.vocab)
     clip = CLIP(TextEncoder(text), ImageEncoder(image)).to(device)
@@ -80,33 +91,32 @@ def train(size: int = 32, steps: int = 1500, batch_size: int = 128, lr: float = 
 
 HELP = {
     "size": "image size of the image encoder",
-    "steps": "training steps",
     "batch_size": "training batch (no caption twice in a batch)",
-    "lr": "AdamW peak learning rate (warm-up, then cosine decay)",
     "pool": "training images rendered once and reused",
     "eval_n": "held-out images to measure retrieval on; 0: none",
-    "seed": "seed of the weights, the data and the batches",
-    "device": "cpu, cuda, ...",
-    "checkpoint_dir": "save checkpoints here; run the same command again to resume from the latest",
-    "checkpoint_every": "steps between checkpoints (0: only at the end)",
+    "width": "the text encoder's width (and its projection's)",
+    "layers": "the text encoder's transformer blocks",
+    "heads": "attention heads per block",
+    "activation": "the MLP's activation: quick_gelu (OpenAI CLIP) or gelu (OpenCLIP)",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     p, t, e = parser("clip", __doc__)
     add_options(t, train, HELP)
+    t.add_argument("--name", default="shapes-clip", help="release name (its image partner: <name>-image)")
     e.add_argument("--size", type=int, default=32)
     e.add_argument("--n", type=int, default=1000, help="held-out images")
+    e.add_argument("--name", default="shapes-clip", help="the release to measure (shapes-clip or shapes-clip-g)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     if args.cmd == "eval":
-        text = pretrained.load("shapes-clip", args.size)
-        clip = CLIP(text, pretrained.load("shapes-clip-image", args.size))
+        text = pretrained.load(args.name, args.size)
+        clip = CLIP(text, pretrained.load(f"{args.name}-image", args.size))
         images, captions = render_pool(ShapesDataset(size=args.size, split="heldout", length=max(args.n, 1)), args.n)
         acc = retrieval(clip, Tokenizer.for_encoder(text), images, captions)
-        print(f"held-out top-1 retrieval among {args.n}:", {k: round(v, 3) for k, v in acc.items()},
-              f"({time.perf_counter() - start:.1f} s)")
-        print("reproduce with:", pretrained.metadata("shapes-clip", args.size)["command"])
+        print(f"held-out top-1 retrieval among {args.n}:", {k: round(v, 3) for k, v in acc.items()})
+        reproduce(args.name, args.size, start)
         return 0
     set_threads(args)
     clip, tok, hist, acc = train(**options(args, HELP))
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print("held-out top-1 retrieval:", {k: round(v, 3) for k, v in acc.items()})
     if args.release or args.out:
         extra = {f"heldout_{k}": f"{v:.4f}" for k, v in acc.items()}
-        for model, name in ((clip.text, "shapes-clip"), (clip.image, "shapes-clip-image")):
+        for model, name in ((clip.text, args.name), (clip.image, f"{args.name}-image")):
             dest = Path(args.out).with_name(f"{name}-{args.size}.safetensors") if args.out else None
             print("wrote", pretrained.save(model, name, args.size, command("clip", argv), dest, **extra))
     return 0

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 from sdlearn import pretrained
 from sdlearn.course import seed_everything
@@ -23,7 +24,7 @@ from sdlearn.data import ShapesDataset, render_pool
 from sdlearn.diffusion import NoiseSchedule
 from sdlearn.metrics import evaluate
 from sdlearn.pipeline import TextConditioner, TextToImage, training_loss
-from sdlearn.recipes import add_options, command, options, parser, set_threads
+from sdlearn.recipes import LATENT_HELP, add_options, command, exact_figures, options, parser, reproduce, set_threads
 from sdlearn.train import History, TrainConfig, fit
 from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL
@@ -40,13 +41,49 @@ def unet_config(latent_channels: int, context_dim: int, width: int = 64, layers:
 
 
 @torch.no_grad()
-def encode_pool(vae: AutoencoderKL, conditioner: TextConditioner, images: torch.Tensor, captions: Sequence[str],
+def encode_pool(vae: AutoencoderKL, conditioner: nn.Module, images: torch.Tensor, captions: Sequence[str],
+                conditions: dict[str, torch.Tensor] | None = None,
                 batch_size: int = 500) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A fixed bank of training pairs, encoded once, on the CPU: (scaled latents [N,C,h,w], conditions {name: [N,...]})."""
+    """A fixed bank of training pairs, encoded once, on the CPU: (scaled latents [N,C,h,w], conditions {name: [N,...]}).
+    conditions: per-image inputs of the conditioner besides the captions ({name: [N, ...]}, e.g. SDXL's sizes)."""
     dev = next(vae.parameters()).device
     z = [vae.to_latent(images[i:i + batch_size].to(dev), sample=False).cpu() for i in range(0, len(images), batch_size)]
-    conds = [conditioner(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)]
+    conds = [conditioner(captions[i:i + batch_size], **{k: v[i:i + batch_size] for k, v in (conditions or {}).items()})
+             for i in range(0, len(captions), batch_size)]
     return torch.cat(z), {k: torch.cat([c[k].cpu() for c in conds]) for k in conds[0]}
+
+
+def fit_denoiser(config: UNetConfig, conditioner: nn.Module, vae: AutoencoderKL, latents: torch.Tensor,
+                 conds: dict[str, torch.Tensor], size: int, schedule: str, steps: int, batch_size: int, lr: float,
+                 prediction: str, snr_gamma: float, p_uncond: float, seed: int, loss_fn: Callable, device,
+                 checkpoint_dir, checkpoint_every: int, callback, callback_every: int, progress: bool,
+                 desc: str) -> tuple[TextToImage, History]:
+    """What every latent recipe shares, once its bank is encoded: a UNet of `config` trained on batches drawn from
+    the bank with loss_fn(unet, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma) (uncond: the
+    conditioner's twins of its dropout_keys), AdamW with warm-up and cosine decay, an EMA, checkpoints.
+    -> (the TextToImage around the EMA weights, History)."""
+    uncond = {k: v for k, v in conditioner.unconditional(1).items() if k in conditioner.dropout_keys}
+    sched = NoiseSchedule(schedule, 1000)
+    unet = UNet(config).to(device)
+    pipeline = functools.partial(TextToImage, conditioner, schedule=sched, vae=vae, prediction=prediction,
+                                 image_size=size)
+
+    def batch(step):  # a pure function of the step: a resumed run sees the same batches
+        idx = torch.randint(len(latents), (batch_size,), generator=torch.Generator().manual_seed(seed * 100003 + step))
+        return latents[idx].to(device), {k: v[idx].to(device) for k, v in conds.items()}
+
+    def loss(model, b):
+        return loss_fn(model, sched, *b, uncond, p_uncond, prediction, snr_gamma or None)
+
+    def on_step(step, model, ema):
+        callback(step, pipeline(ema))
+        model.train()
+
+    hist = fit(unet, loss, batch,
+               TrainConfig(steps=steps, lr=lr, warmup=100, ema_decay=1 - 3 / max(steps, 6),
+                           callback_every=callback_every, checkpoint_every=checkpoint_every, desc=desc),
+               callback=on_step if callback else None, progress=progress, checkpoint_dir=checkpoint_dir)
+    return pipeline(hist.ema), hist
 
 
 def train(size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, pool: int = 10000,
@@ -65,86 +102,60 @@ def train(size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 2
     conditioner = TextConditioner(pretrained.load("shapes-clip", 32, device).requires_grad_(False))
     images, captions = render_pool(ShapesDataset(size=size, split="train", seed=seed), pool, progress)
     latents, conds = encode_pool(vae, conditioner, images, captions)
-    uncond = conditioner.unconditional(1)                                     # {"context": [1, L, D]}
-    sched = NoiseSchedule(schedule, 1000)
-    unet = UNet(unet_config(vae.config.latent_channels, conditioner.dims["context"], width, layers)).to(device)
-
-    def batch(step):  # a pure function of the step: a resumed run sees the same batches
-        idx = torch.randint(len(latents), (batch_size,), generator=torch.Generator().manual_seed(seed * 100003 + step))
-        return latents[idx].to(device), {k: v[idx].to(device) for k, v in conds.items()}
-
-    def loss(model, b):
-        return loss_fn(model, sched, *b, uncond, p_uncond, prediction, snr_gamma or None)
-
-    pipeline = functools.partial(TextToImage, conditioner, schedule=sched, vae=vae, prediction=prediction,
-                                 image_size=size)
-
-    def on_step(step, model, ema):
-        callback(step, pipeline(ema))
-        model.train()
-
-    hist = fit(unet, loss, batch,
-               TrainConfig(steps=steps, lr=lr, warmup=100, ema_decay=1 - 3 / max(steps, 6),
-                           callback_every=callback_every, checkpoint_every=checkpoint_every,
-                           desc=f"latent diffusion {size}px"),
-               callback=on_step if callback else None, progress=progress, checkpoint_dir=checkpoint_dir)
-    return pipeline(hist.ema), hist
+    config = unet_config(vae.config.latent_channels, conditioner.dims["context"], width, layers)
+    return fit_denoiser(config, conditioner, vae, latents, conds, size, schedule, steps, batch_size, lr, prediction,
+                        snr_gamma, p_uncond, seed, loss_fn, device, checkpoint_dir, checkpoint_every, callback,
+                        callback_every, progress, f"latent diffusion {size}px")
 
 
-HELP = {
-    "size": "image size (the released VAE of this size is used)",
-    "steps": "training steps",
-    "batch_size": "training batch",
-    "lr": "AdamW peak learning rate (warm-up, then cosine decay)",
-    "pool": "training images rendered and encoded once",
-    "width": "channels of the UNet's first level (the second has twice)",
-    "layers": "ResBlocks per level",
-    "prediction": "what the UNet predicts: eps, v or x0",
-    "schedule": "noise schedule: linear, scaled_linear or cosine",
-    "snr_gamma": "min-SNR-gamma loss weighting (0: a plain mean)",
-    "p_uncond": "probability of training on the empty prompt (for classifier-free guidance)",
-    "seed": "seed of the weights, the data and the batches",
-    "device": "cpu, cuda, ...",
-    "checkpoint_dir": "save checkpoints here; run the same command again to resume from the latest",
-    "checkpoint_every": "steps between checkpoints (0: only at the end)",
-}
+HELP = LATENT_HELP
 
 
-def _print_scores(scores: dict) -> None:
+def print_scores(scores: dict) -> None:
     for group, s in scores.items():
         print(f"{group:25} ({s['prompts']:3} prompts): exact {s['exact']:.3f}, colour {s['color']:.3f}, "
               f"shape {s['shape']:.3f}, position {s['position']:.3f}, count {s['count']:.3f}")
 
 
+def train_from_command_line(train_fn: Callable, args, helps: dict[str, str],
+                            start: float) -> tuple[TextToImage, History]:
+    """A latent recipe's `train` run with the command line's options and threads -> (pipeline on the CPU, History)."""
+    set_threads(args)
+    pipe, hist = train_fn(**options(args, helps))
+    print(f"trained {args.steps} steps in {hist.seconds / 60:.1f} min ({(time.perf_counter() - start) / 60:.1f} min "
+          f"with rendering and encoding, {torch.get_num_threads()} threads)")
+    return pipe.cpu(), hist
+
+
+def add_judge_options(train_parser, eval_parser) -> None:
+    """The judge's options of a text-to-image recipe's `train` (after training) and `eval` (a release)."""
+    train_parser.add_argument("--eval", type=int, default=200, help="judge prompts (half held-out) to score; 0: none")
+    train_parser.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the evaluation")
+    eval_parser.add_argument("--size", type=int, default=32, help="image size of the release")
+    eval_parser.add_argument("--n", type=int, default=200, help="judge prompts, half held-out")
+    eval_parser.add_argument("--steps", type=int, default=50, help="sampling steps")
+    eval_parser.add_argument("--guidance", type=float, default=3.0, help="guidance scale")
+
+
 def main(argv: list[str] | None = None) -> int:
     p, t, e = parser("t2i", __doc__)
     add_options(t, train, HELP)
-    t.add_argument("--eval", type=int, default=200, help="judge prompts (half held-out) to score; 0: none")
-    t.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the evaluation")
-    e.add_argument("--size", type=int, default=32)
-    e.add_argument("--n", type=int, default=200, help="judge prompts, half held-out")
-    e.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    e.add_argument("--guidance", type=float, default=3.0)
+    add_judge_options(t, e)
     args = p.parse_args(argv)
     start = time.perf_counter()
     if args.cmd == "eval":
         scores, _, _ = evaluate(pretrained.load("shapes-t2i", args.size), args.n, args.steps, args.guidance)
-        _print_scores(scores)
-        print(f"({time.perf_counter() - start:.1f} s); reproduce with:",
-              pretrained.metadata("shapes-t2i", args.size)["command"])
+        print_scores(scores)
+        reproduce("shapes-t2i", args.size, start)
         return 0
-    set_threads(args)
-    pipe, hist = train(**options(args, HELP))
-    pipe = pipe.cpu()
-    print(f"trained {args.steps} steps in {hist.seconds / 60:.1f} min ({(time.perf_counter() - start) / 60:.1f} min "
-          f"with rendering and encoding, {torch.get_num_threads()} threads)")
+    pipe, hist = train_from_command_line(train, args, HELP, start)
     scores = evaluate(pipe, args.eval, guidance_scale=args.guidance)[0] if args.eval else {}
-    _print_scores(scores)
+    print_scores(scores)
     if args.release or args.out:
-        figures = {f"exact_{k.replace(' ', '_').replace(',', '')}": f"{s['exact']:.3f}" for k, s in scores.items()}
+        figures = exact_figures(scores)
+        released = {"vae": f"shapes-vae-{args.size}", "conditioner.text_encoder": "shapes-clip-32"}
         dest = pretrained.save(pipe, "shapes-t2i", args.size, command("t2i", argv),
-                               Path(args.out) if args.out else None,
-                               released={"vae": f"shapes-vae-{args.size}", "conditioner.text_encoder": "shapes-clip-32"},
+                               Path(args.out) if args.out else None, released=released,
                                dtype=torch.float16, steps=str(args.steps), train_minutes=f"{hist.seconds / 60:.1f}",
                                guidance_scale=str(args.guidance), **figures)
         print("wrote", dest)

@@ -19,7 +19,7 @@ from sdlearn import pretrained
 from sdlearn.course import seed_everything
 from sdlearn.data import ShapesDataset, render_pool
 from sdlearn.metrics import prompt_adherence
-from sdlearn.recipes import add_options, command, options, parser, set_threads
+from sdlearn.recipes import add_options, command, options, parser, reproduce, set_threads
 from sdlearn.train import History, TrainConfig, fit
 from sdlearn.vae import AutoencoderKL, VAEConfig, latent_scale, psnr, reconstruct, vae_loss
 
@@ -86,16 +86,9 @@ def train(size: int = 32, steps: int = 1200, batch_size: int = 32, lr: float = 2
 
 HELP = {
     "size": "image size",
-    "steps": "training steps",
-    "batch_size": "training batch",
-    "lr": "AdamW peak learning rate (warm-up, then cosine decay)",
     "kl_weight": "weight of the KL term",
     "recon": "reconstruction loss: l2 or l1",
     "l1_weight": "weight of an extra per-image L1 term",
-    "seed": "seed of the weights and the data",
-    "device": "cpu, cuda, ...",
-    "checkpoint_dir": "save checkpoints here; run the same command again to resume from the latest",
-    "checkpoint_every": "steps between checkpoints (0: only at the end)",
 }
 
 
@@ -115,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "eval":
         scores = evaluate(pretrained.load("shapes-vae", size=args.size), args.size, args.n)
         _print_scores(f"shapes-vae-{args.size} on {args.n} held-out images", scores)
-        print(f"({time.perf_counter() - start:.1f} s); reproduce with:",
-              pretrained.metadata("shapes-vae", args.size)["command"])
+        reproduce("shapes-vae", args.size, start)
         return 0
     set_threads(args)
     vae, hist = train(**options(args, HELP))

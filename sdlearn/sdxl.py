@@ -1,0 +1,358 @@
+"""SDXL (Podell et al. 2023): two text encoders, pooled text, size and crop conditioning, and a refiner.
+
+    conditioner = SDXLConditioner(clip_l, clip_g, image_size=32)   # prompts -> {"context", "pooled", "time_ids"}
+    base = TextToImage(conditioner, unet, schedule, vae, "v", 32)  # a UNet with text_time conditioning
+    refiner = TextToImage(SDXLConditioner(None, clip_g, 32, aesthetic_score=6.0), refiner_unet, schedule, vae, "v", 32)
+    pipe = SDXLPipeline(base, refiner, switch=0.8)
+    images = pipe.generate(["a red circle on the left"])           # base to 0.8 of the trajectory, refiner after
+    sharper = pipe.refine(base.generate(prompts), prompts, strength=0.3)   # the refiner as img2img (SDEdit)
+
+What SDXL adds to latent diffusion, each a few lines here:
+- **Two text encoders** (sec. 2.1): the context is the penultimate hidden states of CLIP ViT-L (768) and OpenCLIP
+  bigG (1280) concatenated on channels (2048); the pooled vector is bigG's projected <eos> state (1280).
+- **Micro-conditioning** (sec. 2.2): the original image size, the crop's top-left corner and the target size
+  (six numbers, `time_ids`), each a 256-channel sinusoid, concatenated with the pooled text and added to the
+  timestep embedding (the UNet's `text_time` path: 1280 + 6 x 256 = 2816). Training on every image, small or
+  cropped, and telling the model which, instead of throwing small images away or teaching it to cut objects off.
+- **The refiner** (sec. 2.5): a second UNet trained only on the first 200 of 1000 noise levels, conditioned on
+  bigG alone and on an aesthetic score instead of the target size (1280 + 5 x 256 = 2560). An "ensemble of
+  experts": the base denoises from pure noise to 0.8 of the trajectory and hands over its latents; the refiner
+  finishes. Or it refines a finished image as img2img (SDEdit at strength ~0.3).
+- The unconditional twin of the text is zeros (diffusers' force_zeros_for_empty_prompt: SDXL dropped captions
+  to zero embeddings in training); the size ids are the same in both halves of guidance, and the refiner's
+  negative aesthetic score is 2.5 against the positive 6.0.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sdlearn.data import COLOR_RGB
+from sdlearn.metrics import prompt_adherence
+from sdlearn.pipeline import TextToImage
+from sdlearn.text import TextEncoder, Tokenizer
+
+
+def _pairs(name: str, value) -> torch.Tensor:
+    """(h, w), or [B,2] -> a float tensor [B,2] of non-negative numbers (a clear error otherwise)."""
+    t = torch.as_tensor(value, dtype=torch.float32)
+    t = t[None] if t.ndim == 1 else t
+    if t.ndim != 2 or t.shape[1] != 2:
+        raise ValueError(f"{name} must be (height, width) or a [B, 2] tensor of them, got {tuple(t.shape)}")
+    if (t < 0).any():
+        raise ValueError(f"{name} must not be negative, got {t.tolist()}")
+    return t
+
+
+def _batch(*ids: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-row ids [B_i, k_i] along the last axis, broadcasting batches of 1 -> [B, sum k_i]."""
+    B = max(t.shape[0] for t in ids)
+    if any(t.shape[0] not in (1, B) for t in ids):
+        raise ValueError(f"micro-conditions have different batch sizes: {[t.shape[0] for t in ids]}")
+    return torch.cat([t.expand(B, -1) for t in ids], dim=1)
+
+
+def time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
+    """SDXL's base micro-conditioning -> [B, 6]: (orig_h, orig_w, crop_top, crop_left, target_h, target_w),
+    as diffusers' StableDiffusionXLPipeline._get_add_time_ids. Each argument (h, w) or [B, 2]."""
+    original, crop, target = (_pairs(n, v) for n, v in (("original_size", original_size),
+                                                         ("crop_top_left", crop_top_left),
+                                                         ("target_size", target_size)))
+    for name, size in (("original_size", original), ("target_size", target)):
+        if (size <= 0).any():
+            raise ValueError(f"{name} must be positive, got {size.tolist()}")
+    return _batch(original, crop, target)
+
+
+def refiner_time_ids(original_size, crop_top_left, aesthetic_score) -> torch.Tensor:
+    """The refiner's micro-conditioning -> [B, 5]: (orig_h, orig_w, crop_top, crop_left, aesthetic_score), as
+    diffusers' StableDiffusionXLImg2ImgPipeline._get_add_time_ids with requires_aesthetics_score=True."""
+    original, crop = _pairs("original_size", original_size), _pairs("crop_top_left", crop_top_left)
+    if (original <= 0).any():
+        raise ValueError(f"original_size must be positive, got {original.tolist()}")
+    score = torch.as_tensor(aesthetic_score, dtype=torch.float32).reshape(-1, 1)  # [B, 1]
+    return _batch(original, crop, score)
+
+
+class SDXLConditioner(nn.Module):
+    """Prompts -> {"context" [N, L, D1 + D2], "pooled" [N, P2], "time_ids" [N, 6 or 5]}.
+
+    text_encoder (CLIP ViT-L's role) and text_encoder_2 (OpenCLIP bigG's): each tokenises the prompt, and the
+    penultimate block's states of both are concatenated on channels; the pooled vector is text_encoder_2's.
+    The refiner has no text_encoder (None) and an aesthetic_score: its ids are refiner_time_ids. image_size is the
+    default original and target size."""
+
+    dropout_keys = ("context", "pooled")  # caption dropout zeroes the text, never the sizes
+
+    def __init__(self, text_encoder: TextEncoder | None, text_encoder_2: TextEncoder, image_size: int = 32,
+                 aesthetic_score: float | None = None, negative_aesthetic_score: float = 2.5,
+                 tokenizer: Tokenizer | None = None, tokenizer_2: Tokenizer | None = None, zero_negative: bool = True):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizer = tokenizer or (Tokenizer.for_encoder(text_encoder) if text_encoder is not None else None)
+        self.tokenizer_2 = tokenizer_2 or Tokenizer.for_encoder(text_encoder_2)
+        if self.tokenizer is not None and self.tokenizer.context_length != self.tokenizer_2.context_length:
+            raise ValueError(f"the two tokenizers pad to different lengths ({self.tokenizer.context_length} and "
+                             f"{self.tokenizer_2.context_length}): their states are concatenated token by token")
+        self.image_size, self.aesthetic_score = image_size, aesthetic_score
+        self.negative_aesthetic_score, self.zero_negative = negative_aesthetic_score, zero_negative
+
+    def init_args(self) -> dict:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                "image_size": self.image_size, "aesthetic_score": self.aesthetic_score,
+                "negative_aesthetic_score": self.negative_aesthetic_score, "zero_negative": self.zero_negative}
+
+    @property
+    def refiner(self) -> bool:
+        return self.aesthetic_score is not None
+
+    @property
+    def dims(self) -> dict[str, int]:
+        width = (self.text_encoder.config.width if self.text_encoder is not None else 0)
+        return {"context": width + self.text_encoder_2.config.width,
+                "pooled": self.text_encoder_2.config.pooled_dim, "time_ids": 5 if self.refiner else 6}
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [N, L, D1 + D2], pooled [N, P2]): penultimate states of both encoders, pooled from the second."""
+        device = next(self.text_encoder_2.parameters()).device
+        hidden_2, pooled = self.text_encoder_2(self.tokenizer_2(list(prompts)).to(device), hidden_layer=-2)
+        if self.text_encoder is None:
+            return hidden_2, pooled
+        hidden_1, _ = self.text_encoder(self.tokenizer(list(prompts)).to(device), hidden_layer=-2)
+        return torch.cat([hidden_1, hidden_2], dim=-1), pooled
+
+    def ids(self, n: int, original_size=None, crop_top_left=(0, 0), target_size=None, aesthetic_score=None,
+            negative: bool = False) -> torch.Tensor:
+        """The micro-conditions of n images -> [n, 6] (base) or [n, 5] (refiner); sizes default to image_size."""
+        size = (self.image_size, self.image_size)
+        original_size = size if original_size is None else original_size
+        if self.refiner:
+            score = self.negative_aesthetic_score if negative else \
+                (self.aesthetic_score if aesthetic_score is None else aesthetic_score)
+            ids = refiner_time_ids(original_size, crop_top_left, score)
+        else:
+            if aesthetic_score is not None:
+                raise ValueError("aesthetic_score conditions the refiner; this is a base conditioner (its ids are "
+                                 "original_size, crop_top_left, target_size)")
+            ids = time_ids(original_size, crop_top_left, size if target_size is None else target_size)
+        if ids.shape[0] not in (1, n):
+            raise ValueError(f"{n} prompts but micro-conditions for {ids.shape[0]} images")
+        return ids.expand(n, -1)
+
+    def forward(self, prompts: Sequence[str], **conditions) -> dict[str, torch.Tensor]:
+        context, pooled = self.encode_text(prompts)
+        return {"context": context, "pooled": pooled, "time_ids": self.ids(len(prompts), **conditions).to(context)}
+
+    def unconditional(self, n: int = 1, **conditions) -> dict[str, torch.Tensor]:
+        """Zeros for the text (diffusers' force_zeros_for_empty_prompt, as SDXL's base was trained; zero_negative=False:
+        the empty prompt, as the published refiner's pipeline) and the same sizes (the refiner: the negative
+        aesthetic score)."""
+        context, pooled = self.encode_text([""])
+        if self.zero_negative:
+            context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        return {"context": context.expand(n, -1, -1), "pooled": pooled.expand(n, -1),
+                "time_ids": self.ids(n, **conditions, negative=True).to(context)}
+
+
+def handoff(timesteps: Sequence[int], switch: float, num_train_timesteps: int = 1000) -> tuple[list[int], list[int]]:
+    """Split a sampler's timesteps at fraction `switch` of the trajectory -> (the base's, the refiner's), as
+    diffusers' denoising_end / denoising_start: the base runs every t >= round(T (1 - switch)), the refiner the rest."""
+    if not 0 < switch <= 1:
+        raise ValueError(f"the switch is a fraction of the trajectory in (0, 1], got {switch!r}")
+    cutoff = round(num_train_timesteps * (1 - switch))
+    return [t for t in timesteps if t >= cutoff], [t for t in timesteps if t < cutoff]
+
+
+def _vae_difference(a: nn.Module, b: nn.Module) -> str:
+    """'' when a and b are one VAE (the same object, or the same config and weights), else how they differ."""
+    if a is b:
+        return ""
+    if a.config != b.config:
+        other = vars(b.config)
+        return "their configs differ: " + ", ".join(f"{k}={v!r} vs {other.get(k)!r}"
+                                                   for k, v in vars(a.config).items() if other.get(k) != v)
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return f"their weights have different names: {sorted(sa.keys() ^ sb.keys())[:3]}"
+    for k in sa:
+        if sa[k].dtype != sb[k].dtype:
+            return f"their weights have different dtypes, first {k}: {sa[k].dtype} vs {sb[k].dtype}"
+        if not torch.equal(sa[k], sb[k]):
+            return f"their weights differ, first {k} (max abs difference {(sa[k] - sb[k]).abs().max().item():.3g})"
+    return ""
+
+
+class SDXLPipeline(nn.Module):
+    """SDXL's ensemble of experts: `base` denoises from noise to fraction `switch` of the trajectory and hands its
+    latents (not images) to `refiner`, which finishes; `refine` runs the refiner on finished images (SDEdit).
+    Both are TextToImage pipelines over the same VAE; with the same seed, the same images."""
+
+    def __init__(self, base: TextToImage, refiner: TextToImage, switch: float = 0.8):
+        super().__init__()
+        handoff([], switch)  # checks the switch
+        if refiner.latent_shape != base.latent_shape:
+            raise ValueError(f"the refiner works on latents {refiner.latent_shape} but the base makes "
+                             f"{base.latent_shape}")
+        difference = _vae_difference(base.vae, refiner.vae)
+        if difference:
+            raise ValueError(f"the base and the refiner must share one VAE: the base hands over latents, which "
+                             f"only mean the same image in the same latent space; got two VAEs: {difference}")
+        self.base, self.refiner, self.switch = base, refiner, switch
+
+    def init_args(self) -> dict:
+        return {"base": self.base, "refiner": self.refiner, "switch": self.switch}
+
+    @property
+    def image_size(self) -> int:
+        return self.base.image_size
+
+    @torch.no_grad()
+    def generate(self, prompts: str | Sequence[str], steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
+                 switch: float | None = None, refiner_guidance_scale: float | None = None,
+                 conditions: dict | None = None, refiner_conditions: dict | None = None, progress: bool = True,
+                 output: str = "image", **options) -> torch.Tensor:
+        """Base to `switch` (default self.switch), refiner from there: images [N,3,H,W] in [-1,1] (or latents).
+        The two share one trajectory of `steps` steps; switch=1 is the base alone."""
+        switch = self.switch if switch is None else switch
+        handoff([], switch)
+        if switch == 1:
+            return self.base.generate(prompts, steps, guidance_scale, seed, output=output, conditions=conditions,
+                                      progress=progress, **options)
+        latents = self.base.generate(prompts, steps, guidance_scale, seed, end=switch, output="latent",
+                                     conditions=conditions, progress=progress, **options)
+        w = guidance_scale if refiner_guidance_scale is None else refiner_guidance_scale
+        return self.refiner.generate(prompts, steps, w, seed, start=switch, latents=latents, output=output,
+                                     conditions=refiner_conditions, progress=progress, **options)
+
+    @torch.no_grad()
+    def refine(self, images: torch.Tensor, prompts: str | Sequence[str], strength: float = 0.3, steps: int = 50,
+               guidance_scale: float = 3.0, seed: int = 0, conditions: dict | None = None, progress: bool = True,
+               **options) -> torch.Tensor:
+        """The refiner as img2img on finished images [N,3,H,W] in [-1,1]: SDEdit at `strength`."""
+        return self.refiner.img2img(images, prompts, strength, steps, guidance_scale, seed, progress=progress,
+                                    conditions=conditions, **options)
+
+
+def inside_frame(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """[N] bool: no foreground (a saturated pixel, as the judge sees it) touches the image border, i.e. every
+    object is wholly inside the frame. images [N,3,H,W] in [-1,1]."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    fg = (x.amax(1) - x.amin(1)) > threshold  # [N,H,W]
+    border = torch.cat([fg[:, 0], fg[:, -1], fg[:, :, 0], fg[:, :, -1]], dim=1)  # [N, 4 sides]
+    return ~border.any(1)
+
+
+def sharpness(images: torch.Tensor) -> torch.Tensor:
+    """[N] mean absolute difference between neighbouring pixels, on [0, 1]: hard edges score high, soft ones low."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3)))
+
+
+def palette_distance(images: torch.Tensor) -> torch.Tensor:
+    """[N] the mean distance (RGB, on [0, 1]) from each pixel to the nearest colour a clean render uses: black and
+    the six pure hues. Clean renders score near 0 (anti-aliased edges only); blur, noise and smudges score higher."""
+    palette = torch.tensor([(0.0, 0.0, 0.0), *COLOR_RGB.values()])  # [7, 3]
+    x = ((images.float().clamp(-1, 1) + 1) / 2).movedim(1, -1)  # [N,H,W,3]
+    d = (x[..., None, :] - palette).norm(dim=-1).amin(-1)  # [N,H,W]
+    return d.mean((1, 2)) / math.sqrt(3)
+
+
+# -----------------------------------------------------------------------------
+# measuring what each SDXL idea buys (notebook 07 and benchmarks/sdxl.py)
+
+
+def image_scores(images: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+    """The judge's exact rate (all prompts, and one-object prompts), the palette distance, the sharpness and the
+    rate of images with every object inside the frame, over images [N,3,H,W] generated for captions."""
+    one = [i for i, c in enumerate(captions) if " and " not in c]
+    return {"exact": prompt_adherence(images, captions)["exact"],
+            "1 object exact": prompt_adherence(images[one], [captions[i] for i in one])["exact"] if one else math.nan,
+            "palette distance": palette_distance(images).mean().item(), "sharpness": sharpness(images).mean().item(),
+            "inside frame": inside_frame(images).float().mean().item()}
+
+
+def refinement_table(pipe: SDXLPipeline, captions: Sequence[str], steps: int = 50, guidance_scale: float = 3.0,
+                     strength: float = 0.3) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """Four ways to spend the UNet on the same prompts and seeds: the base alone; base + refiner on one trajectory
+    (as many UNet evaluations); the base's image refined as img2img at `strength` (more evaluations); the same at
+    equal compute (the base given that many fewer steps). -> ({way: image_scores + "UNet evaluations"}, images)."""
+    extra = len(pipe.refiner.schedule.trajectory(steps, 1 - strength)) - 1  # the img2img steps
+    fewer = max(1, steps - extra)
+
+    def base(n_steps):
+        return pipe.generate(captions, n_steps, guidance_scale, switch=1.0, progress=False)
+
+    def img2img(images):
+        return pipe.refine(images, captions, strength, steps, guidance_scale, progress=False)
+
+    ways = {f"base alone, {steps} steps": (lambda: base(steps), steps),
+            f"base + refiner from {pipe.switch}": (lambda: pipe.generate(captions, steps, guidance_scale,
+                                                                          progress=False), steps),
+            f"base {steps} + img2img {strength}": (lambda: img2img(base(steps)), steps + extra),
+            f"base {fewer} + img2img {strength}": (lambda: img2img(base(fewer)), fewer + extra)}
+    rows, images = {}, {}
+    for name, (run, evaluations) in ways.items():
+        images[name] = run()
+        rows[name] = {**image_scores(images[name], captions), "UNet evaluations": evaluations}
+    return rows, images
+
+
+def sweep(pipe: TextToImage, captions: Sequence[str], condition: str, values: Sequence, steps: int = 50,
+          guidance_scale: float = 3.0) -> tuple[dict, dict]:
+    """The same prompts and seeds under each value of one micro-condition (e.g. "crop_top_left": [(0, 0), (8, 8)])
+    -> ({value: image_scores}, {value: images})."""
+    rows, images = {}, {}
+    for value in values:
+        images[value] = pipe.generate(captions, steps, guidance_scale, conditions={condition: value}, progress=False)
+        rows[value] = image_scores(images[value], captions)
+    return rows, images
+
+
+def print_table(rows: dict[str, dict[str, float]]) -> None:
+    """Rows of image_scores (and more columns), aligned."""
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+
+    def cell(value) -> str:
+        return f"{value:17.4f}" if isinstance(value, float) else f"{value:>17}"
+
+    print(f"{'':40}" + "".join(f"{c:>17}" for c in columns))
+    for name, row in rows.items():
+        print(f"{str(name):40}" + "".join(cell(row.get(c, "")) for c in columns))
+
+
+class WithoutEncoder(nn.Module):
+    """An SDXLConditioner with one encoder's share of the text zeroed at sampling time: which=1, the first's
+    channels of the context; which=2, the second's channels and the pooled vector. What does the UNet read?"""
+
+    def __init__(self, conditioner: SDXLConditioner, which: int):
+        super().__init__()
+        if which not in (1, 2) or conditioner.text_encoder is None:
+            raise ValueError(f"which must be 1 or 2, of a conditioner with two encoders; got {which}")
+        self.inner, self.which, self.dims = conditioner, which, conditioner.dims
+        self.split = conditioner.text_encoder.config.width  # the first encoder's channels come first
+
+    def forward(self, prompts: Sequence[str], **conditions) -> dict[str, torch.Tensor]:
+        cond = dict(self.inner(prompts, **conditions))
+        keep = torch.arange(cond["context"].shape[-1], device=cond["context"].device) >= self.split  # the second's
+        cond["context"] = cond["context"] * (keep if self.which == 1 else ~keep)
+        if self.which == 2:
+            cond["pooled"] = torch.zeros_like(cond["pooled"])
+        return cond
+
+    def unconditional(self, n: int = 1, **conditions) -> dict[str, torch.Tensor]:
+        return self.inner.unconditional(n, **conditions)
+
+
+def encoder_ablation(base: TextToImage, captions: Sequence[str], steps: int = 50,
+                     guidance_scale: float = 3.0) -> dict[str, dict[str, float]]:
+    """The judge on the base with both encoders, and with each one's share zeroed -> {label: image_scores}."""
+    rows = {}
+    for label, conditioner in (("both encoders", base.conditioner),
+                               ("without the first (CLIP-L's role)", WithoutEncoder(base.conditioner, 1)),
+                               ("without the second (bigG's), pooled too", WithoutEncoder(base.conditioner, 2))):
+        pipe = TextToImage(conditioner, base.denoiser, base.schedule, base.vae, base.prediction, base.image_size)
+        rows[label] = image_scores(pipe.generate(captions, steps, guidance_scale, progress=False), captions)
+    return rows
