@@ -82,6 +82,7 @@ class Profile:
     ldm_width: int = knob(16, 64, 96)             # channels of the latent UNet's first level
     sweep_prompts: int = knob(8, 100, 200)        # judge prompts per point of the guidance / step-count sweeps
     # 07 SDXL refiner
+    sdxl_size: int = knob(32, 32, 32)             # shapes-vae-xl, SDXL's VAE, is released at 32 px only
     sdxl_steps: int = knob(10, 1200, 6000)        # the base UNet's training steps (the released one: 4000)
     refiner_steps: int = knob(10, 500, 3000)      # the refiner's (it learns only t < 200; the released one: 2000)
     sdxl_pool: int = knob(256, 8000, 30000)       # training images, rendered and encoded once, for each

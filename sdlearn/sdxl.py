@@ -166,7 +166,7 @@ def handoff(timesteps: Sequence[int], switch: float, num_train_timesteps: int = 
     return [t for t in timesteps if t >= cutoff], [t for t in timesteps if t < cutoff]
 
 
-def _vae_difference(a: nn.Module, b: nn.Module) -> str:
+def vae_difference(a: nn.Module, b: nn.Module) -> str:
     """'' when a and b are one VAE (the same object, or the same config and weights), else how they differ."""
     if a is b:
         return ""
@@ -196,7 +196,7 @@ class SDXLPipeline(nn.Module):
         if refiner.latent_shape != base.latent_shape:
             raise ValueError(f"the refiner works on latents {refiner.latent_shape} but the base makes "
                              f"{base.latent_shape}")
-        difference = _vae_difference(base.vae, refiner.vae)
+        difference = vae_difference(base.vae, refiner.vae)
         if difference:
             raise ValueError(f"the base and the refiner must share one VAE: the base hands over latents, which "
                              f"only mean the same image in the same latent space; got two VAEs: {difference}")

@@ -46,6 +46,7 @@ def test_release_commands_are_the_recipes():
                 ("shapes-vae", 64, vae.RELEASE[64]), ("shapes-clip", 32, clip.RELEASE),
                 ("shapes-clip-image", 32, clip.RELEASE),
                 ("shapes-clip-g", 32, clip.RELEASE_G), ("shapes-clip-g-image", 32, clip.RELEASE_G),
+                ("shapes-vae-xl", 32, vae.RELEASE_XL),
                 ("shapes-sdxl-base", 32, sdxl.RELEASE["base"]), ("shapes-sdxl-refiner", 32, sdxl.RELEASE["refiner"])]
     for name, size, made_by in releases:
         if f"{name}-{size}" in pretrained.available():
@@ -198,7 +199,8 @@ def test_the_stored_command_leaves_out_where_checkpoints_go():
 # -----------------------------------------------------------------------------
 # the releases
 
-RELEASED_VAES = [int(n.rsplit("-", 1)[1]) for n in pretrained.available() if n.startswith("shapes-vae-")]
+RELEASED_VAES = [int(n.rsplit("-", 1)[1]) for n in pretrained.available()
+                 if n.startswith("shapes-vae-") and n.rsplit("-", 1)[1].isdigit() and not n.startswith("shapes-vae-xl")]
 
 
 @pytest.mark.parametrize("size", RELEASED_VAES)
@@ -215,8 +217,8 @@ def test_the_32px_vae_release_exists():
 
 
 NEEDS_SDXL_PARTS = pytest.mark.skipif(
-    not {"shapes-vae-32", "shapes-clip-32", "shapes-clip-g-32"} <= set(pretrained.available()),
-    reason="needs the released shapes-vae-32, shapes-clip-32 and shapes-clip-g-32")
+    not {"shapes-vae-xl-32", "shapes-clip-32", "shapes-clip-g-32"} <= set(pretrained.available()),
+    reason="needs the released shapes-vae-xl-32, shapes-clip-32 and shapes-clip-g-32")
 
 
 @NEEDS_SDXL_PARTS
@@ -245,3 +247,21 @@ def test_sdxl_training_samples_record_their_micro_conditions():
     _, _, refiner_ids = sdxl.training_samples("refiner", 32, 40, degrade=0.5, progress=False)
     assert sorted(refiner_ids) == ["aesthetic_score", "crop_top_left", "original_size"]
     assert (refiner_ids["aesthetic_score"] < 6).any() and (refiner_ids["aesthetic_score"] == 6).any()
+
+
+def test_the_sdxl_vae_keeps_what_the_micro_conditions_describe():
+    """shapes-vae-xl saw SDXL-style and degraded images: a blurred or noisy image stays so after a round trip,
+    where shapes-vae (clean renders only) cleans it up, leaving SDXL's size and quality ids nothing to act on."""
+    if not {"shapes-vae-32", "shapes-vae-xl-32"} <= set(pretrained.available()):
+        pytest.skip("needs the released shapes-vae-32 and shapes-vae-xl-32")
+    from sdlearn.data import ShapesDataset, degrade_image, render_pool
+    from sdlearn.sdxl import palette_distance
+    from sdlearn.vae import reconstruct
+
+    clean, _ = render_pool(ShapesDataset(32, length=64, seed=3), 64, progress=False)
+    blurred = torch.stack([degrade_image(x, "blur", 0.7) for x in clean])
+    before = palette_distance(blurred).mean()
+    plain, xl = (reconstruct(pretrained.load(n, 32), blurred) for n in ("shapes-vae", "shapes-vae-xl"))
+    assert palette_distance(xl).mean() > 0.9 * before > 1.5 * palette_distance(plain).mean()
+    scores = vae.evaluate(pretrained.load("shapes-vae-xl", 32), 32, n=300)
+    assert scores["psnr"] >= 28 and scores["exact"] >= 0.98, scores

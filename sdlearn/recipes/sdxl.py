@@ -1,7 +1,7 @@
 """The recipe of the released shapes SDXL base and refiner (notebook 07).
 
     python -m sdlearn train sdxl --part base --steps 4000 --threads 1 --release       # shapes-sdxl-base-32
-    python -m sdlearn train sdxl --part refiner --steps 2000 --lr 0.002 --threads 1 --release  # shapes-sdxl-refiner-32
+    python -m sdlearn train sdxl --part refiner --steps 2000 --threads 1 --release    # shapes-sdxl-refiner-32
     python -m sdlearn eval sdxl                                                       # judge base + refiner
 
 Both are notebook 06's latent recipe (sdlearn.recipes.t2i.fit_denoiser) with SDXL's conditioning:
@@ -28,12 +28,12 @@ from sdlearn.metrics import evaluate
 from sdlearn.pipeline import TextToImage, training_loss
 from sdlearn.recipes import LATENT_HELP, add_options, command, exact_figures, parser
 from sdlearn.recipes.t2i import add_judge_options, encode_pool, fit_denoiser, print_scores, train_from_command_line
-from sdlearn.sdxl import SDXLConditioner, SDXLPipeline
+from sdlearn.sdxl import SDXLConditioner, SDXLPipeline, vae_difference
 from sdlearn.train import History
 from sdlearn.unet import UNetConfig
 
 RELEASE = {"base": "python -m sdlearn train sdxl --part base --steps 4000 --threads 1 --release",
-           "refiner": "python -m sdlearn train sdxl --part refiner --steps 2000 --lr 0.002 --threads 1 --release"}
+           "refiner": "python -m sdlearn train sdxl --part refiner --steps 2000 --threads 1 --release"}
 TEXT_ENCODERS = ("shapes-clip-32", "shapes-clip-g-32")  # CLIP ViT-L's and OpenCLIP bigG's roles
 REFINER_T_MAX = 200  # the refiner learns t < 200 of 1000 (SDXL sec. 2.5)
 
@@ -79,7 +79,8 @@ def training_samples(part: str, size: int, n: int, seed: int = 0, augment: float
 
 def train(part: str = "base", size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
           pool: int = 10000, width: int = 64, layers: int = 1, time_id_dim: int = 32, augment: float = 0.5,
-          degrade: float = 0.5, prediction: str = "v", schedule: str = "cosine", snr_gamma: float = 5.0,
+          degrade: float = 0.5, vae: str = "shapes-vae-xl", prediction: str = "v", schedule: str = "cosine",
+          snr_gamma: float = 5.0,
           p_uncond: float = 0.1, seed: int = 0, loss_fn: Callable = training_loss,
           device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
           callback: Callable[[int, TextToImage], None] | None = None, callback_every: int = 0,
@@ -94,16 +95,16 @@ def train(part: str = "base", size: int = 32, steps: int = 2000, batch_size: int
     if part not in ("base", "refiner"):
         raise ValueError(f"part must be 'base' or 'refiner', got {part!r}")
     seed_everything(seed)
-    vae = pretrained.load("shapes-vae", size, device).requires_grad_(False)
+    autoencoder = pretrained.load(vae, size, device).requires_grad_(False)
     cond_model = conditioner(part, size, device)
     images, captions, conditions = training_samples(part, size, pool, seed, augment, degrade, progress)
-    latents, conds = encode_pool(vae, cond_model, images, captions, conditions)
-    config = unet_config(vae.config.latent_channels, cond_model, width, layers, time_id_dim)
+    latents, conds = encode_pool(autoencoder, cond_model, images, captions, conditions)
+    config = unet_config(autoencoder.config.latent_channels, cond_model, width, layers, time_id_dim)
     if part == "refiner":
         loss_fn = functools.partial(loss_fn, t_max=REFINER_T_MAX)
-    return fit_denoiser(config, cond_model, vae, latents, conds, size, schedule, steps, batch_size, lr, prediction,
-                        snr_gamma, p_uncond, seed, loss_fn, device, checkpoint_dir, checkpoint_every, callback,
-                        callback_every, progress, f"sdxl {part} {size}px")
+    return fit_denoiser(config, cond_model, autoencoder, latents, conds, size, schedule, steps, batch_size, lr,
+                        prediction, snr_gamma, p_uncond, seed, loss_fn, device, checkpoint_dir, checkpoint_every,
+                        callback, callback_every, progress, f"sdxl {part} {size}px")
 
 
 HELP = {
@@ -112,6 +113,7 @@ HELP = {
     "time_id_dim": "sinusoid channels per size / crop / quality id (SDXL: 256)",
     "augment": "fraction of the images rendered at a random original size and randomly cropped",
     "degrade": "refiner: fraction of the images degraded (blur, noise, JPEG), labelled with a lower quality",
+    "vae": "the released VAE whose latents the UNet learns (shapes-vae-xl: trained on SDXL-style and degraded images)",
 }
 
 
@@ -129,17 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"({time.perf_counter() - start:.1f} s); reproduce with:", RELEASE["base"], "and", RELEASE["refiner"])
         return 0
     pipe, hist = train_from_command_line(train, args, HELP, start)
-    scores = {}
-    base_released = f"shapes-sdxl-base-{args.size}" in pretrained.available()
-    if args.eval and args.part == "refiner" and not base_released:
-        print(f"not judged: the refiner is judged with the released base, and shapes-sdxl-base-{args.size} is missing")
-    elif args.eval:  # the base alone, or the released base with this refiner
-        judged = pipe if args.part == "base" else SDXLPipeline(pretrained.load("shapes-sdxl-base", args.size), pipe)
+    scores, judged = {}, pipe
+    if args.eval and args.part == "refiner":  # judged with the released base, if it shares the refiner's VAE
+        has_base = f"shapes-sdxl-base-{args.size}" in pretrained.available()
+        base = pretrained.load("shapes-sdxl-base", args.size) if has_base else None
+        judged = SDXLPipeline(base, pipe) if base is not None and vae_difference(base.vae, pipe.vae) == "" else None
+        if judged is None:
+            print(f"not judged: the refiner is judged with a released base over the same VAE ({args.vae}), and "
+                  f"shapes-sdxl-base-{args.size} is missing or was trained over another")
+    if args.eval and judged is not None:
         scores = evaluate(judged, args.eval, guidance_scale=args.guidance)[0]
         print_scores(scores)
     if args.release or args.out:
         figures = exact_figures(scores)
-        released = {"vae": f"shapes-vae-{args.size}", "conditioner.text_encoder_2": TEXT_ENCODERS[1],
+        released = {"vae": f"{args.vae}-{args.size}", "conditioner.text_encoder_2": TEXT_ENCODERS[1],
                     **({"conditioner.text_encoder": TEXT_ENCODERS[0]} if args.part == "base" else {})}
         dest = pretrained.save(pipe, f"shapes-sdxl-{args.part}", args.size, command("sdxl", argv),
                                Path(args.out) if args.out else None, released=released, dtype=torch.float16,

@@ -23,6 +23,8 @@ from sdlearn.recipes import add_options, command, options, parser, reproduce, se
 from sdlearn.train import History, TrainConfig, fit
 from sdlearn.vae import AutoencoderKL, VAEConfig, latent_scale, psnr, reconstruct, vae_loss
 
+RELEASE_XL = ("python -m sdlearn train vae --name shapes-vae-xl --augment 0.5 --degrade 0.5 --size 32 --steps 2000 "
+              "--threads 1 --release")
 RELEASE = {32: "python -m sdlearn train vae --size 32 --steps 1200 --threads 1 --release",
            64: "python -m sdlearn train vae --size 64 --steps 600 --threads 1 --release"}
 
@@ -56,7 +58,8 @@ def evaluate(vae: AutoencoderKL, size: int, n: int = 500, split: str = "heldout"
 
 
 def train(size: int = 32, steps: int = 1200, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-4,
-          recon: str = "l2", l1_weight: float = 0.0, seed: int = 0, config: dict | None = None,
+          recon: str = "l2", l1_weight: float = 0.0, augment: float = 0.0, degrade: float = 0.0, seed: int = 0,
+          config: dict | None = None,
           loss_fn: Callable | None = None, device: str | torch.device = "cpu",
           checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, scale_images: int = 512,
           progress: bool = True) -> tuple[AutoencoderKL, History]:
@@ -64,15 +67,24 @@ def train(size: int = 32, steps: int = 1200, batch_size: int = 32, lr: float = 2
 
     -> (vae, History). Fresh images every step (the dataset is a pure function of the index). loss_fn(vae,
     images [B,3,H,W]) -> loss or (loss, logs): training_loss with kl_weight, recon and l1_weight, or a learner's
-    (notebook 03). The scaling factor is 1 / std of the latents of `scale_images` other training images."""
+    (notebook 03). The scaling factor is 1 / std of the latents of `scale_images` other training images.
+    augment, degrade: the fractions of training images rendered SDXL-style (random original size and crop) and
+    degraded (blur, noise, JPEG): shapes-vae-xl sees them, so that SDXL's size and quality conditions have latents to
+    act on (SDXL, too, shipped its own VAE)."""
     seed_everything(seed)
     fmt = torch.channels_last  # on CPU, convolutions train several times faster in NHWC
     vae = AutoencoderKL(VAEConfig(**(config or SHAPES_CONFIG))).to(device, memory_format=fmt)
-    ds = ShapesDataset(size=size, split="train", seed=seed, length=steps * batch_size)
+    ds = ShapesDataset(size=size, split="train", seed=seed, length=steps * batch_size, degrade=degrade)
+    varied = ShapesDataset(size=size, split="train", seed=seed, length=steps * batch_size, augment=True,
+                           degrade=degrade)
+
+    def image(i):  # a fraction `augment` of the indices, spread evenly, from the SDXL-style renders
+        return (varied if (i * augment) % 1 + augment >= 1 else ds)[i][0]
+
     loss_fn = loss_fn or functools.partial(training_loss, kl_weight=kl_weight, recon=recon, l1_weight=l1_weight)
 
     def batch(step):  # a pure function of the step: a resumed run sees the same images
-        x = torch.stack([ds[i][0] for i in range(step * batch_size, (step + 1) * batch_size)])  # [B,3,size,size]
+        x = torch.stack([image(i) for i in range(step * batch_size, (step + 1) * batch_size)])  # [B,3,size,size]
         return x.to(device, memory_format=fmt)
 
     hist = fit(vae, loss_fn, batch,
@@ -89,6 +101,8 @@ HELP = {
     "kl_weight": "weight of the KL term",
     "recon": "reconstruction loss: l2 or l1",
     "l1_weight": "weight of an extra per-image L1 term",
+    "augment": "fraction of the images rendered at a random original size and cropped (SDXL's data)",
+    "degrade": "fraction of the images blurred, noised or JPEG-compressed",
 }
 
 
@@ -100,15 +114,17 @@ def _print_scores(what: str, scores: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p, t, e = parser("vae", __doc__)
     add_options(t, train, HELP)
+    t.add_argument("--name", default="shapes-vae", help="release name (SDXL's: shapes-vae-xl)")
+    e.add_argument("--name", default="shapes-vae", help="the release to measure")
     t.add_argument("--eval", type=int, default=1000, help="held-out images to score; 0: none")
     e.add_argument("--size", type=int, default=32)
     e.add_argument("--n", type=int, default=1000, help="held-out images to score")
     args = p.parse_args(argv)
     start = time.perf_counter()
     if args.cmd == "eval":
-        scores = evaluate(pretrained.load("shapes-vae", size=args.size), args.size, args.n)
-        _print_scores(f"shapes-vae-{args.size} on {args.n} held-out images", scores)
-        reproduce("shapes-vae", args.size, start)
+        scores = evaluate(pretrained.load(args.name, size=args.size), args.size, args.n)
+        _print_scores(f"{args.name}-{args.size} on {args.n} held-out images", scores)
+        reproduce(args.name, args.size, start)
         return 0
     set_threads(args)
     vae, hist = train(**options(args, HELP))
@@ -121,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_scores(f"held-out ({args.eval} images)", scores)
     if args.release or args.out:
         figures = {"heldout_psnr": f"{scores['psnr']:.2f}", "heldout_exact": f"{scores['exact']:.3f}"} if scores else {}
-        dest = pretrained.save(vae, "shapes-vae", args.size, command("vae", argv), Path(args.out) if args.out else None,
+        dest = pretrained.save(vae, args.name, args.size, command("vae", argv), Path(args.out) if args.out else None,
                                steps=str(args.steps), train_minutes=f"{minutes:.1f}", **figures)
         print("wrote", dest)
     return 0
