@@ -60,7 +60,8 @@ def test_rename_refuses_a_bad_side_and_two_keys_becoming_one():
 
 
 @pytest.mark.parametrize("name, family", [("sd15-unet", "unet"), ("sdxl-unet", "unet"), ("sdxl-refiner-unet", "unet"),
-                                          ("sd-vae", "vae"), ("sd3-vae", "vae"), ("clip-l-text", "text")])
+                                          ("sd-vae", "vae"), ("sd3-vae", "vae"), ("clip-l-text", "text"),
+                                          ("sd3-medium-mmdit", "mmdit"), ("sd35-medium-mmdit", "mmdit")])
 def test_every_family_converts_the_released_layouts_both_ways(name, family):
     """On the meta device (names and shapes only): to_diffusers loads strictly, so every key is mapped."""
     ours = presets.build(name)
@@ -74,6 +75,7 @@ def test_every_family_converts_the_released_layouts_both_ways(name, family):
 
 def test_family_modules_are_attributes_of_convert():
     assert convert.unet.RENAMES and convert.vae.RENAMES and convert.text.RENAMES and convert.attention.RENAMES
+    assert convert.mmdit.RENAMES
     assert convert.keys.rename is rename
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = convert.nope
