@@ -193,6 +193,7 @@ class TextConfig:
     eos_token_id: int | None = None  # default vocab.index("<eos>")
     pool: str = "eos"                # pooled = the first <eos>; "argmax": the largest id (old CLIP configs)
     layer_norm_eps: float = 1e-5
+    causal: bool = True              # CLIP: token i sees tokens 0..i; False: every token sees all (T5's encoder)
 
     def __post_init__(self):
         if self.vocab is not None:
@@ -239,17 +240,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)) with a causal mask, then x + mlp(ln(x)) (GPT-2, CLIP)."""
+    """Pre-LN transformer block: x + attn(ln(x)) with a causal mask, then x + mlp(ln(x)) (GPT-2, CLIP); without
+    the mask (config.causal False), a bidirectional encoder's block."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        self.causal = cfg.causal
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg.width, heads=cfg.heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x), is_causal=True)  # token i sees tokens 0..i
+        x = x + self.attn(self.norm1(x), is_causal=self.causal)  # causal: token i sees tokens 0..i
         return x + self.mlp(self.norm2(x))  # [B, L, D]
 
 

@@ -347,10 +347,13 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256)
 
 
 @torch.no_grad()
-def latent_scale(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) that make sampled latents of `images` unit-variance (SD: 1/std, shift 0)."""
+def latent_scale(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256,
+                 shift: bool = False) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) that make sampled latents of `images` unit-variance: SD's 1 / std with no
+    shift, or (shift=True) SD3's mean as the shift and 1 / std about it, (z - mean) / std."""
     dev = next(vae.parameters()).device
     g = torch.Generator(device=dev).manual_seed(0)
     z = torch.cat([vae.encode(images[i:i + batch_size].to(dev)).sample(g).cpu()
                    for i in range(0, len(images), batch_size)])
-    return 1.0 / z.flatten().std().item(), 0.0
+    mean = z.mean().item() if shift else 0.0
+    return 1.0 / (z - mean).flatten().std().item(), mean

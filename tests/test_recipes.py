@@ -11,7 +11,7 @@ from sdlearn import pretrained
 from sdlearn import train as train_module
 from sdlearn.__main__ import main as cli
 from sdlearn.pipeline import TextToImage, training_loss
-from sdlearn.recipes import RECIPES, clip, command, sdxl, t2i, vae
+from sdlearn.recipes import RECIPES, clip, command, mmdit, sdxl, t2i, vae
 from sdlearn.text import Tokenizer
 from sdlearn.vae import AutoencoderKL
 
@@ -38,7 +38,7 @@ def test_train_help_lists_the_models_and_each_recipe_its_defaults(capsys):
 
 def test_unknown_model_is_a_clear_error(capsys):
     assert cli(["train", "unet"]) == 2
-    assert "model must be one of clip, vae, t2i, sdxl, got 'unet'" in capsys.readouterr().err
+    assert "model must be one of clip, vae, t2i, sdxl, mmdit, got 'unet'" in capsys.readouterr().err
 
 
 def test_release_commands_are_the_recipes():
@@ -46,7 +46,9 @@ def test_release_commands_are_the_recipes():
                 ("shapes-vae", 64, vae.RELEASE[64]), ("shapes-clip", 32, clip.RELEASE),
                 ("shapes-clip-image", 32, clip.RELEASE),
                 ("shapes-clip-g", 32, clip.RELEASE_G), ("shapes-clip-g-image", 32, clip.RELEASE_G),
-                ("shapes-vae-xl", 32, vae.RELEASE_XL),
+                ("shapes-vae-xl", 32, vae.RELEASE_XL), ("shapes-vae-sd3", 32, vae.RELEASE_SD3),
+                ("shapes-clip-bidir", 32, clip.RELEASE_BIDIR), ("shapes-clip-bidir-image", 32, clip.RELEASE_BIDIR),
+                ("shapes-mmdit", 32, mmdit.RELEASE),
                 ("shapes-sdxl-base", 32, sdxl.RELEASE["base"]), ("shapes-sdxl-refiner", 32, sdxl.RELEASE["refiner"])]
     for name, size, made_by in releases:
         if f"{name}-{size}" in pretrained.available():
@@ -200,7 +202,7 @@ def test_the_stored_command_leaves_out_where_checkpoints_go():
 # the releases
 
 RELEASED_VAES = [int(n.rsplit("-", 1)[1]) for n in pretrained.available()
-                 if n.startswith("shapes-vae-") and n.rsplit("-", 1)[1].isdigit() and not n.startswith("shapes-vae-xl")]
+                 if n.startswith("shapes-vae-") and n.count("-") == 2]  # shapes-vae-<size>, not -xl-, -sd3-
 
 
 @pytest.mark.parametrize("size", RELEASED_VAES)

@@ -25,7 +25,7 @@ from sdlearn import pretrained
 
 # model name on the command line -> the recipe module
 RECIPES = {"clip": "sdlearn.recipes.clip", "vae": "sdlearn.recipes.vae", "t2i": "sdlearn.recipes.t2i",
-           "sdxl": "sdlearn.recipes.sdxl"}
+           "sdxl": "sdlearn.recipes.sdxl", "mmdit": "sdlearn.recipes.mmdit"}
 
 
 def parser(name: str, doc: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:

@@ -6,7 +6,7 @@ against an image encoder on rendered shapes with their captions.
 
 The release is two files: shapes-clip (the text encoder every later notebook conditions on) and shapes-clip-image
 (its training partner, for measuring retrieval). shapes-clip-g is SDXL's second, wider text encoder, trained by the
-same recipe (notebook 07):
+same recipe (notebook 07), and shapes-clip-bidir (RELEASE_BIDIR) a bidirectional one for SD3's T5 role (notebook 08):
 
     python -m sdlearn train clip --name shapes-clip-g --width 128 --layers 4 --heads 8 --activation gelu \
         --size 32 --steps 4000 --pool 30000 --threads 1 --release
@@ -27,6 +27,9 @@ from sdlearn.text import CLIP, ImageEncoder, ImageEncoderConfig, TextConfig, Tex
 from sdlearn.train import History, TrainConfig, fit
 
 RELEASE = "python -m sdlearn train clip --size 32 --steps 4000 --pool 30000 --threads 1 --release"
+RELEASE_BIDIR = ("python -m sdlearn train clip --name shapes-clip-bidir --width 128 --layers 4 --heads 8 "
+                 "--activation gelu --attention bidirectional --size 32 --steps 3000 --pool 30000 --threads 1 "
+                 "--release")
 RELEASE_G = ("python -m sdlearn train clip --name shapes-clip-g --width 128 --layers 4 --heads 8 --activation gelu "
              "--size 32 --steps 4000 --pool 30000 --threads 1 --release")
 
@@ -59,7 +62,8 @@ def clip_step(model: CLIP, batch) -> tuple[torch.Tensor, dict]:
 
 def train(size: int = 32, steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, pool: int = 10000,
           eval_n: int = 1000, seed: int = 0, width: int = 64, layers: int = 3, heads: int = 4,
-          activation: str = "quick_gelu", text: TextConfig | None = None, image: ImageEncoderConfig | None = None,
+          activation: str = "quick_gelu", attention: str = "causal", text: TextConfig | None = None,
+          image: ImageEncoderConfig | None = None,
           loss_fn: Callable = clip_step, device: str | torch.device = "cpu",
           checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
           callback: Callable | None = None, callback_every: int = 0,
@@ -68,12 +72,15 @@ def train(size: int = 32, steps: int = 1500, batch_size: int = 128, lr: float = 
 
     The text encoder: `text`, or TextConfig(width, layers, heads, activation) with a projection as wide as it (the
     released shapes-clip: 64 wide, 3 layers; shapes-clip-g, SDXL's second and larger encoder: 128 wide, 4 layers,
-    GELU like OpenCLIP bigG).
+    GELU like OpenCLIP bigG; shapes-clip-bidir, in SD3's T5 role in notebook 08: as wide, and bidirectional).
 
     loss_fn(clip, (images, tokens)) -> loss or (loss, logs): CLIP.loss, or a learner's (notebook 02).
     callback(step, clip, None) every `callback_every` steps. With checkpoint_dir, a stopped run resumes."""
     seed_everything(seed)
-    text = text or TextConfig(width=width, layers=layers, heads=heads, projection_dim=width, activation=activation)
+    if attention not in ("causal", "bidirectional"):
+        raise ValueError(f"attention must be 'causal' (CLIP) or 'bidirectional' (T5's encoder), got {attention!r}")
+    text = text or TextConfig(width=width, layers=layers, heads=heads, projection_dim=width, activation=activation,
+                              causal=attention == "causal")
     image = image or ImageEncoderConfig(image_size=size, embed_dim=text.pooled_dim)
     tok = Tokenizer(context_length=text.max_positions, vocab=text.vocab)
     clip = CLIP(TextEncoder(text), ImageEncoder(image)).to(device)
@@ -98,6 +105,7 @@ HELP = {
     "layers": "the text encoder's transformer blocks",
     "heads": "attention heads per block",
     "activation": "the MLP's activation: quick_gelu (OpenAI CLIP) or gelu (OpenCLIP)",
+    "attention": "causal (CLIP's text encoders) or bidirectional (T5's encoder; SD3's third encoder's role)",
 }
 
 

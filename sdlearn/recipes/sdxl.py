@@ -4,7 +4,7 @@
     python -m sdlearn train sdxl --part refiner --steps 2000 --threads 1 --release    # shapes-sdxl-refiner-32
     python -m sdlearn eval sdxl                                                       # judge base + refiner
 
-Both are notebook 06's latent recipe (sdlearn.recipes.t2i.fit_denoiser) with SDXL's conditioning:
+Both are notebook 06's latent recipe (sdlearn.recipes.t2i.fit_unet) with SDXL's conditioning:
 - the base reads both text encoders (shapes-clip, CLIP-L's role, and the wider shapes-clip-g, bigG's), the pooled
   text and six size/crop ids; half of its training images are rendered at a random original size (16 to 64 px),
   rescaled and randomly cropped, with those numbers as their ids (the other half plain renders);
@@ -27,7 +27,7 @@ from sdlearn.data import ShapesDataset, render_samples
 from sdlearn.metrics import evaluate
 from sdlearn.pipeline import TextToImage, training_loss
 from sdlearn.recipes import LATENT_HELP, add_options, command, exact_figures, parser
-from sdlearn.recipes.t2i import add_judge_options, encode_pool, fit_denoiser, print_scores, train_from_command_line
+from sdlearn.recipes.t2i import add_judge_options, encode_pool, fit_unet, print_scores, train_from_command_line
 from sdlearn.sdxl import SDXLConditioner, SDXLPipeline, vae_difference
 from sdlearn.train import History
 from sdlearn.unet import UNetConfig
@@ -102,9 +102,9 @@ def train(part: str = "base", size: int = 32, steps: int = 2000, batch_size: int
     config = unet_config(autoencoder.config.latent_channels, cond_model, width, layers, time_id_dim)
     if part == "refiner":
         loss_fn = functools.partial(loss_fn, t_max=REFINER_T_MAX)
-    return fit_denoiser(config, cond_model, autoencoder, latents, conds, size, schedule, steps, batch_size, lr,
-                        prediction, snr_gamma, p_uncond, seed, loss_fn, device, checkpoint_dir, checkpoint_every,
-                        callback, callback_every, progress, f"sdxl {part} {size}px")
+    return fit_unet(config, cond_model, autoencoder, latents, conds, size, schedule, steps, batch_size, lr,
+                    prediction, snr_gamma, p_uncond, seed, loss_fn, device, checkpoint_dir, checkpoint_every,
+                    callback, callback_every, progress, f"sdxl {part} {size}px")
 
 
 HELP = {

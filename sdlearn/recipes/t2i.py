@@ -53,19 +53,18 @@ def encode_pool(vae: AutoencoderKL, conditioner: nn.Module, images: torch.Tensor
     return torch.cat(z), {k: torch.cat([c[k].cpu() for c in conds]) for k in conds[0]}
 
 
-def fit_denoiser(config: UNetConfig, conditioner: nn.Module, vae: AutoencoderKL, latents: torch.Tensor,
-                 conds: dict[str, torch.Tensor], size: int, schedule: str, steps: int, batch_size: int, lr: float,
-                 prediction: str, snr_gamma: float, p_uncond: float, seed: int, loss_fn: Callable, device,
+def fit_denoiser(denoiser: nn.Module, conditioner: nn.Module, vae: AutoencoderKL, latents: torch.Tensor,
+                 conds: dict[str, torch.Tensor], size: int, schedule, prediction: str, steps: int, batch_size: int,
+                 lr: float, p_uncond: float, seed: int, loss_fn: Callable, loss_options: dict, device,
                  checkpoint_dir, checkpoint_every: int, callback, callback_every: int, progress: bool,
                  desc: str) -> tuple[TextToImage, History]:
-    """What every latent recipe shares, once its bank is encoded: a UNet of `config` trained on batches drawn from
-    the bank with loss_fn(unet, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma) (uncond: the
+    """What every latent recipe shares, once its bank is encoded: a denoiser (a UNet, an MMDiT) trained on batches
+    drawn from the bank with loss_fn(model, schedule, z0, cond, uncond, p_uncond, **loss_options) (uncond: the
     conditioner's twins of its dropout_keys), AdamW with warm-up and cosine decay, an EMA, checkpoints.
     -> (the TextToImage around the EMA weights, History)."""
     uncond = {k: v for k, v in conditioner.unconditional(1).items() if k in conditioner.dropout_keys}
-    sched = NoiseSchedule(schedule, 1000)
-    unet = UNet(config).to(device)
-    pipeline = functools.partial(TextToImage, conditioner, schedule=sched, vae=vae, prediction=prediction,
+    denoiser = denoiser.to(device)
+    pipeline = functools.partial(TextToImage, conditioner, schedule=schedule, vae=vae, prediction=prediction,
                                  image_size=size)
 
     def batch(step):  # a pure function of the step: a resumed run sees the same batches
@@ -73,17 +72,30 @@ def fit_denoiser(config: UNetConfig, conditioner: nn.Module, vae: AutoencoderKL,
         return latents[idx].to(device), {k: v[idx].to(device) for k, v in conds.items()}
 
     def loss(model, b):
-        return loss_fn(model, sched, *b, uncond, p_uncond, prediction, snr_gamma or None)
+        return loss_fn(model, schedule, *b, uncond, p_uncond, **loss_options)
 
     def on_step(step, model, ema):
         callback(step, pipeline(ema))
         model.train()
 
-    hist = fit(unet, loss, batch,
+    hist = fit(denoiser, loss, batch,
                TrainConfig(steps=steps, lr=lr, warmup=100, ema_decay=1 - 3 / max(steps, 6),
                            callback_every=callback_every, checkpoint_every=checkpoint_every, desc=desc),
                callback=on_step if callback else None, progress=progress, checkpoint_dir=checkpoint_dir)
     return pipeline(hist.ema), hist
+
+
+def fit_unet(config: UNetConfig, conditioner: nn.Module, vae: AutoencoderKL, latents: torch.Tensor,
+             conds: dict[str, torch.Tensor], size: int, schedule: str, steps: int, batch_size: int, lr: float,
+             prediction: str, snr_gamma: float, p_uncond: float, seed: int, loss_fn: Callable, device,
+             checkpoint_dir, checkpoint_every: int, callback, callback_every: int, progress: bool,
+             desc: str) -> tuple[TextToImage, History]:
+    """fit_denoiser for a UNet of `config` on a 1000-step NoiseSchedule of kind `schedule` (notebooks 06 and 07),
+    loss_fn(unet, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma)."""
+    return fit_denoiser(UNet(config), conditioner, vae, latents, conds, size, NoiseSchedule(schedule, 1000), prediction,
+                        steps, batch_size, lr, p_uncond, seed, loss_fn,
+                        {"prediction": prediction, "snr_gamma": snr_gamma or None}, device, checkpoint_dir,
+                        checkpoint_every, callback, callback_every, progress, desc)
 
 
 def train(size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, pool: int = 10000,
@@ -103,7 +115,7 @@ def train(size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 2
     images, captions = render_pool(ShapesDataset(size=size, split="train", seed=seed), pool, progress)
     latents, conds = encode_pool(vae, conditioner, images, captions)
     config = unet_config(vae.config.latent_channels, conditioner.dims["context"], width, layers)
-    return fit_denoiser(config, conditioner, vae, latents, conds, size, schedule, steps, batch_size, lr, prediction,
+    return fit_unet(config, conditioner, vae, latents, conds, size, schedule, steps, batch_size, lr, prediction,
                         snr_gamma, p_uncond, seed, loss_fn, device, checkpoint_dir, checkpoint_every, callback,
                         callback_every, progress, f"latent diffusion {size}px")
 

@@ -4,6 +4,10 @@ then given the latent scaling factor that makes its latents unit-variance.
     python -m sdlearn train vae --size 32 --steps 1200 --threads 1 --release   # shapes-vae-32 (13 min, 1 thread)
     python -m sdlearn train vae --size 64 --steps 600 --threads 1 --release    # shapes-vae-64 (26 min)
     python -m sdlearn eval vae --size 32                                       # its PSNR and judge scores
+
+SDXL's (notebook 07) and SD3's (notebook 08) VAEs are the same recipe with other data or another latent: the
+commands RELEASE_XL (shapes-vae-xl-32: SDXL-style and degraded renders) and RELEASE_SD3 (shapes-vae-sd3-32:
+16 latent channels, no quant convs, shifted latents).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from sdlearn.vae import AutoencoderKL, VAEConfig, latent_scale, psnr, reconstruc
 
 RELEASE_XL = ("python -m sdlearn train vae --name shapes-vae-xl --augment 0.5 --degrade 0.5 --size 32 --steps 2000 "
               "--threads 1 --release")
+RELEASE_SD3 = ("python -m sdlearn train vae --name shapes-vae-sd3 --latent-channels 16 --layout sd3 --size 32 "
+               "--steps 1200 --threads 1 --release")
 RELEASE = {32: "python -m sdlearn train vae --size 32 --steps 1200 --threads 1 --release",
            64: "python -m sdlearn train vae --size 64 --steps 600 --threads 1 --release"}
 
@@ -58,8 +64,8 @@ def evaluate(vae: AutoencoderKL, size: int, n: int = 500, split: str = "heldout"
 
 
 def train(size: int = 32, steps: int = 1200, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-4,
-          recon: str = "l2", l1_weight: float = 0.0, augment: float = 0.0, degrade: float = 0.0, seed: int = 0,
-          config: dict | None = None,
+          recon: str = "l2", l1_weight: float = 0.0, augment: float = 0.0, degrade: float = 0.0,
+          latent_channels: int = 4, layout: str = "sd", seed: int = 0, config: dict | None = None,
           loss_fn: Callable | None = None, device: str | torch.device = "cpu",
           checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, scale_images: int = 512,
           progress: bool = True) -> tuple[AutoencoderKL, History]:
@@ -70,10 +76,17 @@ def train(size: int = 32, steps: int = 1200, batch_size: int = 32, lr: float = 2
     (notebook 03). The scaling factor is 1 / std of the latents of `scale_images` other training images.
     augment, degrade: the fractions of training images rendered SDXL-style (random original size and crop) and
     degraded (blur, noise, JPEG): shapes-vae-xl sees them, so that SDXL's size and quality conditions have latents to
-    act on (SDXL, too, shipped its own VAE)."""
+    act on (SDXL, too, shipped its own VAE). latent_channels: 4 (SD 1.x - SDXL) or 16 (SD3); layout "sd3": no
+    quant convs, and latents shifted by their mean before scaling, (z - shift) * scale, as SD3's VAE."""
+    if layout not in ("sd", "sd3"):
+        raise ValueError(f"layout must be 'sd' (quant convs, latents scaled) or 'sd3' (none, latents shifted and "
+                         f"scaled), got {layout!r}")
     seed_everything(seed)
     fmt = torch.channels_last  # on CPU, convolutions train several times faster in NHWC
-    vae = AutoencoderKL(VAEConfig(**(config or SHAPES_CONFIG))).to(device, memory_format=fmt)
+    sd3 = layout == "sd3"
+    config = {**SHAPES_CONFIG, "latent_channels": latent_channels, "use_quant_conv": not sd3,
+              "use_post_quant_conv": not sd3, **(config or {})}
+    vae = AutoencoderKL(VAEConfig(**config)).to(device, memory_format=fmt)
     ds = ShapesDataset(size=size, split="train", seed=seed, length=steps * batch_size, degrade=degrade)
     varied = ShapesDataset(size=size, split="train", seed=seed, length=steps * batch_size, augment=True,
                            degrade=degrade)
@@ -91,7 +104,7 @@ def train(size: int = 32, steps: int = 1200, batch_size: int = 32, lr: float = 2
                TrainConfig(steps=steps, lr=lr, warmup=100, checkpoint_every=checkpoint_every, desc=f"vae {size}px"),
                progress=progress, checkpoint_dir=checkpoint_dir)
     vae = vae.to(memory_format=torch.contiguous_format)
-    scale, shift = latent_scale(vae, shapes_images(size, scale_images, "train", seed=seed + 1)[0])
+    scale, shift = latent_scale(vae, shapes_images(size, scale_images, "train", seed=seed + 1)[0], shift=sd3)
     vae.config.scaling_factor, vae.config.shift_factor = scale, shift
     return vae.eval(), hist
 
@@ -103,6 +116,8 @@ HELP = {
     "l1_weight": "weight of an extra per-image L1 term",
     "augment": "fraction of the images rendered at a random original size and cropped (SDXL's data)",
     "degrade": "fraction of the images blurred, noised or JPEG-compressed",
+    "latent_channels": "channels of the latent (SD 1.x - SDXL: 4, SD3: 16)",
+    "layout": "sd: quant convs, latents scaled; sd3: no quant convs, latents shifted and scaled",
 }
 
 

@@ -1,0 +1,109 @@
+"""SD3's text conditioning (Esser et al. 2024, sec. 5.2 and fig. 2): three text encoders, one joint sequence.
+
+    conditioner = SD3Conditioner(clip_l, clip_g, t5)         # prompts -> {"context", "pooled"}
+    pipe = TextToImage(conditioner, mmdit, FlowSchedule(shift=3.0), vae, "v", 32)
+    images = pipe.generate(["a red circle on the left"], steps=28)
+    no_t5 = TextToImage(without_third(conditioner), mmdit, ...)   # SD3 without T5: zeros in its place
+
+- The two CLIP encoders' penultimate states are concatenated on channels (SD3: 768 + 1280 = 2048), zero-padded to
+  the joint width (SD3: 4096, T5-XXL's), and the third encoder's final states (T5's role: a sequence-only encoder,
+  no pooled output) are appended along the sequence: context [N, L + L3, joint] (SD3: 77 + 256 tokens).
+- pooled = both CLIPs' projected <eos> vectors, concatenated (SD3: 768 + 1280 = 2048).
+- SD3 trained with each encoder dropped independently (46.3% each) so that T5, the largest, can be left out at
+  sampling with a small loss: `without_third` puts zeros in its place, and `drop_third` drops it in training.
+- The unconditional twin is zeros (what a dropped caption becomes in training).
+
+The course's encoders: shapes-clip (CLIP-L's role), shapes-clip-g (bigG's) and shapes-clip-bidir in T5's role:
+bidirectional like T5's encoder, but trained by notebook 02's CLIP recipe (T5 learnt from text alone; shapes
+captions alone teach nothing about images), of which only the token states are read.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlearn.text import TextEncoder, Tokenizer
+
+
+class SD3Conditioner(nn.Module):
+    """Prompts -> {"context" [N, L + L3, joint_dim], "pooled" [N, P1 + P2]}.
+
+    text_encoder, text_encoder_2: CLIP-L's and bigG's roles (penultimate states on channels, pooled from both);
+    text_encoder_3: T5's role (final states along the sequence), or None: zeros of third_length tokens in its
+    place. joint_dim: the context width (default: the wider of D1 + D2 and D3)."""
+
+    dropout_keys = ("context", "pooled")
+
+    def __init__(self, text_encoder: TextEncoder, text_encoder_2: TextEncoder, text_encoder_3: TextEncoder | None,
+                 joint_dim: int | None = None, third_length: int | None = None):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
+        self.tokenizers = [Tokenizer.for_encoder(e) if e is not None else None
+                           for e in (text_encoder, text_encoder_2, text_encoder_3)]
+        if self.tokenizers[0].context_length != self.tokenizers[1].context_length:
+            raise ValueError(f"the two CLIP tokenizers pad to different lengths ({self.tokenizers[0].context_length} "
+                             f"and {self.tokenizers[1].context_length}): their states are concatenated token by token")
+        if text_encoder_3 is None and third_length is None:
+            raise ValueError("without a third encoder, give third_length: the number of zero tokens in its place")
+        self.third_length = self.tokenizers[2].context_length if text_encoder_3 is not None else third_length
+        clip_width = text_encoder.config.width + text_encoder_2.config.width
+        third_width = text_encoder_3.config.width if text_encoder_3 is not None else 0
+        self.joint_dim = joint_dim or max(clip_width, third_width)
+        if self.joint_dim < max(clip_width, third_width):
+            raise ValueError(f"joint_dim={self.joint_dim} is narrower than the text it holds: the CLIP states are "
+                             f"{clip_width} wide and the third encoder's {third_width}")
+
+    def init_args(self) -> dict:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                "text_encoder_3": self.text_encoder_3, "joint_dim": self.joint_dim, "third_length": self.third_length}
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"context": self.joint_dim,
+                "pooled": self.text_encoder.config.pooled_dim + self.text_encoder_2.config.pooled_dim}
+
+    @property
+    def third(self) -> slice:
+        """Where the third encoder's tokens are in the context's sequence axis."""
+        return slice(self.tokenizers[0].context_length, None)
+
+    def forward(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        prompts = list(prompts)
+        device = next(self.text_encoder.parameters()).device
+        (h1, p1), (h2, p2) = (enc(tok(prompts).to(device), hidden_layer=-2)
+                              for enc, tok in zip(self.encoders[:2], self.tokenizers[:2], strict=True))
+        clip = F.pad(torch.cat([h1, h2], dim=-1), (0, self.joint_dim - h1.shape[-1] - h2.shape[-1]))  # [N,L,joint]
+        if self.text_encoder_3 is not None:
+            h3 = self.text_encoder_3(self.tokenizers[2](prompts).to(device))[0]                      # [N,L3,D3]
+            third = F.pad(h3, (0, self.joint_dim - h3.shape[-1]))
+        else:
+            third = clip.new_zeros(len(prompts), self.third_length, self.joint_dim)
+        return {"context": torch.cat([clip, third], dim=1), "pooled": torch.cat([p1, p2], dim=-1)}
+
+    @property
+    def encoders(self) -> list[TextEncoder | None]:
+        return [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
+
+    def unconditional(self, n: int = 1) -> dict[str, torch.Tensor]:
+        """Zeros, the shape of a prompt's conditions: what a dropped caption is in training."""
+        cond = self([""])
+        return {k: torch.zeros_like(v).expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+    def drop_third(self, cond: dict[str, torch.Tensor], p: float,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """cond with the third encoder's tokens zeroed in each sample with probability p (SD3's independent
+        encoder dropout, which lets sampling leave T5 out)."""
+        context = cond["context"]
+        drop = torch.rand(context.shape[0], generator=generator, device=context.device) < p       # [N]
+        context = context.clone()
+        context[drop, self.third] = 0
+        return {**cond, "context": context}
+
+
+def without_third(conditioner: SD3Conditioner) -> SD3Conditioner:
+    """The same conditioner with zeros in place of the third encoder (SD3 without T5)."""
+    return SD3Conditioner(conditioner.text_encoder, conditioner.text_encoder_2, None, conditioner.joint_dim,
+                          conditioner.third_length)
