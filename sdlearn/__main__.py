@@ -30,7 +30,9 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default=None, help="the schedule's sampler (ddim or ddpm; default: its first)")
+    p.add_argument("--sampler", default=None,
+                   help="the schedule's sampler (ddim or ddpm; euler for a flow model such as shapes-mmdit; "
+                        "default: its first)")
     p.add_argument("--model", default="shapes-t2i", help=f"a released pipeline ({', '.join(pretrained.available())}); "
                    "shapes-sdxl is shapes-sdxl-base")
     p.add_argument("--refiner", action="store_true", help="SDXL: hand over to <model>-refiner part-way")

@@ -87,7 +87,12 @@ class Profile:
     refiner_steps: int = knob(10, 500, 3000)      # the refiner's (it learns only t < 200; the released one: 2000)
     sdxl_pool: int = knob(256, 8000, 30000)       # training images, rendered and encoded once, for each
     # 08 MMDiT
-    mmdit_steps: int = knob(10, 2000, 8000)
+    mmdit_size: int = knob(32, 32, 32)            # shapes-vae-sd3, SD3's 16-channel VAE, is released at 32 px only
+    mmdit_steps: int = knob(10, 2000, 8000)       # the MMDiT's training steps (the released one: 4000)
+    mmdit_width: int = knob(32, 128, 192)         # its width (heads of 32 channels)
+    mmdit_depth: int = knob(2, 4, 6)              # its joint blocks
+    mmdit_pool: int = knob(256, 10000, 30000)     # training images, rendered and encoded once
+    qk_steps: int = knob(20, 300, 600)            # the high-learning-rate runs with and without QK RMSNorm
 
     @classmethod
     def named(cls, name: str) -> Profile:
