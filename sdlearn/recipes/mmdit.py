@@ -11,7 +11,6 @@ encoder dropped on its own in a fraction of the samples, so that sampling may le
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,11 +20,9 @@ from sdlearn import flow, pretrained
 from sdlearn.course import seed_everything
 from sdlearn.data import ShapesDataset, render_pool
 from sdlearn.flow import FlowSchedule
-from sdlearn.metrics import evaluate
 from sdlearn.mmdit import MMDiT, MMDiTConfig
 from sdlearn.pipeline import TextToImage
-from sdlearn.recipes import add_options, command, exact_figures, parser, reproduce
-from sdlearn.recipes.t2i import add_judge_options, encode_pool, fit_denoiser, print_scores, train_from_command_line
+from sdlearn.recipes.t2i import encode_pool, fit_denoiser, text_to_image_main
 from sdlearn.sd3 import SD3Conditioner
 from sdlearn.train import History
 
@@ -99,28 +96,10 @@ HELP = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p, t, e = parser("mmdit", __doc__)
-    add_options(t, train, HELP)
-    add_judge_options(t, e)
-    args = p.parse_args(argv)
-    start = time.perf_counter()
-    if args.cmd == "eval":
-        scores, _, _ = evaluate(pretrained.load("shapes-mmdit", args.size), args.n, args.steps, args.guidance)
-        print_scores(scores)
-        reproduce("shapes-mmdit", args.size, start)
-        return 0
-    pipe, hist = train_from_command_line(train, args, HELP, start)
-    scores = evaluate(pipe, args.eval, guidance_scale=args.guidance)[0] if args.eval else {}
-    print_scores(scores)
-    if args.release or args.out:
-        released = {"vae": f"{args.vae}-{args.size}", **{f"conditioner.text_encoder{suffix}": name for suffix, name
-                                                          in zip(("", "_2", "_3"), TEXT_ENCODERS, strict=True)}}
-        dest = pretrained.save(pipe, "shapes-mmdit", args.size, command("mmdit", argv),
-                               Path(args.out) if args.out else None, released=released, dtype=torch.float16,
-                               steps=str(args.steps), train_minutes=f"{hist.seconds / 60:.1f}",
-                               guidance_scale=str(args.guidance), **exact_figures(scores))
-        print("wrote", dest)
-    return 0
+    return text_to_image_main("mmdit", "shapes-mmdit", __doc__, train, HELP, lambda args: {
+        "vae": f"{args.vae}-{args.size}",
+        **{f"conditioner.text_encoder{suffix}": name for suffix, name in zip(("", "_2", "_3"), TEXT_ENCODERS,
+                                                                             strict=True)}}, argv)
 
 
 if __name__ == "__main__":

@@ -149,29 +149,35 @@ def add_judge_options(train_parser, eval_parser) -> None:
     eval_parser.add_argument("--guidance", type=float, default=3.0, help="guidance scale")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p, t, e = parser("t2i", __doc__)
-    add_options(t, train, HELP)
+def text_to_image_main(recipe: str, release: str, doc: str, train_fn: Callable, helps: dict[str, str],
+                       released: Callable, argv: list[str] | None) -> int:
+    """The command line of a one-model text-to-image recipe (t2i, mmdit): `eval` judges the release; `train` trains,
+    judges and (with --release / --out) writes it, naming the releases it holds (released(args) -> {part: name})."""
+    p, t, e = parser(recipe, doc)
+    add_options(t, train_fn, helps)
     add_judge_options(t, e)
     args = p.parse_args(argv)
     start = time.perf_counter()
     if args.cmd == "eval":
-        scores, _, _ = evaluate(pretrained.load("shapes-t2i", args.size), args.n, args.steps, args.guidance)
+        scores, _, _ = evaluate(pretrained.load(release, args.size), args.n, args.steps, args.guidance)
         print_scores(scores)
-        reproduce("shapes-t2i", args.size, start)
+        reproduce(release, args.size, start)
         return 0
-    pipe, hist = train_from_command_line(train, args, HELP, start)
+    pipe, hist = train_from_command_line(train_fn, args, helps, start)
     scores = evaluate(pipe, args.eval, guidance_scale=args.guidance)[0] if args.eval else {}
     print_scores(scores)
     if args.release or args.out:
-        figures = exact_figures(scores)
-        released = {"vae": f"shapes-vae-{args.size}", "conditioner.text_encoder": "shapes-clip-32"}
-        dest = pretrained.save(pipe, "shapes-t2i", args.size, command("t2i", argv),
-                               Path(args.out) if args.out else None, released=released,
-                               dtype=torch.float16, steps=str(args.steps), train_minutes=f"{hist.seconds / 60:.1f}",
-                               guidance_scale=str(args.guidance), **figures)
+        dest = pretrained.save(pipe, release, args.size, command(recipe, argv), Path(args.out) if args.out else None,
+                               released=released(args), dtype=torch.float16, steps=str(args.steps),
+                               train_minutes=f"{hist.seconds / 60:.1f}", guidance_scale=str(args.guidance),
+                               **exact_figures(scores))
         print("wrote", dest)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return text_to_image_main("t2i", "shapes-t2i", __doc__, train, HELP, lambda args: {
+        "vae": f"shapes-vae-{args.size}", "conditioner.text_encoder": "shapes-clip-32"}, argv)
 
 
 if __name__ == "__main__":
