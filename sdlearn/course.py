@@ -92,7 +92,7 @@ class Profile:
     mmdit_width: int = knob(32, 128, 192)         # its width (heads of 32 channels)
     mmdit_depth: int = knob(2, 4, 6)              # its joint blocks
     mmdit_pool: int = knob(256, 10000, 30000)     # training images, rendered and encoded once
-    qk_steps: int = knob(20, 300, 600)            # the high-learning-rate runs with and without QK RMSNorm
+    qk_steps: int = knob(20, 200, 600)            # the high-learning-rate runs with and without QK RMSNorm
 
     @classmethod
     def named(cls, name: str) -> Profile:

@@ -262,3 +262,17 @@ def test_cli_generates_with_the_sdxl_base_and_refiner(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(out).size == (2 * 32 + 3 * 2, 32 + 2 * 2) and "wrote" in capsys.readouterr().out
+
+
+def test_cli_generates_with_the_mmdit_on_its_flow_schedule(tmp_path, capsys):
+    if "shapes-mmdit-32" not in pretrained.available():
+        pytest.skip("needs the released shapes-mmdit-32")
+    out = tmp_path / "mmdit.png"
+    assert cli(["generate", "a red circle on the left", "--model", "shapes-mmdit", "--n", "2", "--steps", "5",
+                "--scale", "1", "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (2 * 32 + 3 * 2, 32 + 2 * 2) and "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:   # the flow schedule's sampler is euler; ddim is a NoiseSchedule's
+        cli(["generate", "a red circle", "--model", "shapes-mmdit", "--sampler", "ddim", "--out", str(out)])
+    assert e.value.code == 2 and "euler" in capsys.readouterr().err
