@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -19,6 +20,7 @@ from torchvision.utils import save_image
 from sdlearn import pretrained
 from sdlearn.recipes import RECIPES
 from sdlearn.sdxl import SDXLPipeline
+from sdlearn.text import course_words
 
 
 def generate(argv: list[str]) -> int:
@@ -40,8 +42,19 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--size", type=int, default=32, help="image size of the released model")
     p.add_argument("--scale", type=int, default=4, help="upscale the grid by this factor (nearest) for viewing")
     args = p.parse_args(argv)
-    if args.n < 1:
-        p.error(f"--n must be >= 1, got {args.n}")
+    for flag, value, least in (("--n", args.n, 1), ("--steps", args.steps, 1), ("--scale", args.scale, 1)):
+        if value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    if args.guidance < 0:
+        p.error(f"--guidance must be >= 0 (1: no guidance; 3: the course's), got {args.guidance}")
+    if any(not q.strip() for q in args.prompts):
+        p.error(f"a prompt is empty: describe the image with the words the model knows ({', '.join(course_words())}"
+                f"), e.g. \"a red circle on the left\"")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        p.error(f"--out {args.out}: the folder {out_dir} does not exist")
+    if not args.out.lower().endswith(".png"):
+        p.error(f"--out {args.out}: the grid is written as PNG; give a file name ending in .png")
     start = time.perf_counter()
     name = args.model
     if f"{name}-{args.size}" not in pretrained.available() and f"{name}-base-{args.size}" in pretrained.available():

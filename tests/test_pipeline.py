@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -243,6 +244,10 @@ def test_cli_generate_writes_a_grid(tmp_path):
     (["a red blob"], "unknown word 'blob'"),
     (["a red circle", "--model", "shapes-vae"], "is a AutoencoderKL, not a text-to-image pipeline"),
     (["a red circle", "--model", "shapes-nothing"], "no released model 'shapes-nothing'"),
+    ([""], "a prompt is empty: describe the image with the words the model knows"),
+    (["a red circle", "   "], "a prompt is empty"),
+    (["a red circle", "--guidance", "-1"], "--guidance must be >= 0 (1: no guidance; 3: the course's), got -1.0"),
+    (["a red circle", "--steps", "0"], "--steps must be >= 1, got 0"),
 ])
 def test_cli_bad_input_says_what_is_wrong(args, message, tmp_path, capsys):
     """A one-line error and exit status 2, no traceback (argparse's error; the subprocess test above runs the
@@ -251,6 +256,16 @@ def test_cli_bad_input_says_what_is_wrong(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(["generate", *args, "--out", str(tmp_path / "x.png")])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_checks_the_output_path_before_generating(tmp_path, capsys):
+    released_t2i()
+    for out, message in ((tmp_path / "missing" / "x.png", "does not exist"), (tmp_path / "x.jpg", "ending in .png")):
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as e:
+            cli(["generate", "a red circle", "--out", str(out)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert time.perf_counter() - start < 2   # refused before loading the model and sampling
 
 
 def test_cli_generates_with_the_sdxl_base_and_refiner(tmp_path, capsys):
