@@ -83,8 +83,8 @@ class Profile:
     sweep_prompts: int = knob(8, 100, 200)        # judge prompts per point of the guidance / step-count sweeps
     # 07 SDXL refiner
     sdxl_size: int = knob(32, 32, 32)             # shapes-vae-xl, SDXL's VAE, is released at 32 px only
-    sdxl_steps: int = knob(10, 1200, 6000)        # the base UNet's training steps (the released one: 4000)
-    refiner_steps: int = knob(10, 500, 3000)      # the refiner's (it learns only t < 200; the released one: 2000)
+    sdxl_steps: int = knob(10, 900, 6000)         # the base UNet's training steps (cpu: ~7.7 min; released: 4000)
+    refiner_steps: int = knob(10, 300, 3000)      # the refiner's (t < 200 only; cpu: ~2.2 min; released: 2000)
     sdxl_pool: int = knob(256, 8000, 30000)       # training images, rendered and encoded once, for each
     # 08 MMDiT
     mmdit_size: int = knob(32, 32, 32)            # shapes-vae-sd3, SD3's 16-channel VAE, is released at 32 px only
