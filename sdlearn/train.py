@@ -22,6 +22,7 @@ and only rank 0 writes checkpoints and shows the bar.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import math
 import os
@@ -117,14 +118,24 @@ def _batch_stream(batches, start: int):
 # data parallel (torchrun)
 
 def world() -> tuple[int, int]:
-    """(rank, world size); joins the process group torchrun describes in the environment, once."""
+    """(rank, world size); joins the process group torchrun describes in the environment, once.
+
+    The group is destroyed at exit: a gloo group left to the interpreter's teardown can abort the
+    process ("terminate called without an active exception") after the work is done.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave_group)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _leave_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(batch, rank: int, world_size: int):
