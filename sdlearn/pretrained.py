@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import typing
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,9 +122,18 @@ def metadata(name: str, size: int | None = None) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def sizes(name: str) -> list[int]:
+    """The image sizes `name` is released at."""
+    return sorted(int(stem.rsplit("-", 1)[1]) for stem in available() if stem.rsplit("-", 1)[0] == name)
+
+
 def _resolve(name: str, size: int | None) -> Path:
-    if size is None:
-        size = profile().image_size
+    if size is None:  # the profile's size, else the largest one released (SDXL's and SD3's parts: 32 px only)
+        size, wanted = profile().image_size, profile().image_size
+        if not path(name, size).exists() and sizes(name):
+            size = max(sizes(name))
+            warnings.warn(f"{name} is not released at the {profile().name} profile's {wanted} px: loading the "
+                          f"{size} px release (pass size= to choose; released sizes: {sizes(name)})", stacklevel=3)
     p = path(name, size)
     if not p.exists():
         raise FileNotFoundError(

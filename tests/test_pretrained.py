@@ -41,6 +41,17 @@ def test_missing_release_lists_what_exists(weights):
         pretrained.load("tiny", size=64)
 
 
+def test_without_a_size_the_profile_size_falls_back_to_one_released_saying_so(weights, monkeypatch):
+    pretrained.save(Tiny(TinyConfig(width=4)), "tiny", 32, command="x")
+    monkeypatch.setenv("SDLEARN_PROFILE", "gpu")  # 64 px images: tiny is released at 32 px only
+    with pytest.warns(UserWarning, match=r"tiny is not released at the gpu profile's 64 px: loading the 32 px"):
+        assert pretrained.load("tiny").config == TinyConfig(width=4)
+    with pytest.raises(FileNotFoundError, match="at size 64"):  # a size asked for is never swapped
+        pretrained.load("tiny", size=64)
+    pretrained.save(Tiny(TinyConfig(width=6)), "tiny", 64, command="x")
+    assert pretrained.load("tiny").config == TinyConfig(width=6)
+
+
 def test_truncated_file_is_a_clear_error(weights):
     dest = pretrained.save(Tiny(TinyConfig()), "tiny", 32, command="x")
     dest.write_bytes(dest.read_bytes()[:40])

@@ -10,7 +10,14 @@ The text form is the "percent" format (as jupytext writes it):
     # %%
     x = 1
     # %% solution          <- an exercise: holds ### BEGIN SOLUTION / ### END SOLUTION
-    # %% check             <- the checker cell that follows an exercise (graded, locked)
+    # %% check 3           <- the checker cell that follows an exercise (graded, locked), worth 3 points
+                              (1 when the number is left out)
+
+A checker cell may end with tests the learner does not see (nbgrader restores them when grading):
+
+    ### BEGIN HIDDEN TESTS
+    assert ...
+    ### END HIDDEN TESTS
 
 The .ipynb in solutions/ is the source of truth; this script is a convenience
 for editing it in a text editor. Outputs are never written.
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import nbformat
 
-HEADER = re.compile(r"^# %%(?: \[(markdown)\])?(?: (solution|check))?\s*$")
+HEADER = re.compile(r"^# %%(?: \[(markdown)\])?(?: (solution|check)(?: (\d+))?)?\s*$")
 
 
 def to_ipynb(text: str, name: str):
@@ -32,15 +39,15 @@ def to_ipynb(text: str, name: str):
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
     }
-    cells: list[tuple[str | None, str | None, list[str]]] = []
+    cells: list[tuple[str | None, str | None, str | None, list[str]]] = []
     for line in text.splitlines():
         m = HEADER.match(line)
         if m:
-            cells.append((m.group(1), m.group(2), []))
+            cells.append((m.group(1), m.group(2), m.group(3), []))
         elif cells:
-            cells[-1][2].append(line)
+            cells[-1][3].append(line)
     counts = {"solution": 0, "check": 0}
-    for md, role, lines in cells:
+    for md, role, points, lines in cells:
         while lines and not lines[-1].strip():
             lines.pop()
         if md:
@@ -54,7 +61,7 @@ def to_ipynb(text: str, name: str):
             cell.metadata["nbgrader"] = {
                 "grade": not solution, "solution": solution, "locked": not solution,
                 "grade_id": f"{name}-{role}-{counts[role]}", "schema_version": 3,
-                **({} if solution else {"points": 1}),
+                **({} if solution else {"points": int(points or 1)}),
             }
         nb.cells.append(cell)
     for i, c in enumerate(nb.cells):
@@ -70,7 +77,7 @@ def to_script(nb) -> str:
             out += [("# " + line) if line else "#" for line in cell.source.splitlines()]
         else:
             meta = cell.metadata.get("nbgrader", {})
-            role = " solution" if meta.get("solution") else " check" if meta.get("grade") else ""
+            role = " solution" if meta.get("solution") else f" check {meta['points']}" if meta.get("grade") else ""
             if "colab-setup" in cell.metadata.get("tags", []):
                 continue  # written by build-notebooks
             out.append("# %%" + role)

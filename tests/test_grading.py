@@ -1,0 +1,146 @@
+"""An instructor's path, with nbgrader itself and the configuration in grading/: make the course folder, release
+every notebook, collect three submissions, autograde, read the gradebook, hand back feedback.
+
+    solved    every exercise filled in with the solution: full marks on every notebook
+    unsolved  the released notebooks as they are: zero on every graded cell, and the grading still finishes
+    partly    one known mistake per notebook: the marks of the other exercises, and feedback naming the mistake
+"""
+import copy
+import html
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from sdlearn.course import points
+
+ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
+ASSIGNMENTS = [p.stem for p in SOLUTIONS]
+
+# notebook: (its exercise with a mistake, the code replaced, the mistake, what the checker's message says)
+MISTAKES = {
+    "00_overview": (1, "return o.color, o.shape, o.position", "return o.color, o.shape",
+                    "a wrong position should be False: compare .position"),
+    "01_self_attention": (1, " / math.sqrt(d)", "", "missing the 1/sqrt(d) scaling"),
+    "02_cross_attention": (2, ".tril()", ".triu()", "token i may attend to the *later* tokens"),
+    "03_vae": (1, "torch.exp(0.5 * logvar)", "torch.exp(logvar)",
+               "you used exp(logvar), the variance, as the standard deviation"),
+    "04_ddpm_noising": (1, "(1 - abar).sqrt() * noise", "(1 - abar) * noise",
+                        "the noise coefficient needs a square root: sqrt(1 - abar_t)"),
+    "05_unet": (1, "[torch.cos(args), torch.sin(args)]", "[torch.sin(args), torch.cos(args)]",
+                "the halves are swapped"),
+    "06_latent_diffusion": (1, "< p_uncond", "> p_uncond", "is the comparison the wrong way round?"),
+    "07_sdxl_refiner": (3, "t >= cutoff", "t > cutoff", "expected the base to get 40 timesteps"),
+    "08_mmdit": (3, "x * (1 + scale[:, None])", "x * scale[:, None]", "the scale is 1 + scale"),
+}
+STUDENTS = ("solved", "unsolved", "partly")
+MARKERS = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n", re.M)
+
+
+def _nbgrader(course: Path, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, capture_output=True, text=True,
+                       timeout=1500)
+    assert r.returncode == 0, f"nbgrader {' '.join(args)} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+def _answers(name: str) -> dict[str, str]:
+    """grade_id -> the solution cell's code, as a learner would type it (no solution markers)."""
+    nb = nbformat.read(ROOT / "solutions" / f"{name}.ipynb", as_version=4)
+    return {c.metadata.nbgrader["grade_id"]: MARKERS.sub("", c.source) for c in nb.cells
+            if c.metadata.get("nbgrader", {}).get("solution")}
+
+
+def _submission(released, name: str, student: str):
+    nb = copy.deepcopy(released)
+    if student == "unsolved":
+        return nb
+    answers = _answers(name)
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid in answers and cell.metadata.nbgrader.get("solution"):
+            cell.source = answers[gid]
+            k, old, new, _ = MISTAKES[name]
+            if student == "partly" and gid == f"{name}-solution-{k}":
+                assert old in cell.source, f"{gid}: the mistake to make, {old!r}, is not in the solution"
+                cell.source = cell.source.replace(old, new)
+    return nb
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    course = tmp_path_factory.mktemp("course")
+    r = subprocess.run([sys.executable, "-m", "sdlearn.course", "make-course", str(course)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    logs = {"generate_assignment": _nbgrader(course, "generate_assignment", "*")}
+    for name in ASSIGNMENTS:
+        released = nbformat.read(course / "release" / name / f"{name}.ipynb", as_version=4)
+        for student in STUDENTS:
+            folder = course / "submitted" / student / name
+            folder.mkdir(parents=True)
+            nbformat.write(_submission(released, name, student), folder / f"{name}.ipynb")
+    logs["autograde"] = _nbgrader(course, "autograde", "*")
+    logs["generate_feedback"] = _nbgrader(course, "generate_feedback", "*", "--student=partly")
+    return course, logs
+
+
+def _grades(course: Path, student: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """assignment -> {grade cell: (score, max score)}, from nbgrader's gradebook."""
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        return {name: {g.name: (g.score, g.max_score) for nb in gb.find_submission(name, student).notebooks
+                       for g in nb.grades} for name in ASSIGNMENTS}
+
+
+def test_the_configuration_is_read_and_nothing_warns_about_a_setting(course):
+    _, logs = course
+    for app, log in logs.items():
+        for bad in ("No nbgrader_config.py", "not recognized", "Config option", "deprecated"):
+            assert bad not in log, f"nbgrader {app}: {bad!r} in its log:\n{log[-2000:]}"
+
+
+def test_a_solved_submission_gets_full_marks_on_every_notebook(course):
+    for name, grades in _grades(course[0], "solved").items():
+        lost = {g: s for g, s in grades.items() if s[0] != s[1]}
+        assert not lost, f"{name}: a solved submission lost marks on {lost}"
+        nb = nbformat.read(ROOT / "solutions" / f"{name}.ipynb", as_version=4)
+        assert sum(m for _, m in grades.values()) == points(nb)
+
+
+def test_an_unsolved_submission_gets_zero_on_every_graded_cell(course):
+    for name, grades in _grades(course[0], "unsolved").items():
+        assert grades and all(s == 0 for s, _ in grades.values()), f"{name}: {grades}"
+
+
+def test_a_partly_wrong_submission_gets_the_marks_of_its_right_exercises_only(course):
+    for name, grades in _grades(course[0], "partly").items():
+        wrong = f"{name}-check-{MISTAKES[name][0]}"
+        assert grades[wrong][0] == 0, f"{name}: the wrong exercise scored {grades[wrong]}"
+        others = {g: s for g, s in grades.items() if g != wrong and s[0] != s[1]}
+        assert not others, f"{name}: the right exercises lost marks: {others}"
+
+
+def test_the_feedback_names_the_mistake(course):
+    course, _ = course
+    for name in ASSIGNMENTS:
+        page = course / "feedback" / "partly" / name / f"{name}.html"
+        text = html.unescape(re.sub(r"<[^>]+>", "", page.read_text()))
+        assert "CheckFailed" in text and MISTAKES[name][3] in text, f"{page.name}: the checker's message is missing"
+
+
+def test_every_notebook_has_hidden_tests_that_the_release_does_not_show(course):
+    course, _ = course
+    for name in ASSIGNMENTS:
+        source = (ROOT / "solutions" / f"{name}.ipynb").read_text()
+        released = (course / "release" / name / f"{name}.ipynb").read_text()
+        assert "### BEGIN HIDDEN TESTS" in source, f"{name}: no graded cell has hidden tests"
+        assert "HIDDEN TESTS" not in released and "HIDDEN TESTS" not in (ROOT / "notebooks" / f"{name}.ipynb"
+                                                                       ).read_text()
+        graded = (course / "autograded" / "solved" / name / f"{name}.ipynb").read_text()
+        assert "### BEGIN HIDDEN TESTS" in graded, f"{name}: autograde did not restore the hidden tests"
