@@ -38,13 +38,19 @@ PROFILES = ("smoke", "cpu", "gpu")
 
 
 def knob(smoke, cpu, gpu):
-    """One profile-dependent size (a shape: image size, width, batch): its value in the smoke, cpu and gpu profiles."""
+    """One profile-dependent size (a shape: image size, width, depth): its value in the smoke, cpu and gpu profiles."""
     return field(metadata=dict(smoke=smoke, cpu=cpu, gpu=gpu))
 
 
 def budget(smoke, cpu, gpu):
     """One profile-dependent amount of work (steps, samples, pool sizes): a dry run takes the smoke value."""
-    return field(metadata=dict(smoke=smoke, cpu=cpu, gpu=gpu, budget=True))
+    return field(metadata=dict(smoke=smoke, cpu=cpu, gpu=gpu, dry_run_smoke=True))
+
+
+def batch(smoke, cpu, gpu):
+    """One profile-dependent batch size: a shape along the batch axis only, so a dry run takes the smoke value too
+    (one training step at the gpu profile's batch of 64 px images costs minutes on a CPU core)."""
+    return field(metadata=dict(smoke=smoke, cpu=cpu, gpu=gpu, dry_run_smoke=True))
 
 
 @dataclass(frozen=True)
@@ -55,15 +61,15 @@ class Profile:
     cpu:   a laptop, each training notebook about 10 minutes on 2 cores, results a person recognises.
     gpu:   Colab / a datacentre GPU, the whole course in minutes, the best results.
 
-    A dry run (SDLEARN_DRY_RUN=1) keeps a profile's shapes (`knob`: image sizes, widths, batches) and takes the
-    smoke profile's amounts of work (`budget`: steps, samples, pools): the gpu profile's every shape and released
-    file, exercised on a CPU in minutes.
+    A dry run (SDLEARN_DRY_RUN=1) keeps a profile's shapes (`knob`: image sizes, widths, depths) and takes the
+    smoke profile's amounts of work (`budget`: steps, samples, pools) and batch sizes (`batch`): every shape but the
+    batch axis and every released file of the gpu profile, exercised on a CPU in minutes.
     """
 
     name: str = knob("smoke", "cpu", "gpu")
     # shared
     image_size: int = knob(32, 32, 64)            # shapes images, pixels per side
-    batch_size: int = knob(16, 64, 128)           # training batch
+    batch_size: int = batch(16, 64, 128)          # training batch
     num_eval: int = budget(32, 200, 400)          # prompts scored by the judge
     num_workers: int = knob(0, 0, 2)              # DataLoader workers
     # 01 self-attention
@@ -77,9 +83,9 @@ class Profile:
     probe_draws: int = budget(2, 8, 16)           # noise draws averaged per attention map
     # 03 VAE
     vae_steps: int = budget(10, 600, 2000)        # the notebook's own VAE (the released one trained longer)
-    vae_batch: int = knob(4, 32, 64)              # its training batch
+    vae_batch: int = batch(4, 32, 64)             # its training batch
     vae_sweep_steps: int = budget(2, 30, 200)     # fine-tuning steps per point of the KL-weight sweep
-    vae_sweep_batch: int = knob(2, 16, 32)        # and their batch
+    vae_sweep_batch: int = batch(2, 16, 32)       # and their batch
     # 04 DDPM noising
     sample_steps: int = budget(10, 50, 50)        # reverse-process steps when sampling
     toy_steps: int = budget(100, 1000, 1000)      # most reverse steps on the 2-D toy (DDPM's run, the step sweep)
@@ -90,10 +96,10 @@ class Profile:
     pixel_size: int = knob(16, 16, 32)            # pixel-space images: 32 px costs 4x per step (measured)
     pixel_width: int = knob(16, 32, 64)           # channels of the UNet's first level (the second has twice)
     pixel_pool: int = budget(64, 2000, 5000)      # training images, rendered once
-    pixel_batch: int = knob(16, 32, 128)          # its training batch (cpu: more, smaller steps beat fewer big ones)
+    pixel_batch: int = batch(16, 32, 128)         # its training batch (cpu: more, smaller steps beat fewer big ones)
     # 06 latent diffusion
     ldm_steps: int = budget(10, 1800, 6000)       # latent UNet training steps (cpu: ~9 minutes on 2 cores)
-    ldm_batch: int = knob(16, 64, 128)            # its batch
+    ldm_batch: int = batch(16, 64, 128)           # its batch
     ldm_pool: int = budget(256, 10000, 30000)     # training images, rendered and encoded once
     ldm_width: int = knob(16, 64, 96)             # channels of the latent UNet's first level
     sweep_prompts: int = budget(8, 100, 200)      # judge prompts per point of the guidance / step-count sweeps
@@ -116,7 +122,8 @@ class Profile:
             raise ValueError(
                 f"unknown run profile {name!r}: SDLEARN_PROFILE must be one of {', '.join(PROFILES)}"
             )
-        values = {f.name: f.metadata["smoke" if dry_run and f.metadata.get("budget") else name] for f in fields(cls)}
+        smoke_in_dry_run = lambda f: dry_run and f.metadata.get("dry_run_smoke")  # noqa: E731
+        values = {f.name: f.metadata["smoke" if smoke_in_dry_run(f) else name] for f in fields(cls)}
         return cls(**{**values, "name": f"{name} (dry run)" if dry_run else name})
 
 
@@ -309,7 +316,7 @@ def _print_profile(p: Profile) -> None:
         source = [f"{f.name}: knob( #" for f in fields(Profile)]
     for line in source:
         name, _, rest = line.strip().partition(":")
-        if "knob(" in rest or "budget(" in rest:
+        if any(kind in rest for kind in ("knob(", "budget(", "batch(")):
             comments[name] = rest.split("#", 1)[1].strip() if "#" in rest else ""
         elif line.strip().startswith("# "):
             comments[line.strip()] = None  # a group heading
