@@ -273,8 +273,10 @@ def fit(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig,
         step_fn = nn.parallel.DistributedDataParallel(step_fn)
     model.train()
     data = _batch_stream(batches, start_step)
+    # at most one redraw a second: in a notebook each redraw is a widget message, and thousands of them queued while
+    # nbval waits for a long training cell overflow the kernel's output channel (the cell then fails in nbval)
     bar = tqdm(range(start_step, cfg.steps), desc=cfg.desc, disable=not progress or rank != 0,
-               initial=start_step, total=cfg.steps)
+               initial=start_step, total=cfg.steps, mininterval=1.0)
     start = time.perf_counter()
     for step in bar:
         for g in opt.param_groups:
@@ -297,7 +299,7 @@ def fit(model: nn.Module, loss_fn: Callable, batches, cfg: TrainConfig,
         for k, v in logs.items():
             hist.logs.setdefault(k, []).append(float(v))
         if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{hist.losses[-1]:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()})
+            bar.set_postfix(loss=f"{hist.losses[-1]:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
         done = step + 1
         if checkpoint_dir and rank == 0 and (
                 done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
