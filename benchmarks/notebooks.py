@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def run_one(path: Path, profile: str, dry_run: bool = False, device: str | None 
     # the repository's sdlearn, installed or not (the GPU machine imports it from here)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-p", "no:xdist",
-           "-o", "addopts=", "-q", f"--nbval-cell-timeout={timeout}", str(path)]
+           "-o", "addopts=", "-q", "--durations=5", "--durations-min=1", f"--nbval-cell-timeout={timeout}", str(path)]
     gpu0 = _gpu_memory_mib()
     peak = {"rss": 0.0, "gpu": gpu0}
     start = time.perf_counter()
@@ -92,6 +93,9 @@ def run_one(path: Path, profile: str, dry_run: bool = False, device: str | None 
     record = {"notebook": path.stem, "passed": proc.returncode == 0, "wall_s": round(wall, 1),
               "peak_kernel_rss_mib": round(peak["rss"]),
               "peak_gpu_mib": None if peak["gpu"] is None else round(peak["gpu"] - (gpu0 or 0))}
+    # where the time went: pytest's --durations lines, "12.34s call     solutions/06_x.ipynb::Cell 12"
+    durations = re.finditer(r"^([\d.]+)s call\s+\S+::(Cell \d+)", output, re.M)
+    record["slowest_cells"] = {m.group(2): float(m.group(1)) for m in durations}
     if not record["passed"]:
         record["output_tail"] = output[-4000:]
     return record

@@ -32,7 +32,8 @@ def notebook_table() -> str:
         return "(no results yet: run `python benchmarks/notebooks.py --profile smoke`)"
     head = [f"{r['profile']}{' (dry run)' if r['dry_run'] else ''}, {r['machine']}, {r['date']}" for r in runs]
     lines = ["| notebook | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(runs)]
-    for n in sorted({n for r in runs for n in r["notebooks"]}):
+    names = sorted({n for r in runs for n in r["notebooks"]})
+    for n in names:
         cells = []
         for r in runs:
             rec = r["notebooks"].get(n)
@@ -44,7 +45,8 @@ def notebook_table() -> str:
                 mem += f", {rec['peak_gpu_mib'] / 1024:.1f} GiB GPU"
             cells.append(f"{_minutes(rec['wall_s'])} ({mem})" + ("" if rec["passed"] else " **failed**"))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines.append("| all | " + " | ".join(_minutes(r["total_s"]) for r in runs) + " |")
+    lines.append("| all | " + " | ".join(_minutes(r["total_s"]) + ("" if len(r["notebooks"]) == len(names) else
+                                          f" ({len(r['notebooks'])} notebooks)") for r in runs) + " |")
     return "\n".join(lines)
 
 
