@@ -77,11 +77,13 @@ class NoiseSchedule:
 
     kind: "linear" (Ho et al. 2020, betas 1e-4..0.02), "scaled_linear" (Stable Diffusion: linear in
     sqrt(beta), 0.00085..0.012) or "cosine" (Nichol & Dhariwal 2021; diffusers' "squaredcos_cap_v2").
+    spacing, offset: the sampling grid `timesteps` makes by default (diffusers' timestep_spacing, steps_offset;
+    the released SD 1.x / 2.x / SDXL checkpoints sample on "leading" with offset 1).
     Tensors (float32, CPU, as diffusers'): betas, alphas, alphas_cumprod, each [num_steps].
     """
 
     def __init__(self, kind: str = "linear", num_steps: int = 1000, beta_start: float | None = None,
-                 beta_end: float | None = None):
+                 beta_end: float | None = None, spacing: str = "leading", offset: int = 0):
         kind = _SCHEDULE_ALIASES.get(kind, kind)
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule kind {kind!r}, expected one of {SCHEDULES}")
@@ -101,8 +103,13 @@ class NoiseSchedule:
                 betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float32)
             else:
                 betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float32) ** 2
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}, expected one of {SPACINGS}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < num_steps:
+            raise ValueError(f"offset must be an int in 0..{num_steps - 1} (SD: 1), got {offset!r}")
         self.kind, self.num_steps = kind, num_steps
         self.beta_start, self.beta_end = beta_start, beta_end
+        self.spacing, self.offset = spacing, offset
         self.betas = betas  # [T] float32
         self.alphas = 1.0 - betas  # [T]
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # [T], bit-identical to diffusers'
@@ -117,12 +124,15 @@ class NoiseSchedule:
 
     def init_args(self) -> dict:
         """What rebuilds this schedule: NoiseSchedule(**init_args()) (a release stores it)."""
+        grid = {} if (self.spacing, self.offset) == ("leading", 0) else {"spacing": self.spacing, "offset": self.offset}
         return {"kind": self.kind, "num_steps": self.num_steps,
-                "beta_start": self.beta_start, "beta_end": self.beta_end}
+                "beta_start": self.beta_start, "beta_end": self.beta_end, **grid}
 
     def __repr__(self) -> str:
         betas = "" if self.kind == "cosine" else f", beta_start={self.beta_start}, beta_end={self.beta_end}"
-        return f"NoiseSchedule({self.kind!r}, num_steps={self.num_steps}{betas})"
+        grid = "" if (self.spacing, self.offset) == ("leading", 0) else \
+            f", spacing={self.spacing!r}, offset={self.offset}"
+        return f"NoiseSchedule({self.kind!r}, num_steps={self.num_steps}{betas}{grid})"
 
     # -- timesteps ---------------------------------------------------------------------------------------
 
@@ -151,14 +161,17 @@ class NoiseSchedule:
             v = v.view(-1, *([1] * (x.ndim - 1)))  # [B,1,...,1]: broadcast over every dim but the batch
         return v.to(x.device)
 
-    def timesteps(self, steps: int, spacing: str = "leading", offset: int = 0) -> torch.Tensor:
+    def timesteps(self, steps: int, spacing: str | None = None, offset: int | None = None) -> torch.Tensor:
         """`steps` timesteps from noisy to clean, as diffusers' set_timesteps -> LongTensor [steps], descending.
+        spacing and offset default to the schedule's.
 
         "leading" (diffusers' default): 0, k, 2k, ... with k = T // steps, reversed (plus `offset`, SD uses 1);
         "trailing": T-1, T-1-k, ... (always starts at the noisiest step; Lin et al. 2023 table 2);
         "linspace": round(linspace(0, T-1, steps)), reversed.
         """
         T = self.num_steps
+        spacing = self.spacing if spacing is None else spacing
+        offset = self.offset if offset is None else offset
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if steps > T:
@@ -177,7 +190,7 @@ class NoiseSchedule:
         return ts
 
     def trajectory(self, steps: int | Sequence[int], start: float = 0.0, end: float = 1.0,
-                   spacing: str = "leading") -> list[int]:
+                   spacing: str | None = None) -> list[int]:
         """The timesteps a sampler visits from fraction `start` to `end` of the way from noise to clean, followed
         by the one its last step lands on (-1, the clean sample, when end = 1): [n + 1] descending ints, [] for n = 0.
 

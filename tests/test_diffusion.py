@@ -66,6 +66,11 @@ def test_timesteps_equal_diffusers(spacing):
     sd = diffusers.DDIMScheduler(steps_offset=1)
     sd.set_timesteps(50)
     assert torch.equal(NoiseSchedule("scaled_linear").timesteps(50, offset=1), sd.timesteps)
+    own = NoiseSchedule("scaled_linear", offset=1)  # a schedule's own grid: what sample() visits by default
+    assert torch.equal(own.timesteps(50), sd.timesteps) and own.trajectory(50)[:-1] == sd.timesteps.tolist()
+    assert NoiseSchedule(**own.init_args()).trajectory(7) == own.trajectory(7)
+    trailing = NoiseSchedule("linear", spacing="trailing")
+    assert trailing.trajectory(4)[0] == 999 and repr(trailing).endswith("spacing='trailing', offset=0)")
 
 
 def test_bad_schedules_and_timesteps():
@@ -77,6 +82,10 @@ def test_bad_schedules_and_timesteps():
         NoiseSchedule("cosine", beta_start=0.001)
     with pytest.raises(ValueError, match="0 < beta_start <= beta_end < 1"):
         NoiseSchedule("linear", beta_start=0.02, beta_end=0.001)
+    with pytest.raises(ValueError, match="unknown timestep spacing 'even'"):
+        NoiseSchedule("linear", spacing="even")
+    with pytest.raises(ValueError, match=r"offset must be an int in 0..99 \(SD: 1\), got -1"):
+        NoiseSchedule("linear", 100, offset=-1)
     s = NoiseSchedule("linear", 100)
     with pytest.raises(ValueError, match="asked for 101 sampling steps but the schedule has only 100"):
         s.timesteps(101)
