@@ -175,13 +175,28 @@ class TextToImage(nn.Module):
                              f"got {guidance_scale!r}")
         uncond = self.conditioner.unconditional(1) if uncond is None else uncond
         generator = torch.Generator(device=z.device).manual_seed(seed)
-        return sample(self.denoiser, z, self.schedule, steps, sampler, cond, uncond, guidance_scale, start, end,
+        return sample(self._model(), z, self.schedule, steps, sampler, cond, uncond, guidance_scale, start, end,
                       self.prediction, generator, progress=progress, callback=callback, **options)
+
+    def _model(self) -> Callable:
+        """The denoiser as the sampling loop calls it. A half-precision denoiser (real checkpoints on a GPU) reads
+        its inputs in its dtype and hands back float32: the loop's arithmetic stays in float32."""
+        dtype = next(self.denoiser.parameters()).dtype
+        if dtype == torch.float32:
+            return self.denoiser
+
+        def model(x, t, **cond):
+            return self.denoiser(x.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}).float()
+        return model
+
+    @property
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B,C,h,w] -> images [B,3,H,W] in [-1, 1]."""
-        return self.vae.from_latent(z).clamp(-1, 1)
+        """Scaled latents [B,C,h,w] -> images [B,3,H,W] in [-1, 1] (float32)."""
+        return self.vae.from_latent(z.to(self._vae_dtype)).float().clamp(-1, 1)
 
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
@@ -229,7 +244,7 @@ class TextToImage(nn.Module):
             raise ValueError(f"expected images [N, 3, {self.image_size}, {self.image_size}] in [-1, 1], got {got}")
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
-        z0 = self.vae.to_latent(images.to(self.device), sample=False)            # [N, C, h, w]
+        z0 = self.vae.to_latent(images.to(self.device, self._vae_dtype), sample=False).float()  # [N, C, h, w]
         start = 1.0 - strength
         trajectory = self.schedule.trajectory(steps, start)
         if not trajectory:

@@ -304,7 +304,8 @@ class UNet(nn.Module):
     def embed(self, t, pooled=None, time_ids=None) -> torch.Tensor:
         """Timesteps [B] (+ SDXL pooled text [B,P] and time ids [B,K]) -> the embedding [B,4*C0] the ResBlocks read."""
         cfg = self.config
-        emb = self.time_embed(timestep_embedding(t, cfg.channels[0]))            # [B,temb]
+        dtype = self.time_embed.linear_1.weight.dtype                             # float32 sinusoids, cast as diffusers
+        emb = self.time_embed(timestep_embedding(t, cfg.channels[0]).to(dtype))  # [B,temb]
         if cfg.text_time:
             emb = emb + self.add_embed(text_time_input(pooled, time_ids, cfg.time_id_dim))  # [B,temb]
         return emb
