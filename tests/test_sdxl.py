@@ -8,11 +8,11 @@ with the settings of sdlearn.diffusion.NoiseSchedule("scaled_linear"). The sdlea
 weights by sdlearn.convert.from_diffusers.
 """
 import dataclasses
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import check_images, err, one_thread, perturbed, write_bpe  # noqa: F401
 
 from sdlearn import convert
 from sdlearn.diffusion import NoiseSchedule
@@ -36,41 +36,11 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  prediction_type="epsilon")  # = NoiseSchedule("scaled_linear"), timesteps(spacing="leading"), DDIM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are tiny; on a busy 2-core machine two OpenMP threads per op oversubscribe the cores and
-    diffusers' loop ran ~80x slower (15 s instead of 0.2 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _write_bpe(folder):
-    """A tiny CLIP byte-pair vocabulary: every lower-case letter (alone and word-final) and a few merges."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    merges = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>", "t h", "th e</w>", "o n</w>",
-              "b l", "bl u", "blu e</w>", "l e", "le f", "lef t</w>"]
-    vocab = ["!", *letters, *(c + "</w>" for c in letters), *(m.replace(" ", "") for m in merges),
-             "<|startoftext|>", "<|endoftext|>"]  # <|endoftext|> the largest id, as in CLIP
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return str(folder / "vocab.json"), str(folder / "merges.txt")
-
-
-def _perturbed(model, scale=0.05):
-    """Default inits leave some weights at zero (zero-initialised output convs); make every tensor matter."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model.eval()
-
-
 def _unet(num_ids, context, down):
     from diffusers import UNet2DConditionModel
 
     up = tuple(t.replace("Down", "Up") for t in reversed(down))
-    return _perturbed(UNet2DConditionModel(
+    return perturbed(UNet2DConditionModel(
         sample_size=SIZE // 2, in_channels=4, out_channels=4, down_block_types=down, up_block_types=up,
         block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=(2, 4), use_linear_projection=True,
         transformer_layers_per_block=(1, 2), cross_attention_dim=context, norm_num_groups=8,
@@ -85,21 +55,21 @@ def xl(tmp_path_factory):
     from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    vocab, merges = _write_bpe(tmp_path_factory.mktemp("clip_bpe"))
+    vocab, merges = write_bpe(tmp_path_factory.mktemp("clip_bpe"))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=L)            # pads with <eos>
     tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=L, pad_token="!")  # SDXL's 2nd: "!"
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     torch.manual_seed(0)
     common = dict(vocab_size=len(tokenizer), max_position_embeddings=L, num_hidden_layers=3, bos_token_id=bos)
-    text_encoder = _perturbed(CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L's role; eos id 2: pools at the largest id
+    text_encoder = perturbed(CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L's role; eos id 2: pools at the largest id
         hidden_size=WIDTH_1, intermediate_size=32, num_attention_heads=2, hidden_act="quick_gelu", eos_token_id=2,
         pad_token_id=eos, **common)))
-    text_encoder_2 = _perturbed(CLIPTextModelWithProjection(CLIPTextConfig(  # bigG's role: pools at the first <eos>
+    text_encoder_2 = perturbed(CLIPTextModelWithProjection(CLIPTextConfig(  # bigG's role: pools at the first <eos>
         hidden_size=WIDTH_2, intermediate_size=48, num_attention_heads=4, hidden_act="gelu", eos_token_id=eos,
         pad_token_id=tokenizer_2.pad_token_id, projection_dim=POOLED, **common)))
     unet = _unet(6, WIDTH_1 + WIDTH_2, ("DownBlock2D", "CrossAttnDownBlock2D"))
     refiner_unet = _unet(5, WIDTH_2, ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"))
-    vae = _perturbed(DiffusersVAE(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+    vae = perturbed(DiffusersVAE(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
                                   layers_per_block=1, sample_size=SIZE, scaling_factor=0.13025), scale=0.1)
     base_d = StableDiffusionXLPipeline(
@@ -135,19 +105,8 @@ def _recorder(timesteps):
     return callback
 
 
-def _err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item()
-
-
 def _check_images(ours, theirs, label):
-    """ours [N,3,H,W] in [-1, 1], theirs diffusers' "pt" output in [0, 1]: equal to 1e-4, and worth comparing."""
-    err = _err((ours + 1) / 2, theirs)
-    inside = ((theirs > 0.01) & (theirs < 0.99)).float().mean().item()
-    print(f"{label}: max abs error {err:.2e} on [0, 1] ({inside:.0%} of pixels unclipped)")
-    assert ours.shape == theirs.shape == (len(PROMPTS), 3, SIZE, SIZE)
-    assert inside > 0.5, "the images are mostly clipped: the comparison would say little"
-    assert _err(theirs[0], theirs[1]) > 1e-2, "the two prompts gave the same image: the text is not read"
-    assert err <= 1e-4, f"{label}: max abs error {err:.2e}"
+    check_images(ours, theirs, label, len(PROMPTS), SIZE)
 
 
 # -----------------------------------------------------------------------------
@@ -222,10 +181,10 @@ def test_prompt_encoding_and_the_zero_unconditional_twin_equal_diffusers(xl):
         uncond = ours.conditioner.unconditional(len(PROMPTS))
         assert cond["context"].shape == context.shape == (len(PROMPTS), L, width)
         assert cond["pooled"].shape == pooled.shape == (len(PROMPTS), POOLED)
-        errs = _err(cond["context"], context), _err(cond["pooled"], pooled)
+        errs = err(cond["context"], context), err(cond["pooled"], pooled)
         print(f"{type(theirs).__name__} prompt encoding: context {errs[0]:.1e}, pooled {errs[1]:.1e}")
         assert max(errs) <= 1e-5
-        assert _err(cond["context"][0], cond["context"][1]) > 1e-3  # the two prompts differ
+        assert err(cond["context"][0], cond["context"][1]) > 1e-3  # the two prompts differ
         assert not negative.any() and not negative_pooled.any()
         assert torch.equal(uncond["context"], negative) and torch.equal(uncond["pooled"], negative_pooled)
     assert torch.equal(xl.base.conditioner.unconditional(2)["time_ids"], xl.base.encode_prompts(PROMPTS)["time_ids"])
@@ -244,8 +203,8 @@ def test_the_empty_prompt_as_the_negative_equals_diffusers_without_force_zeros(x
     c = xl.refiner.conditioner
     empty = SDXLConditioner(None, c.text_encoder_2, c.image_size, c.aesthetic_score, tokenizer_2=c.tokenizer_2,
                             zero_negative=False).unconditional(len(PROMPTS))
-    assert negative.abs().amax() > 0 and _err(empty["context"], negative) <= 1e-5
-    assert _err(empty["pooled"], negative_pooled) <= 1e-5
+    assert negative.abs().amax() > 0 and err(empty["context"], negative) <= 1e-5
+    assert err(empty["pooled"], negative_pooled) <= 1e-5
 
 
 # -----------------------------------------------------------------------------
@@ -270,13 +229,13 @@ def test_base_then_refiner_equals_diffusers_ensemble_of_experts(xl):
 
     assert visited == visited_d == list(range(900, -1, -100))  # "leading" spacing, steps_offset 0
     assert (visited_d[:split], visited_d[split:]) == handoff(visited, 0.8) == (list(range(900, 199, -100)), [100, 0])
-    err = _err(handover, handover_d)
+    e = err(handover, handover_d)
     scale = handover_d.abs().max().item()
-    print(f"SDXL base -> refiner, hand-over latents at 0.8: max abs error {err:.2e} (latents up to {scale:.1f})")
-    assert err <= 1e-4 * max(1.0, scale)
+    print(f"SDXL base -> refiner, hand-over latents at 0.8: max abs error {e:.2e} (latents up to {scale:.1f})")
+    assert e <= 1e-4 * max(1.0, scale)
     _check_images(images, images_d, "SDXL base -> refiner images")
     decoded = (xl.base.decode(handover) + 1) / 2  # the refiner's two steps changed the image
-    assert _err(decoded, images_d) > 1e-3
+    assert err(decoded, images_d) > 1e-3
 
 
 def test_base_alone_equals_diffusers_with_size_conditions(xl):
@@ -292,7 +251,7 @@ def test_base_alone_equals_diffusers_with_size_conditions(xl):
     same = xl.base.generate(PROMPTS, STEPS, GUIDANCE, latents=z, conditions=sizes, progress=False)
     assert torch.equal(same, images)
     default = xl.base.generate(PROMPTS, STEPS, GUIDANCE, latents=z, progress=False)
-    assert _err(default, images) > 1e-3  # the size ids do reach the UNet
+    assert err(default, images) > 1e-3  # the size ids do reach the UNet
 
 
 def test_refiner_as_img2img_equals_diffusers(xl):
@@ -316,7 +275,7 @@ def test_refiner_as_img2img_equals_diffusers(xl):
         latent_d = vae.encode(xl.refiner_d.image_processor.preprocess((pixels + 1) / 2)).latent_dist.mode()
         latent_d = latent_d * vae.config.scaling_factor
     latent = xl.vae.to_latent(pixels, sample=False)
-    assert _err(latent, latent_d) <= 1e-5
+    assert err(latent, latent_d) <= 1e-5
 
     sizes = dict(original_size=(20, 24), crop_top_left=(1, 2), aesthetic_score=7.0)
     visited_d, visited = [], []
@@ -330,7 +289,7 @@ def test_refiner_as_img2img_equals_diffusers(xl):
                             conditions=sizes, progress=False, callback=lambda step: visited.append(step["t"]))
     assert visited == visited_d == [200, 100, 0] == xl.base.schedule.trajectory(STEPS, start=0.7)[:-1]
     _check_images(images, images_d, "SDXL refiner as img2img, strength 0.3")
-    assert _err(images, pixels) > 1e-2  # it did change the images
+    assert err(images, pixels) > 1e-2  # it did change the images
 
 
 # -----------------------------------------------------------------------------
