@@ -32,17 +32,24 @@ class SD3Conditioner(nn.Module):
     """Prompts -> {"context" [N, L + L3, joint_dim], "pooled" [N, P1 + P2]}.
 
     text_encoder, text_encoder_2: CLIP-L's and bigG's roles (penultimate states on channels, pooled from both);
-    text_encoder_3: T5's role (final states along the sequence), or None: zeros of third_length tokens in its
-    place. joint_dim: the context width (default: the wider of D1 + D2 and D3)."""
+    text_encoder_3: T5's role (final states along the sequence; a T5Encoder for the real checkpoints), or None:
+    zeros of third_length tokens in its place. joint_dim: the context width (default: the wider of D1 + D2 and D3).
+    tokenizer, tokenizer_2, tokenizer_3: default the course's word-level Tokenizer of each encoder; real checkpoints
+    come with transformers' (sdlearn.text.PretrainedTokenizer). zero_negative: the unconditional twin is zeros (what
+    a dropped caption is in training, the course's models); False: the empty prompt through the encoders, as
+    diffusers' StableDiffusion3Pipeline makes its default negative prompt."""
 
     dropout_keys = ("context", "pooled")
 
-    def __init__(self, text_encoder: TextEncoder, text_encoder_2: TextEncoder, text_encoder_3: TextEncoder | None,
-                 joint_dim: int | None = None, third_length: int | None = None):
+    def __init__(self, text_encoder: TextEncoder, text_encoder_2: TextEncoder, text_encoder_3: nn.Module | None,
+                 joint_dim: int | None = None, third_length: int | None = None, tokenizer=None, tokenizer_2=None,
+                 tokenizer_3=None, zero_negative: bool = True):
         super().__init__()
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
-        self.tokenizers = [Tokenizer.for_encoder(e) if e is not None else None
-                           for e in (text_encoder, text_encoder_2, text_encoder_3)]
+        self.zero_negative = zero_negative
+        self.tokenizers = [tok or (Tokenizer.for_encoder(e) if e is not None else None) for e, tok in
+                           zip((text_encoder, text_encoder_2, text_encoder_3), (tokenizer, tokenizer_2, tokenizer_3),
+                               strict=True)]
         if self.tokenizers[0].context_length != self.tokenizers[1].context_length:
             raise ValueError(f"the two CLIP tokenizers pad to different lengths ({self.tokenizers[0].context_length} "
                              f"and {self.tokenizers[1].context_length}): their states are concatenated token by token")
@@ -57,8 +64,10 @@ class SD3Conditioner(nn.Module):
                              f"{clip_width} wide and the third encoder's {third_width}")
 
     def init_args(self) -> dict:
+        zero = {} if self.zero_negative else {"zero_negative": False}
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
-                "text_encoder_3": self.text_encoder_3, "joint_dim": self.joint_dim, "third_length": self.third_length}
+                "text_encoder_3": self.text_encoder_3, "joint_dim": self.joint_dim, "third_length": self.third_length,
+                **zero}
 
     @property
     def dims(self) -> dict[str, int]:
@@ -88,9 +97,10 @@ class SD3Conditioner(nn.Module):
         return [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
 
     def unconditional(self, n: int = 1) -> dict[str, torch.Tensor]:
-        """Zeros, the shape of a prompt's conditions: what a dropped caption is in training."""
+        """Zeros, the shape of a prompt's conditions: what a dropped caption is in training (zero_negative=False:
+        the empty prompt's conditions)."""
         cond = self([""])
-        return {k: torch.zeros_like(v).expand(n, *v.shape[1:]) for k, v in cond.items()}
+        return {k: (torch.zeros_like(v) if self.zero_negative else v).expand(n, *v.shape[1:]) for k, v in cond.items()}
 
     def drop_third(self, cond: dict[str, torch.Tensor], p: float,
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -105,5 +115,6 @@ class SD3Conditioner(nn.Module):
 
 def without_third(conditioner: SD3Conditioner) -> SD3Conditioner:
     """The same conditioner with zeros in place of the third encoder (SD3 without T5)."""
-    return SD3Conditioner(conditioner.text_encoder, conditioner.text_encoder_2, None, conditioner.joint_dim,
-                          conditioner.third_length)
+    c = conditioner
+    return SD3Conditioner(c.text_encoder, c.text_encoder_2, None, c.joint_dim, c.third_length, *c.tokenizers[:2],
+                          zero_negative=c.zero_negative)
