@@ -3,6 +3,9 @@
     ours = convert.from_diffusers(diffusers_model)    # an sdlearn module
     theirs = convert.to_diffusers(ours)               # a diffusers / transformers module
     ours = convert.from_diffusers(sdxl_unet, pooled_dim=1280)   # options go to the family's converter
+    pipe = convert.from_diffusers(diffusers_pipeline)             # whole pipelines too (convert.pipeline)
+    pipe = convert.load("stable-diffusion-v1-5/")                 # a published checkpoint, folder or single file
+    convert.save(pipe, "out/")                                    # a folder diffusers loads
 
 One submodule per model family holds the key mapping (its RENAMES, applied both ways by
 sdlearn.convert.keys.rename), the config translation and from_diffusers / to_diffusers; this module
@@ -24,18 +27,27 @@ _BY_CLASS = {
     "AutoencoderKL": "vae",
     "UNet2DConditionModel": "unet",
     "SD3Transformer2DModel": "mmdit",
+    "T5EncoderModel": "t5",
+    "StableDiffusionPipeline": "pipeline",
+    "StableDiffusionXLPipeline": "pipeline",
+    "StableDiffusionXLImg2ImgPipeline": "pipeline",
+    "StableDiffusion3Pipeline": "pipeline",
     # ours (sdlearn)
     "sdlearn.attention.Attention": "attention",
     "sdlearn.text.TextEncoder": "text",
     "sdlearn.vae.AutoencoderKL": "vae",
     "sdlearn.unet.UNet": "unet",
     "sdlearn.mmdit.MMDiT": "mmdit",
+    "sdlearn.text.T5Encoder": "t5",
+    "sdlearn.pipeline.TextToImage": "pipeline",
+    "sdlearn.sdxl.SDXLPipeline": "pipeline",
 }
+_MODULES = {"keys", "files", "original", *_BY_CLASS.values()}
 
 
 def __getattr__(name: str):
     """The family submodules (convert.unet, convert.text, ...) and convert.keys, imported on first use."""
-    if name == "keys" or name in _BY_CLASS.values():
+    if name in _MODULES:
         return importlib.import_module(f"sdlearn.convert.{name}")
     raise AttributeError(f"module 'sdlearn.convert' has no attribute {name!r}")
 
@@ -78,3 +90,14 @@ def to_diffusers(module: nn.Module, **options) -> nn.Module:
     the family's converter."""
     convert = _converter(module, ours=True).to_diffusers
     return convert(module, **_options(convert, module, options))
+
+
+def load(path, **options):
+    """A published checkpoint (a diffusers folder, or an original single file) -> the sdlearn pipeline of its
+    family: sdlearn.convert.pipeline.load."""
+    return importlib.import_module("sdlearn.convert.pipeline").load(path, **options)
+
+
+def save(pipe, folder):
+    """An sdlearn pipeline -> a diffusers folder: sdlearn.convert.pipeline.save."""
+    return importlib.import_module("sdlearn.convert.pipeline").save(pipe, folder)

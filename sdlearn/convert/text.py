@@ -47,19 +47,22 @@ def config_from_transformers(c, with_projection: bool = False) -> TextConfig:
     )
 
 
+def state_from_transformers(state: dict) -> dict:
+    """A CLIPTextModel(WithProjection) state dict, as the model holds it or as a checkpoint stores it (under
+    "text_model."), -> ours."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    projection = state.pop("text_projection.weight", None)
+    state = rename(state, RENAMES, to="ours")
+    return state if projection is None else {**state, "projection.weight": projection}
+
+
 def from_diffusers(model: nn.Module) -> TextEncoder:
     """An sdlearn TextEncoder with the weights of a transformers CLIPTextModel / CLIPTextModelWithProjection."""
     name = type(model).__name__
     if name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
         raise TypeError(f"expected a transformers CLIPTextModel or CLIPTextModelWithProjection, got {name}")
-    with_proj = name == "CLIPTextModelWithProjection"
-    body = model.text_model if with_proj else model
-    cfg = config_from_transformers(model.config, with_proj)
-    ours = TextEncoder(cfg)
-    state = rename({k: v for k, v in body.state_dict().items() if not k.endswith("position_ids")}, RENAMES, to="ours")
-    if with_proj:
-        state["projection.weight"] = model.text_projection.weight
-    ours.load_state_dict(state, strict=True)
+    ours = TextEncoder(config_from_transformers(model.config, name == "CLIPTextModelWithProjection"))
+    ours.load_state_dict(state_from_transformers(model.state_dict()), strict=True)
     return ours.to(next(model.parameters()).dtype)
 
 
