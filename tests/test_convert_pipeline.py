@@ -304,3 +304,104 @@ def test_an_sdlearn_schedule_and_scheduler_config_round_trip():
         assert back.config.prediction_type == config["prediction_type"]
     with pytest.raises(ValueError, match="trained_betas"):
         schedule_from_diffusers({**DDIM, "trained_betas": [0.1, 0.2]})
+
+
+# -----------------------------------------------------------------------------
+# the published checkpoints' own configs
+
+
+_DOWN = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+_UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+_CLIP = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+             layer_norm_eps=1e-5)
+# the config.json of each part of the published checkpoints (the keys that differ from the class's defaults)
+PUBLISHED_CONFIGS = [
+    ("sd15-unet", "UNet2DConditionModel", dict(  # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/
+        attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
+        down_block_types=_DOWN, up_block_types=_UP, layers_per_block=2, sample_size=64)),
+    ("sd21base-unet", "UNet2DConditionModel", dict(  # stabilityai/stable-diffusion-2-1-base, unet/
+        attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024,
+        down_block_types=_DOWN, up_block_types=_UP, layers_per_block=2, sample_size=64, use_linear_projection=True)),
+    ("sdxl-unet", "UNet2DConditionModel", dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/
+        addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+        attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], layers_per_block=2,
+        projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+        use_linear_projection=True)),
+    ("sdxl-refiner-unet", "UNet2DConditionModel", dict(  # stabilityai/stable-diffusion-xl-refiner-1.0, unet/
+        addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[6, 12, 24, 24],
+        block_out_channels=[384, 768, 1536, 1536], cross_attention_dim=1280,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], layers_per_block=2,
+        projection_class_embeddings_input_dim=2560, sample_size=128, transformer_layers_per_block=4,
+        use_linear_projection=True)),
+    ("sd-vae", "AutoencoderKL", dict(  # SD 1.5 / 2.1 / SDXL vae/
+        block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, sample_size=512)),
+    ("sd3-vae", "AutoencoderKL", dict(  # stabilityai/stable-diffusion-3.5-medium, vae/
+        block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=16, layers_per_block=2, sample_size=1024,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)),
+    ("sd35-medium-mmdit", "SD3Transformer2DModel", dict(  # stabilityai/stable-diffusion-3.5-medium, transformer/
+        attention_head_dim=64, caption_projection_dim=1536, dual_attention_layers=list(range(13)), in_channels=16,
+        joint_attention_dim=4096, num_attention_heads=24, num_layers=24, out_channels=16, patch_size=2,
+        pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm", sample_size=128)),
+    ("clip-l-text", "CLIPTextModel", dict(  # SD 1.5 text_encoder/, SDXL's text_encoder/
+        **_CLIP, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+        hidden_act="quick_gelu", projection_dim=768)),
+    ("openclip-h-text", "CLIPTextModel", dict(  # stabilityai/stable-diffusion-2-1-base, text_encoder/
+        **_CLIP, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+        hidden_act="gelu", projection_dim=512)),
+    ("clip-g-text", "CLIPTextModelWithProjection", dict(  # SDXL's text_encoder_2/, SD3.5's
+        **_CLIP, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+        hidden_act="gelu", projection_dim=1280)),
+    ("t5-xxl-encoder", "T5EncoderModel", dict(  # SD3.5's text_encoder_3/ (google/t5-v1_1-xxl's encoder)
+        vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)),
+]
+
+
+@pytest.mark.parametrize("preset, class_name, config", PUBLISHED_CONFIGS, ids=[p[0] for p in PUBLISHED_CONFIGS])
+def test_the_published_configs_build_the_full_size_presets(preset, class_name, config):
+    """What convert.load builds from the real checkpoints' config.json files is the full-size preset (same config,
+    same parameter count): the real weights have somewhere to go."""
+    from sdlearn import presets
+    from sdlearn.convert.pipeline import part_config
+
+    cls, cfg, _ = part_config(class_name, config, pooled_dim=1280 if "sdxl" in preset else None)
+    with torch.device("meta"):
+        model = cls(cfg)
+    assert presets.count_parameters(model) == presets.PUBLISHED[preset]
+    shapes = {k: v.shape for k, v in presets.build(preset).state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+
+
+def test_parts_take_the_files_tensors_without_a_copy(family):
+    from sdlearn.convert.pipeline import build_part
+
+    model = family.pipe.components["transformer" if family.name.startswith("sd3") else "unet"]
+    state = model.state_dict()
+    part = build_part(type(model).__name__, model.config, state)
+    ours = dict(part.named_parameters())
+    pointers = {t.data_ptr() for t in state.values()}
+    copied = sorted(k for k, p in ours.items() if p.data_ptr() not in pointers)
+    # the MMDiT fuses diffusers' separate q, k, v into one qkv and swaps the (shift, scale) halves of the last
+    # modulations (SD3's order, sdlearn.convert.mmdit.swap_halves): new tensors, one part at a time; nothing else
+    last = f"joint_blocks.{len(getattr(part, 'joint_blocks', [])) - 1}.context_block.adaLN_modulation."
+    assert all(".qkv." in k or k.startswith(("final_layer.adaLN_modulation.", last)) for k in copied), \
+        f"parameters copied on loading: {copied}"
+    assert len(copied) < len(ours) / 3
+
+
+def test_a_half_precision_load_keeps_an_upcast_vae_in_float32(family):
+    full = convert.load(family.folder, **_options(family))
+    half = convert.load(family.folder, dtype=torch.bfloat16, **_options(family))
+    fp16 = convert.load(family.folder, dtype=torch.float16, **_options(family))
+    assert next(half.denoiser.parameters()).dtype == torch.bfloat16 == next(half.vae.parameters()).dtype
+    assert next(fp16.denoiser.parameters()).dtype == torch.float16
+    assert next(fp16.vae.parameters()).dtype == torch.float32  # force_upcast: fp16 would overflow SDXL's VAE
+    z = full.noise(len(PROMPTS), seed=4)
+    diff = (_ours(half, z) - _ours(full, z)).abs()
+    print(f"{family.name}: bf16 against fp32, mean |diff| {diff.mean():.4f}")
+    assert diff.mean() < 0.03

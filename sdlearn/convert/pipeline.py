@@ -89,30 +89,34 @@ def _assign(cls, cfg, state: dict, source: str) -> nn.Module:
     return module
 
 
-def build_part(class_name: str, config, state: dict, source: str = "", pooled_dim: int | None = None) -> nn.Module:
-    """The sdlearn module for one diffusers / transformers part: its class name, config (a dict as in config.json,
-    or the model's config object) and state dict (its names)."""
+def part_config(class_name: str, config, pooled_dim: int | None = None):
+    """(sdlearn class, its config, state renamer) for one diffusers / transformers part, from its class name and
+    config (a dict as in config.json, or the model's config object)."""
     from sdlearn.convert import mmdit, t5, text, unet, vae
 
-    source = source or class_name
     if class_name == "UNet2DConditionModel":
         cfg = unet.config_from_diffusers(_diffusers_config(class_name, config), pooled_dim)
-        return _assign(unet.UNet, cfg, rename(state, unet.RENAMES, to="ours"), source)
+        return unet.UNet, cfg, lambda state: rename(state, unet.RENAMES, to="ours")
     if class_name == "AutoencoderKL":
         cfg = vae.config_from_diffusers(_diffusers_config(class_name, config))
-        return _assign(vae.AutoencoderKL, cfg, rename(state, vae.RENAMES, to="ours"), source)
+        return vae.AutoencoderKL, cfg, lambda state: rename(state, vae.RENAMES, to="ours")
     if class_name == "SD3Transformer2DModel":
         cfg = mmdit.config_from_diffusers(_diffusers_config(class_name, config))
-        return _assign(mmdit.MMDiT, cfg, mmdit.state_from_diffusers(state, cfg.depth), source)
+        return mmdit.MMDiT, cfg, lambda state: mmdit.state_from_diffusers(state, cfg.depth)
     if class_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
-        with_projection = class_name == "CLIPTextModelWithProjection"
-        cfg = text.config_from_transformers(_transformers_config(class_name, config), with_projection)
-        return _assign(text.TextEncoder, cfg, text.state_from_transformers(state), source)
+        cfg = text.config_from_transformers(_transformers_config(class_name, config),
+                                            class_name == "CLIPTextModelWithProjection")
+        return text.TextEncoder, cfg, text.state_from_transformers
     if class_name == "T5EncoderModel":
-        cfg = t5.config_from_transformers(config)
-        return _assign(t5.T5Encoder, cfg, t5.state_from_diffusers(state), source)
-    raise ValueError(f"{source}: sdlearn has no module for {class_name}; it reads UNet2DConditionModel, "
-                     f"AutoencoderKL, SD3Transformer2DModel, CLIPTextModel(WithProjection) and T5EncoderModel")
+        return t5.T5Encoder, t5.config_from_transformers(config), t5.state_from_diffusers
+    raise ValueError(f"sdlearn has no module for {class_name}; it reads UNet2DConditionModel, AutoencoderKL, "
+                     f"SD3Transformer2DModel, CLIPTextModel(WithProjection) and T5EncoderModel")
+
+
+def build_part(class_name: str, config, state: dict, source: str = "", pooled_dim: int | None = None) -> nn.Module:
+    """The sdlearn module for one diffusers / transformers part (class name, config, state dict in its names)."""
+    cls, cfg, to_ours = part_config(class_name, config, pooled_dim)
+    return _assign(cls, cfg, to_ours(state), source or class_name)
 
 
 # -----------------------------------------------------------------------------
