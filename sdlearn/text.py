@@ -395,9 +395,18 @@ class T5Block(nn.Module):
         self.wo = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
     def forward(self, x, bias):
-        x = x + self.attn(self.norm1(x), bias)
+        x = _fp16_safe(x + self.attn(self.norm1(x), bias))
         h = self.norm2(x)
-        return x + self.wo(F.gelu(self.wi_0(h), approximate="tanh") * self.wi_1(h))   # [B, L, D]
+        return _fp16_safe(x + self.wo(F.gelu(self.wi_0(h), approximate="tanh") * self.wi_1(h)))   # [B, L, D]
+
+
+def _fp16_safe(x: torch.Tensor) -> torch.Tensor:
+    """T5's activations outgrow float16 (T5-XXL's reach ~1e5): in fp16, clamp them below its largest value, as
+    transformers does; other dtypes pass unchanged."""
+    if x.dtype != torch.float16:
+        return x
+    limit = torch.finfo(torch.float16).max - (1000 if torch.isinf(x).any() else 0)
+    return x.clamp(-limit, limit)
 
 
 class T5Encoder(nn.Module):

@@ -318,3 +318,14 @@ def test_released_encoder_retrieves_held_out_single_objects():
 def test_for_encoder_needs_a_vocabulary():
     with pytest.raises(ValueError, match="no word vocabulary"):
         Tokenizer.for_encoder(presets.build("clip-l-text"))
+
+
+def test_t5_in_float16_clamps_what_outgrows_it_as_transformers_does():
+    from sdlearn.text import _fp16_safe
+
+    x = torch.tensor([7e4, -float("inf"), 3.0])
+    limit = torch.tensor(torch.finfo(torch.float16).max - 1000).half().item()  # 64504 rounds to 64512 in fp16
+    assert _fp16_safe(x.half()).tolist() == [limit, -limit, 3.0]   # 7e4 is already inf in float16
+    assert torch.equal(_fp16_safe(x), x)                             # float32: unchanged
+    finite = torch.tensor([6e4, -5.0]).half()
+    assert torch.equal(_fp16_safe(finite), finite)                   # finite fp16 values pass
