@@ -1,6 +1,7 @@
 """The course's command line.
 
     python -m sdlearn generate "a red circle on the left" [more prompts] --out out.png
+    python -m sdlearn generate "an astronaut riding a horse" --checkpoint <diffusers folder or .safetensors file>
     python -m sdlearn train <model> [options]     # retrain a released model with its recipe (sdlearn.recipes)
     python -m sdlearn eval <model> [options]      # measure the released model
 
@@ -17,14 +18,15 @@ import time
 import torch
 from torchvision.utils import save_image
 
-from sdlearn import pretrained
+from sdlearn import convert, pretrained
 from sdlearn.recipes import RECIPES
 from sdlearn.sdxl import SDXLPipeline
 from sdlearn.text import course_words
 
 
 def generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m sdlearn generate", description="images from a released model",
+    p = argparse.ArgumentParser(prog="python -m sdlearn generate",
+                                description="images from a released model or a published checkpoint",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompts", nargs="+", help='e.g. "a red circle on the left"')
     p.add_argument("--out", default="out.png", help="the image grid to write (PNG): a row per prompt")
@@ -40,8 +42,21 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--refiner", action="store_true", help="SDXL: hand over to <model>-refiner part-way")
     p.add_argument("--switch", type=float, default=0.8, help="with --refiner: where the refiner takes over")
     p.add_argument("--size", type=int, default=32, help="image size of the released model")
-    p.add_argument("--scale", type=int, default=4, help="upscale the grid by this factor (nearest) for viewing")
+    p.add_argument("--scale", type=int, default=None,
+                   help="upscale the grid by this factor (nearest) for viewing (default: 4 for a released model, "
+                        "1 for a checkpoint)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a published checkpoint instead of a released model: a diffusers folder, or an original "
+                        ".safetensors file with --config (sdlearn.convert.load)")
+    p.add_argument("--config", default=None, help="with a single-file --checkpoint: a diffusers folder of that model")
+    p.add_argument("--device", default="cpu", help="with --checkpoint: where to run it (e.g. cuda)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="with --checkpoint: the weights' precision (float16 on a GPU)")
     args = p.parse_args(argv)
+    args.scale = args.scale or (1 if args.checkpoint else 4)
+    if args.checkpoint and args.refiner:
+        p.error("--refiner pairs the released shapes-sdxl models; a checkpoint folder holding base/ and refiner/ "
+                "(as sdlearn.convert.save writes an SDXL pair) loads both by itself")
     for flag, value, least in (("--n", args.n, 1), ("--steps", args.steps, 1), ("--scale", args.scale, 1)):
         if value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
@@ -60,10 +75,14 @@ def generate(argv: list[str]) -> int:
     if f"{name}-{args.size}" not in pretrained.available() and f"{name}-base-{args.size}" in pretrained.available():
         name = f"{name}-base"
     try:
-        pipe = pretrained.load(name, args.size)
+        if args.checkpoint:
+            pipe = convert.load(args.checkpoint, config=args.config, device=args.device,
+                                dtype=getattr(torch, args.dtype))
+        else:
+            pipe = pretrained.load(name, args.size)
         if not hasattr(pipe, "generate"):
             p.error(f"{args.model} is a {type(pipe).__name__}, not a text-to-image pipeline")
-        if args.refiner:
+        if args.refiner and not args.checkpoint:
             refiner = pretrained.load(f"{name.removesuffix('-base')}-refiner", args.size)
             pipe = SDXLPipeline(pipe, refiner, args.switch)
         prompts = [q for q in args.prompts for _ in range(args.n)]

@@ -265,6 +265,24 @@ def test_side_by_side_on_a_local_folder(family):
     assert theirs.std() > 0.05 and ((theirs > 0.01) & (theirs < 0.99)).float().mean() > 0.5  # an image, not a blank
 
 
+def test_the_command_line_draws_from_a_checkpoint(family, tmp_path):
+    from torchvision.io import read_image
+
+    from sdlearn.__main__ import main
+
+    if family.name != "sd15":
+        pytest.skip("one family is enough for the command line")
+    out = tmp_path / "grid.png"
+    assert main(["generate", *PROMPTS, "--checkpoint", str(family.folder), "--n", "1", "--steps", str(STEPS),
+                 "--guidance", str(GUIDANCE), "--seed", "5", "--out", str(out)]) == 0
+    grid = read_image(str(out)).float() / 255                                   # [3, H, W], padding 2 around each
+    want = (convert.load(family.folder).generate(PROMPTS, STEPS, GUIDANCE, seed=5, progress=False) + 1) / 2
+    assert grid.shape == (3, 2 * SIZE + 6, SIZE + 4)                          # a row per prompt
+    assert (grid[:, 2:2 + SIZE, 2:2 + SIZE] - want[0]).abs().max() <= 1 / 255 + 1e-6   # PNG's 8 bits
+    with pytest.raises(SystemExit):
+        main(["generate", "x", "--checkpoint", str(family.folder), "--refiner"])
+
+
 # -----------------------------------------------------------------------------
 # what goes wrong
 
