@@ -84,9 +84,10 @@ class Tokenizer:
     def for_encoder(cls, encoder: TextEncoder, truncate: bool = False) -> Tokenizer:
         """The tokenizer an encoder was trained with: its config's vocab, padded to its position table."""
         cfg = encoder.config
-        if cfg.vocab is None:
-            raise ValueError("this TextEncoder has no word vocabulary in its config (vocab=None): it expects an "
-                             "external tokenizer, e.g. CLIP's byte-pair tokenizer from transformers")
+        if getattr(cfg, "vocab", None) is None:  # a T5Config has none: T5 reads SentencePiece pieces
+            raise ValueError(f"this {type(encoder).__name__} has no word vocabulary in its config: it expects an "
+                             f"external tokenizer, e.g. transformers' CLIPTokenizer or T5TokenizerFast wrapped in "
+                             f"sdlearn.text.PretrainedTokenizer")
         return cls(context_length=cfg.max_positions, vocab=cfg.vocab, truncate=truncate)
 
     @property
@@ -162,8 +163,8 @@ class Tokenizer:
 
 
 class PretrainedTokenizer:
-    """A transformers tokenizer (CLIPTokenizer for real checkpoints) called like the course's Tokenizer:
-    prompts -> ids [B, max_length], padded and truncated as diffusers' pipelines do."""
+    """A transformers tokenizer (CLIPTokenizer, or T5TokenizerFast for SD3's T5) called like the course's Tokenizer:
+    prompts -> ids [B, max_length], padded and truncated as diffusers' pipelines do (T5 appends </s>)."""
 
     def __init__(self, tokenizer, max_length: int | None = None):
         self.tokenizer, self.context_length = tokenizer, max_length or tokenizer.model_max_length
