@@ -156,8 +156,15 @@ def test_an_original_single_file_loads_with_the_folders_configs(family):
     parts = {name: m.state_dict() for name, m in family.pipe.components.items()
              if name in ("unet", "transformer", "vae") or (name.startswith("text_encoder") and m is not None)}
     kind = {"sd15": "sd1", "sd21-eps": "sd2", "sd21-v": "sd2"}.get(family.name, "sd3")
+    state = original.join(parts, kind)
+    if kind == "sd2":  # as published: OpenCLIP-H's last layer and its text projection, which SD 2.x does not read
+        head = "cond_stage_model.model."
+        layers = family.pipe.text_encoder.config.num_hidden_layers
+        state.update({k.replace("resblocks.0.", f"resblocks.{layers}."): v.clone() for k, v in state.items()
+                      if k.startswith(head + "transformer.resblocks.0.")})
+        state[head + "text_projection"] = torch.randn(24, 24)
     single = family.tmp / "single.safetensors"
-    files.write(original.join(parts, kind), single)
+    files.write(state, single)
     ours = convert.load(single, config=family.folder, **_options(family))
     z = ours.noise(len(PROMPTS), seed=2)
     check_images(_ours(ours, z), _theirs(family.pipe, z), f"{family.name} from an original single file",

@@ -258,12 +258,15 @@ def _weights_file(folder: Path, variant: str | None) -> list[Path]:
                             f".safetensors, or a sharded *.index.json); found {found}")
 
 
-def _layers_in_config(state: dict, config: dict) -> dict:
-    """A text encoder's state without the layers its config does not have: SD 2.x single files hold all 24 of
-    OpenCLIP ViT-H's layers, of which SD 2.x reads 23 (the penultimate layer's output), as diffusers' config says."""
+def _fit_text_config(state: dict, config: dict, class_name: str) -> dict:
+    """A single file's text encoder without what its diffusers config leaves out: SD 2.x files hold all 24 of
+    OpenCLIP ViT-H's layers and its text projection, of which SD 2.x reads 23 layers (the penultimate layer's
+    output) and no projection (a CLIPTextModel), as diffusers' converter drops them."""
     n = config.get("num_hidden_layers")
     if n is None:
         return state
+    if class_name == "CLIPTextModel":
+        state = {k: v for k, v in state.items() if k != "text_projection.weight"}
     return {k: v for k, v in state.items() if not ((m := re.search(r"encoder\.layers\.(\d+)\.", k)) and int(m[1]) >= n)}
 
 
@@ -327,7 +330,7 @@ def load(path, config=None, refiner=None, refiner_config=None, device: str | tor
                              f"needs" + (" (it cannot be skipped)" if name in skip else ""))
         cfg = json.loads((folder / name / "config.json").read_text())
         if single is not None:
-            state = _layers_in_config(single.pop(name), cfg)
+            state = _fit_text_config(single.pop(name), cfg, spec[1])
         else:
             state = {}
             for f in _weights_file(folder / name, variant):
