@@ -163,6 +163,13 @@ def test_an_original_single_file_loads_with_the_folders_configs(family):
         state.update({k.replace("resblocks.0.", f"resblocks.{layers}."): v.clone() for k, v in state.items()
                       if k.startswith(head + "transformer.resblocks.0.")})
         state[head + "text_projection"] = torch.randn(24, 24)
+    # and what every published file may hold beside the parts: the EMA's counters, the training schedule's buffers,
+    # the VAE's training loss (its LPIPS and discriminator), transformers' position_ids buffer
+    state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000),
+                  "alphas_cumprod": torch.rand(1000), "first_stage_model.loss.logvar": torch.zeros(()),
+                  "first_stage_model.loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4)})
+    if kind == "sd1":
+        state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     single = family.tmp / "single.safetensors"
     files.write(state, single)
     ours = convert.load(single, config=family.folder, **_options(family))

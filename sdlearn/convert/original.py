@@ -24,6 +24,8 @@ OpenCLIP text (SD 2.x's ViT-H, SDXL's bigG): resblocks.i.attn.in_proj (q, k, v f
     layers while diffusers' config reads 23: `split` keeps what the file holds (sdlearn.convert.load drops the layers
     beyond the config).
 CLIP-L (SD 1.x, SDXL's first encoder) and SD3's three encoders are stored in transformers' own names.
+Keys outside the parts are left out: EMA copies and counters (model_ema.*), the noise schedule's buffers
+(alphas_cumprod, ...), the VAE's training loss (first_stage_model.loss.*: LPIPS and a discriminator).
 """
 from __future__ import annotations
 
@@ -255,7 +257,8 @@ def split(state: dict, family: str | None = None) -> dict[str, dict]:
         raise ValueError(f"unknown family {family!r}, expected one of {', '.join(FAMILIES)}")
     parts = {}
     for part, (prefix, layout) in FAMILIES[family].items():
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)
+               and not (part == "vae" and k.startswith(prefix + "loss."))}  # the VAE's training loss: not a part
         if not sub:
             continue
         if layout == "ldm":
