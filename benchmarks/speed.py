@@ -2,11 +2,12 @@
 
 Each model is a released one (its config and its weights), and diffusers' twin is made from it with
 sdlearn.convert.to_diffusers (their outputs are checked equal first). For each: a training step (forward, MSE,
-backward, AdamW) at the training batch, and a sampling step (no grad, the guided batch of 2 x 16). The two models
-alternate step by step in one process, the order flipping every repeat, so load from elsewhere hits both alike;
-the ratio of the medians is reported (< 1: sdlearn is faster). Then FLOPs per training step (counted with
-torch.utils.flop_counter) and the rate achieved (MFU against --peak-tflops on a GPU), and the released pipelines'
-sampling throughput (images per second, 50 steps, guidance). Results go to benchmarks/results/speed_<device>.json.
+backward, fused AdamW as in sdlearn.train.fit) at the training batch, and a sampling step (no grad, the guided batch
+of 2 x 16). The two models alternate step by step in one process, the order flipping every repeat, so load from
+elsewhere hits both alike; the ratio of the medians is reported (< 1: sdlearn is faster). Then FLOPs per training
+step (counted with torch.utils.flop_counter) and the rate achieved (MFU against --peak-tflops on a GPU), and the
+released pipelines' sampling throughput (images per second, 50 steps, guidance).
+Results go to benchmarks/results/speed_<device>.json.
 
     python benchmarks/speed.py                          # CPU, every model
     python benchmarks/speed.py --models t2i-unet --repeats 10
@@ -150,7 +151,8 @@ def bench_model(name: str, args, device) -> dict:
             return call_ours(m, x.contiguous(memory_format=torch.channels_last), *rest)
 
         models["sdlearn channels_last"] = (copy.deepcopy(ours).to(memory_format=torch.channels_last), call_nhwc)
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, (m, _) in models.items()}
+    fused = device.type in ("cpu", "cuda")  # as sdlearn.train.fit
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=fused) for k, (m, _) in models.items()}
 
     def train_step(k):
         m, call = models[k]
