@@ -64,9 +64,11 @@ def speed_table() -> str:
             tr, sa = m["train_step_ms"], m["sample_step_ms"]
             rate = f"{m['train_tflops_achieved']}" + (f", MFU {m['train_mfu']:.1%}" if "train_mfu" in m else "")
             variants = [f"{k}: {v['train_ratio']} / {v['sample_ratio']}" for k, v in m["variants"].items()]
+            ratio = {k: f"**{m[k]}**" + (f", IQR {m[k + '_iqr'][0]}-{m[k + '_iqr'][1]}" if k + "_iqr" in m else "")
+                     for k in ("train_ratio", "sample_ratio")}
             lines.append(f"| {name} (batch {m['train_batch']} / {m['sample_batch']}) | {where} | "
-                         f"{tr['sdlearn']:.0f} / {tr['diffusers']:.0f} ms (**{m['train_ratio']}**) | "
-                         f"{sa['sdlearn']:.0f} / {sa['diffusers']:.0f} ms (**{m['sample_ratio']}**) | "
+                         f"{tr['sdlearn']:.0f} / {tr['diffusers']:.0f} ms ({ratio['train_ratio']}) | "
+                         f"{sa['sdlearn']:.0f} / {sa['diffusers']:.0f} ms ({ratio['sample_ratio']}) | "
                          f"{m['train_step_gflop']} ({rate}) | {'; '.join(variants)} |")
     for r in runs:
         gen = ", ".join(f"{k} {v['images_per_s']}" for k, v in r["generate"].items())

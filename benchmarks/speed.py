@@ -4,9 +4,10 @@ Each model is a released one (its config and its weights), and diffusers' twin i
 sdlearn.convert.to_diffusers (their outputs are checked equal first). For each: a training step (forward, MSE,
 backward, fused AdamW as in sdlearn.train.fit) at the training batch, and a sampling step (no grad, the guided batch
 of 2 x 16). The two models alternate step by step in one process, the order flipping every repeat, so load from
-elsewhere hits both alike; the ratio of the medians is reported (< 1: sdlearn is faster). Then FLOPs per training
-step (counted with torch.utils.flop_counter) and the rate achieved (MFU against --peak-tflops on a GPU), and the
-released pipelines' sampling throughput (images per second, 50 steps, guidance).
+elsewhere hits both alike; the median of the repeat-by-repeat ratios is reported, with its interquartile range
+(< 1: sdlearn is faster). Then FLOPs per training step (counted with torch.utils.flop_counter) and the rate
+achieved (MFU against --peak-tflops on a GPU), and the released pipelines' sampling throughput (images per second,
+50 steps, guidance).
 Results go to benchmarks/results/speed_<device>.json.
 
     python benchmarks/speed.py                          # CPU, every model
@@ -107,7 +108,7 @@ def _sync(device):
 
 
 def _alternate(fns: dict, repeats: int, warmup: int, device) -> dict:
-    """Median seconds of each zero-argument fn, called in alternation (order flipped every repeat)."""
+    """Seconds of each zero-argument fn per repeat, called in alternation (order flipped every repeat)."""
     times = {k: [] for k in fns}
     order = list(fns)
     for r in range(warmup + repeats):
@@ -118,7 +119,15 @@ def _alternate(fns: dict, repeats: int, warmup: int, device) -> dict:
             _sync(device)
             if r >= warmup:
                 times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _ratio(times: dict, k: str) -> tuple[float, list[float]]:
+    """k's time over diffusers', repeat by repeat (each pair ran back to back, so load from elsewhere cancels):
+    the median ratio and its interquartile range."""
+    ratios = [a / b for a, b in zip(times[k], times["diffusers"], strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return round(statistics.median(ratios), 3), [round(q1, 3), round(q3, 3)]
 
 
 def bench_model(name: str, args, device) -> dict:
@@ -171,8 +180,12 @@ def bench_model(name: str, args, device) -> dict:
         with autocast:
             call(m, *sample_in)
 
-    train = _alternate({k: (lambda k=k: train_step(k)) for k in models}, args.repeats, args.warmup, device)
-    sample = _alternate({k: (lambda k=k: sample_step(k)) for k in models}, args.repeats, args.warmup, device)
+    train_times = _alternate({k: (lambda k=k: train_step(k)) for k in models}, args.repeats, args.warmup, device)
+    sample_times = _alternate({k: (lambda k=k: sample_step(k)) for k in models}, args.repeats, args.warmup, device)
+    train = {k: statistics.median(v) for k, v in train_times.items()}
+    sample = {k: statistics.median(v) for k, v in sample_times.items()}
+    train_ratio, train_iqr = _ratio(train_times, "sdlearn")
+    sample_ratio, sample_iqr = _ratio(sample_times, "sdlearn")
     with FlopCounterMode(display=False) as fc:
         train_step("sdlearn")
     flops = fc.get_total_flops()
@@ -181,16 +194,16 @@ def bench_model(name: str, args, device) -> dict:
         "train_batch": train_batch, "sample_batch": 32,
         "train_step_ms": {k: round(v * 1e3, 2) for k, v in train.items()},
         "sample_step_ms": {k: round(v * 1e3, 2) for k, v in sample.items()},
-        "train_ratio": round(train["sdlearn"] / train["diffusers"], 3),
-        "sample_ratio": round(sample["sdlearn"] / sample["diffusers"], 3),
+        "train_ratio": train_ratio, "train_ratio_iqr": train_iqr,
+        "sample_ratio": sample_ratio, "sample_ratio_iqr": sample_iqr,
         "train_step_gflop": round(flops / 1e9, 2),
         "train_tflops_achieved": round(flops / train["sdlearn"] / 1e12, 4),
         "max_abs_error_vs_diffusers": err,
     }
     if device.type == "cuda":
         row["train_mfu"] = round(flops / train["sdlearn"] / (args.peak_tflops * 1e12), 4)
-    row["variants"] = {k.removeprefix("sdlearn "): {"train_ratio": round(train[k] / train["diffusers"], 3),
-                                                     "sample_ratio": round(sample[k] / sample["diffusers"], 3)}
+    row["variants"] = {k.removeprefix("sdlearn "): {"train_ratio": _ratio(train_times, k)[0],
+                                                     "sample_ratio": _ratio(sample_times, k)[0]}
                        for k in models if k not in ("sdlearn", "diffusers")}
     if compile_s is not None:
         row["variants"]["compiled"]["compile_s"] = round(compile_s, 1)
@@ -242,8 +255,9 @@ def main(argv=None):
     }
     for name in args.models:
         row = result["models"][name] = bench_model(name, args, device)
-        print(f"{name:10} train {row['train_step_ms']} ratio {row['train_ratio']}; "
-              f"sample {row['sample_step_ms']} ratio {row['sample_ratio']}; {row['train_step_gflop']} GFLOP/step")
+        print(f"{name:10} train {row['train_step_ms']} ratio {row['train_ratio']} (IQR {row['train_ratio_iqr']}); "
+              f"sample {row['sample_step_ms']} ratio {row['sample_ratio']} (IQR {row['sample_ratio_iqr']}); "
+              f"{row['train_step_gflop']} GFLOP/step")
     for release in args.pipelines:
         row = result["generate"][release] = bench_generate(release, args, device)
         print(f"{release:14} {row['images_per_s']} images/s ({row['steps']} steps)")
