@@ -202,7 +202,7 @@ class SpatialTransformer(nn.Module):
             h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)
         else:
             h = self.proj_out(rearrange(h, "b (h w) c -> b c h w", h=H, w=W))
-        return h + x  # h first: the sum keeps its channels-last layout, which the next convolutions run faster in
+        return x + h
 
 
 class Downsample(nn.Module):
