@@ -279,13 +279,12 @@ def test_side_by_side_on_a_local_folder(family):
     assert theirs.std() > 0.05 and ((theirs > 0.01) & (theirs < 0.99)).float().mean() > 0.5  # an image, not a blank
 
 
+@pytest.mark.parametrize("family", ["sd15"], indirect=True)  # one family is enough for the command line
 def test_the_command_line_draws_from_a_checkpoint(family, tmp_path):
     from torchvision.io import read_image
 
     from sdlearn.__main__ import main
 
-    if family.name != "sd15":
-        pytest.skip("one family is enough for the command line")
     out = tmp_path / "grid.png"
     assert main(["generate", *PROMPTS, "--checkpoint", str(family.folder), "--n", "1", "--steps", str(STEPS),
                  "--guidance", str(GUIDANCE), "--seed", "5", "--out", str(out)]) == 0
