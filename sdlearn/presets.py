@@ -4,7 +4,10 @@
     presets.count_parameters(unet) == presets.PUBLISHED["sd15-unet"]
 
 Each model module owns its presets (a dict `PRESETS` of name -> zero-argument
-builder); this module only finds them, so it imports no model until asked.
+builder); this module only finds them, so it imports no model until asked. The
+real text encoders are the exception: notebook 02's sdlearn.text holds the
+course's small encoder only, so their sizes are written here, in `PRESETS`,
+whose builders import sdlearn.text when called.
 """
 from __future__ import annotations
 
@@ -15,11 +18,11 @@ from torch import nn
 
 # name -> the sdlearn module that defines it
 WHERE = {
-    "clip-l-text": "sdlearn.text",
-    "clip-l-text-proj": "sdlearn.text",
-    "clip-g-text": "sdlearn.text",
-    "openclip-h-text": "sdlearn.text",
-    "t5-xxl-encoder": "sdlearn.text",
+    "clip-l-text": "sdlearn.presets",
+    "clip-l-text-proj": "sdlearn.presets",
+    "clip-g-text": "sdlearn.presets",
+    "openclip-h-text": "sdlearn.presets",
+    "t5-xxl-encoder": "sdlearn.t5",
     "sd-vae": "sdlearn.vae",
     "sd3-vae": "sdlearn.vae",
     "sd15-unet": "sdlearn.unet",
@@ -45,6 +48,35 @@ PUBLISHED = {
     "sdxl-refiner-unet": 2_259_526_660,
     "sd3-medium-mmdit": 2_028_328_000,
     "sd35-medium-mmdit": 2_243_171_520,
+}
+
+
+# -----------------------------------------------------------------------------
+# the real text encoders: CLIP's and OpenCLIP's text towers, as sdlearn.text.TextEncoder
+
+# CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14): 49,408 BPE tokens, 77 positions, argmax pooling
+CLIP_L = dict(vocab=None, vocab_size=49408, max_positions=77, width=768, layers=12, heads=12, mlp_dim=3072,
+              activation="quick_gelu", eos_token_id=2, pool="argmax")
+# OpenCLIP ViT-H/14's (SD 2.x) and ViT-bigG/14's (SDXL, SD3): the same tokenizer, GELU
+OPENCLIP_H = dict(CLIP_L, width=1024, layers=24, heads=16, mlp_dim=4096, activation="gelu")
+OPENCLIP_G = dict(CLIP_L, width=1280, layers=32, heads=20, mlp_dim=5120, activation="gelu")
+
+
+def _text_encoder(projection_dim: int | None, **sizes) -> nn.Module:
+    from sdlearn.text import TextConfig, TextEncoder  # imported when a text preset is built, not before
+
+    return TextEncoder(TextConfig(**sizes, projection_dim=projection_dim))
+
+
+PRESETS = {
+    # SD 1.x's text encoder, SDXL's first one (CLIPTextModel: no projection)
+    "clip-l-text": lambda: _text_encoder(None, **CLIP_L),
+    # the same with its text projection, as SD3 uses it (CLIPTextModelWithProjection)
+    "clip-l-text-proj": lambda: _text_encoder(768, **CLIP_L),
+    # SD 2.x reads 23 of ViT-H's 24 layers (the penultimate's output), no projection
+    "openclip-h-text": lambda: _text_encoder(None, **{**OPENCLIP_H, "layers": 23}),
+    # SDXL's second text encoder, SD3's too, with its projection
+    "clip-g-text": lambda: _text_encoder(1280, **OPENCLIP_G),
 }
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sdlearn.checks import CheckFailed
 from sdlearn.checks import text as check
-from sdlearn.text import clip_loss
+from sdlearn.clip import clip_loss
 
 # -----------------------------------------------------------------------------
 # checkers, against right and deliberately wrong answers

@@ -1,4 +1,4 @@
-"""T5 v1.1's encoder (sdlearn.text.T5Encoder, sdlearn.convert.t5) against transformers' T5EncoderModel, and SD3's
+"""T5 v1.1's encoder (sdlearn.t5.T5Encoder, sdlearn.convert.t5) against transformers' T5EncoderModel, and SD3's
 three-encoder conditioning (sdlearn.sd3.SD3Conditioner) against diffusers' StableDiffusion3Pipeline.encode_prompt.
 Everything tiny and random, the tokenizers written here: nothing is downloaded."""
 import json
@@ -7,10 +7,11 @@ import pytest
 import torch
 from tiny import clip_text, clip_tokenizer, err, one_thread, perturbed, vae  # noqa: F401
 
-from sdlearn import convert
+from sdlearn import convert, presets
 from sdlearn.convert import t5
 from sdlearn.sd3 import SD3Conditioner, without_third
-from sdlearn.text import PretrainedTokenizer, T5Encoder, Tokenizer, relative_buckets
+from sdlearn.t5 import T5Encoder, relative_buckets
+from sdlearn.text import PretrainedTokenizer, Tokenizer
 
 pytest.importorskip("transformers")
 
@@ -73,8 +74,21 @@ def test_t5_configs_sdlearn_lacks_are_refused():
         t5.config_from_transformers({k: v for k, v in T5_TINY.items() if k != "feed_forward_proj"})
 
 
+def test_the_t5_xxl_preset_has_the_published_parameter_count_and_transformers_agrees():
+    """SD3's third encoder: 4,762,310,656 parameters; transformers' T5EncoderModel of the same config, on the meta
+    device, counts the same (its tied shared / embed_tokens once)."""
+    from transformers import T5Config, T5EncoderModel
+
+    model = presets.build("t5-xxl-encoder")
+    assert presets.count_parameters(model) == presets.PUBLISHED["t5-xxl-encoder"] == 4_762_310_656
+    with torch.device("meta"):
+        theirs = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_heads=64,
+                                         d_kv=64, feed_forward_proj="gated-gelu"))
+    assert sum(p.numel() for p in theirs.parameters()) == presets.count_parameters(model)
+
+
 def test_t5_in_float16_clamps_what_outgrows_it_as_transformers_does():
-    from sdlearn.text import _fp16_safe
+    from sdlearn.t5 import _fp16_safe
 
     x = torch.tensor([7e4, -float("inf"), 3.0])
     limit = torch.tensor(torch.finfo(torch.float16).max - 1000).half().item()  # 64504 rounds to 64512 in fp16

@@ -4,18 +4,9 @@ import pytest
 import torch
 
 from sdlearn import convert, presets, pretrained
+from sdlearn.clip import CLIP, ImageEncoder, ImageEncoderConfig, clip_loss, retrieval
 from sdlearn.data import ShapesDataset
-from sdlearn.text import (
-    CLIP,
-    COURSE_VOCAB,
-    ImageEncoder,
-    ImageEncoderConfig,
-    TextConfig,
-    TextEncoder,
-    Tokenizer,
-    clip_loss,
-    retrieval,
-)
+from sdlearn.text import COURSE_VOCAB, TextConfig, TextEncoder, Tokenizer
 
 # -----------------------------------------------------------------------------
 # tokenizer
@@ -103,19 +94,6 @@ def test_text_presets_have_the_published_parameter_count(name, count):
             num_hidden_layers=c.layers, num_attention_heads=c.heads, intermediate_size=c.mlp_dim,
             hidden_act=c.activation, projection_dim=c.projection_dim or c.width))
     assert sum(p.numel() for p in theirs.parameters()) == count
-
-
-def test_the_t5_xxl_preset_has_the_published_parameter_count_and_transformers_agrees():
-    """SD3's third encoder: 4,762,310,656 parameters; transformers' T5EncoderModel of the same config, on the meta
-    device, counts the same (its tied shared / embed_tokens once)."""
-    from transformers import T5Config, T5EncoderModel
-
-    model = presets.build("t5-xxl-encoder")
-    assert presets.count_parameters(model) == presets.PUBLISHED["t5-xxl-encoder"] == 4_762_310_656
-    with torch.device("meta"):
-        theirs = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_heads=64,
-                                         d_kv=64, feed_forward_proj="gated-gelu"))
-    assert sum(p.numel() for p in theirs.parameters()) == presets.count_parameters(model)
 
 
 def test_penultimate_hidden_states_equal_transformers_hidden_states_minus_2():
@@ -236,7 +214,7 @@ def test_course_encoder_to_transformers_and_back():
 
 
 # -----------------------------------------------------------------------------
-# contrastive training
+# contrastive training (sdlearn.clip)
 
 
 def test_clip_loss_properties():
@@ -292,3 +270,16 @@ def test_released_encoder_retrieves_held_out_single_objects():
 def test_for_encoder_needs_a_vocabulary():
     with pytest.raises(ValueError, match="no word vocabulary"):
         Tokenizer.for_encoder(presets.build("clip-l-text"))
+
+
+def test_text_module_holds_notebook_02_only_and_presets_import_it_lazily():
+    """Growth rule: sdlearn.text imports neither CLIP's training (sdlearn.clip) nor T5 (sdlearn.t5, notebook 08);
+    presets imports sdlearn.text only when a text preset is built."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sdlearn import presets; assert 'sdlearn.text' not in sys.modules; "
+            "import sdlearn.text; assert not {'sdlearn.clip', 'sdlearn.t5'} & set(sys.modules); "
+            "presets.build('clip-l-text'); assert 'sdlearn.t5' not in sys.modules; "
+            "presets.build('t5-xxl-encoder'); assert 'sdlearn.t5' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""transformers' T5EncoderModel <-> sdlearn.text.T5Encoder (SD3's third text encoder).
+"""transformers' T5EncoderModel <-> sdlearn.t5.T5Encoder (SD3's third text encoder).
 
     ours = from_diffusers(T5EncoderModel.from_pretrained(..., subfolder="text_encoder_3"))
     theirs = to_diffusers(ours)
@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from sdlearn.convert.keys import rename
-from sdlearn.text import T5Config, T5Encoder
+from sdlearn.t5 import T5Config, T5Encoder
 
 RENAMES = [
     ("token_embedding.", "encoder.embed_tokens."),

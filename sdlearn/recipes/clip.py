@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from sdlearn import pretrained
+from sdlearn.clip import CLIP, ImageEncoder, ImageEncoderConfig, retrieval
 from sdlearn.course import seed_everything
 from sdlearn.data import ShapesDataset, render_pool
 from sdlearn.recipes import add_options, command, options, parser, reproduce, set_threads
-from sdlearn.text import CLIP, ImageEncoder, ImageEncoderConfig, TextConfig, TextEncoder, Tokenizer, retrieval
+from sdlearn.text import TextConfig, TextEncoder, Tokenizer
 from sdlearn.train import History, TrainConfig, fit
 
 RELEASE = "python -m sdlearn train clip --size 32 --steps 4000 --pool 30000 --threads 1 --release"
