@@ -17,21 +17,22 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from sdlearn import pretrained
 from sdlearn.course import seed_everything
 from sdlearn.data import ShapesDataset, render_pool
+from sdlearn.diffusion import NoiseSchedule
 from sdlearn.flow import FlowSchedule
 from sdlearn.metrics import eval_prompts, evaluate, prompt_adherence
 from sdlearn.mmdit import MMDiT
-from sdlearn.pipeline import TextToImage, training_loss
+from sdlearn.pipeline import Conditioner, TextToImage, training_loss
 from sdlearn.recipes import mmdit as recipe
-from sdlearn.recipes.t2i import encode_pool, fit_denoiser, fit_unet, unet_config
+from sdlearn.recipes.t2i import encode_pool, fit_denoiser, unet_config
 from sdlearn.sd3 import without_third
+from sdlearn.unet import UNet
 
 
-class ContextOnly(nn.Module):
+class ContextOnly(Conditioner):
     """The SD3 conditioner's context alone, zeros as its unconditional twin: what a UNet without pooled text reads."""
 
     dropout_keys = ("context",)
@@ -44,11 +45,11 @@ class ContextOnly(nn.Module):
     def dims(self):
         return {"context": self.conditioner.dims["context"]}
 
-    def forward(self, prompts):
-        return {"context": self.conditioner(prompts)["context"]}
+    def encode(self, prompts):
+        return {"context": self.conditioner.encode(prompts)["context"]}
 
-    def unconditional(self, n=1):
-        return {"context": self.conditioner.unconditional(n)["context"]}
+    def encode_unconditional(self, n):
+        return {"context": self.conditioner.encode_unconditional(n)["context"]}
 
 
 def seconds_per_step(make, probe_steps: int) -> float:
@@ -79,14 +80,14 @@ def main():
 
     def train_unet(steps):
         seed_everything(0)
-        return fit_unet(unet_config(C, sd3.dims["context"], 64, 1), context_only, vae, latents, unet_conds, 32,
-                        "cosine", steps, args.batch_size, 2e-3, "v", 5.0, 0.1, 0, training_loss, "cpu", None, 0,
-                        None, 0, False, "unet")
+        return fit_denoiser(UNet(unet_config(C, sd3.dims["context"], 64, 1)), context_only, vae, latents, unet_conds,
+                            32, NoiseSchedule("cosine"), steps, args.batch_size, 2e-3, 0.1, 0, training_loss,
+                            {"prediction": "v", "snr_gamma": 5.0}, "cpu", None, 0, None, 0, False, "unet")
 
     def train_mmdit(steps):
         seed_everything(0)
         config = recipe.mmdit_config(C, latents.shape[-1], sd3)
-        return fit_denoiser(MMDiT(config), sd3, vae, latents, conds, 32, FlowSchedule(1.0), "v", steps,
+        return fit_denoiser(MMDiT(config), sd3, vae, latents, conds, 32, FlowSchedule(1.0), steps,
                             args.batch_size, 1e-3, 0.1, 0, recipe.loss_with_third_dropped,
                             {"cond_model": sd3, "p_drop_third": 0.3, "density": "logit_normal"}, "cpu", None, 0,
                             None, 0, False, "mmdit")

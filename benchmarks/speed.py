@@ -45,17 +45,17 @@ def _denoiser_case(release: str, train_batch: int):
     pipe = pretrained.load(release, 32)
     ours = pipe.denoiser
     c, h, w = pipe.latent_shape
-    cfg = ours.config
+    dims = ours.cond_dims  # what the denoiser reads (sdlearn.diffusion.Denoiser)
 
     def inputs(batch, g):
         x = torch.randn(batch, c, h, w, generator=g)
         t = torch.rand(batch, generator=g) * 999
-        ctx = torch.randn(batch, 16, cfg.context_dim, generator=g)
+        ctx = torch.randn(batch, 16, dims["context"], generator=g)
         extra = {}
-        if cfg.pooled_dim:  # SDXL's UNet and the MMDiT take pooled text
-            extra["pooled"] = torch.randn(batch, cfg.pooled_dim, generator=g)
-        if getattr(cfg, "num_time_ids", 0):  # SDXL's size and crop ids
-            extra["time_ids"] = torch.tensor([[32.0, 32, 0, 0, 32, 32, 6][:cfg.num_time_ids]]).repeat(batch, 1)
+        if "pooled" in dims:  # SDXL's UNet and the MMDiT take pooled text
+            extra["pooled"] = torch.randn(batch, dims["pooled"], generator=g)
+        if "time_ids" in dims:  # SDXL's size and crop ids
+            extra["time_ids"] = torch.tensor([[32.0, 32, 0, 0, 32, 32, 6][:dims["time_ids"]]]).repeat(batch, 1)
         return x, t, ctx, extra
 
     if type(ours).__name__ == "MMDiT":

@@ -9,7 +9,7 @@
 Notation (Ho et al. 2020): beta_t is the variance added at step t, alpha_t = 1 - beta_t,
 abar_t = alpha_0 * ... * alpha_t (`alphas_cumprod`), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
 SNR(t) = abar_t / (1 - abar_t). Timesteps are 0-based as in diffusers: t in [0, num_steps), and a
-step t -> t_prev = -1 lands on the clean sample (abar_{-1} = 1, diffusers' set_alpha_to_one).
+reverse step t -> t_next = -1 lands on the clean sample (abar_{-1} = 1, diffusers' set_alpha_to_one).
 
 Precision: betas and alphas_cumprod are float32 tensors on the CPU, computed exactly as diffusers
 computes them (so `alphas_cumprod` is bit-identical to DDPMScheduler's for any num_steps; a float64
@@ -17,28 +17,30 @@ cumprod would drift from it by up to ~1e-6 at 1e5 steps). Coefficients derived f
 1 - abar, posterior coefficients) are computed, like diffusers does, in float32, or in float64 when the
 sample is float64, and moved to the sample's device when used ("index-time move"): a schedule works with
 tensors on any device. So the steps match diffusers' schedulers to float32 rounding at every t; near t = 0
-float32 loses digits in 1 - abar_t / abar_prev (about 5e-4 relative at t = 1 of the linear schedule, as
+float32 loses digits in 1 - abar_t / abar_next (about 5e-4 relative at t = 1 of the linear schedule, as
 in diffusers): pass float64 samples for the exact values. snr() is computed in float64.
 
-The reverse steps are plain functions with one signature, in the k-diffusion manner:
+The reverse steps are plain functions with one signature, in the k-diffusion manner, registered by name for
+the schedule class they step (`register`, `samplers`, `find_sampler`):
 
-    x_prev = ddpm_step(schedule, model_output, x, t, t_prev, prediction="eps", noise=None, generator=None)
-    x_prev = ddim_step(schedule, model_output, x, t, t_prev, prediction="eps", noise=None, generator=None, eta=0.0)
+    x_next = ddim_step(schedule, model_output, x, t, t_next, prediction="eps", noise=None, generator=None, eta=0.0)
+    x_next = ddpm_step(schedule, model_output, x, t, t_next, prediction="eps", noise=None, generator=None)
 
-and `sample` is the one loop around them, for every model of the course: a model is anything called as
-`model(x, t, **cond)` -> a tensor shaped like x, with t a LongTensor [B] on x's device and cond a dict of
-tensors (the text states "context"; SDXL adds "pooled" and "time_ids"). Classifier-free guidance is done in
-one place, `guided`. What a sampler visits and how it steps belong to the schedule (`trajectory`,
-`model_timesteps`, `samplers`), so notebook 08's rectified-flow schedule and its Euler step plug into the
-same loop.
+and `sample` is the one loop around them, for every model of the course. Two contracts, written here once:
+a **denoiser** (`Denoiser`) is called as model(x, t, **cond) -> a tensor shaped like x, with t what the schedule
+feeds it and cond a dict of conditions (the text states "context", and whatever else it reads: SDXL's pooled
+text and sizes, a control image), and says its latent channels, the conditions it reads and its prediction type;
+a **schedule** (`Schedule`) says which points a sampler visits and what the model reads at each (`trajectory`,
+`model_timesteps`), so notebook 08's rectified-flow schedule and its Euler step plug into the same loop.
+Classifier-free guidance is done in one place, `guided`.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
-import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -277,15 +279,15 @@ class NoiseSchedule:
             eps = abar.sqrt() * model_output + (1 - abar).sqrt() * x_t
         return eps.to(x_t.dtype)
 
-    def abar_pair(self, t, t_prev, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(abar_t, abar_{t_prev}) as 0-d tensors of `dtype` for one step t -> t_prev, with abar_{-1} = 1."""
-        if isinstance(t_prev, bool) or not isinstance(t_prev, (numbers.Integral, torch.Tensor)):
-            raise TypeError(f"t_prev must be an int, got {type(t_prev).__name__}")
-        t, t_prev = int(self.check_t(t)), int(t_prev)
-        if not -1 <= t_prev < t:
-            raise ValueError(f"a reverse step goes from t to an earlier t_prev in [-1, t), got t={t}, t_prev={t_prev}")
+    def abar_pair(self, t, t_next, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(abar_t, abar_{t_next}) as 0-d tensors of `dtype` for one step t -> t_next, with abar_{-1} = 1."""
+        if isinstance(t_next, bool) or not isinstance(t_next, (numbers.Integral, torch.Tensor)):
+            raise TypeError(f"t_next must be an int, got {type(t_next).__name__}")
+        t, t_next = int(self.check_t(t)), int(t_next)
+        if not -1 <= t_next < t:
+            raise ValueError(f"a reverse step goes from t to an earlier t_next in [-1, t), got t={t}, t_next={t_next}")
         abar = self.alphas_cumprod.to(dtype)
-        return abar[t], abar[t_prev] if t_prev >= 0 else torch.ones((), dtype=dtype)
+        return abar[t], abar[t_next] if t_next >= 0 else torch.ones((), dtype=dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -294,23 +296,114 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # -----------------------------------------------------------------------------
-# the reverse process
+# the two contracts the sampling loop relies on: a denoiser and a schedule
 
 
-def posterior(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int | None = None):
-    """q(x_{t_prev} | x_t, x_0) = N(mean, variance I) (Ho et al. eq. 6-7) -> (mean, variance as a float).
+@runtime_checkable
+class Denoiser(Protocol):
+    """What the sampling loop and the pipeline call: model(x [B,C,H,W], t [B], **cond) -> prediction [B,C,H,W].
 
-    With a_t = abar_t / abar_prev (alpha_t for a single step, t_prev = t - 1, the default) and b_t = 1 - a_t:
-    mean = sqrt(abar_prev) b_t / (1 - abar_t) x0 + sqrt(a_t) (1 - abar_prev) / (1 - abar_t) x_t,
-    variance = (1 - abar_prev) / (1 - abar_t) b_t   ("fixed_small", beta tilde). At t_prev = -1: mean = x0, variance 0.
+    latent_channels: C, the channels of x and of the prediction.
+    cond_dims: the keyword conditions it reads and the width of each (the last axis of text states [B,L,D] or of a
+        vector [B,D]; the channel axis of an image or a map [B,C,H,W]).
+    prediction: what it outputs: "eps", "x0" or "v" for a NoiseSchedule, "v" (= eps - x0) for a FlowSchedule.
+    The UNet (notebook 05), SDXL's UNet (07), the MMDiT (08) and any module that wraps one of them (a ControlNet, an
+    adapter) are denoisers; a wrapper reports what the whole reads."""
+
+    latent_channels: int
+    cond_dims: dict[str, int]
+    prediction: str
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """A forward process and the grid a sampler walks: NoiseSchedule (here), FlowSchedule (notebook 08).
+
+    A point of the trajectory is whatever the schedule indexes noise levels with (an int timestep, a float sigma);
+    `trajectory` lists the points a run visits, `model_timesteps` turns one into what the denoiser reads, and the
+    step functions registered for the schedule's class (`register`, `samplers`) move x from one point to the next."""
+
+    def __len__(self) -> int: ...                                       # the scale of the timesteps a model reads
+    def init_args(self) -> dict: ...                                    # what rebuilds it: type(s)(**s.init_args())
+    def parse_prediction(self, kind: str) -> str: ...                   # a prediction type it can sample, checked
+    def trajectory(self, steps, start: float = 0.0, end: float = 1.0) -> list: ...   # [n + 1] points, noisy first
+    def model_timesteps(self, t, x: torch.Tensor) -> torch.Tensor: ...  # point t -> what the model reads, [B]
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor: ...     # the forward process
+    def target(self, prediction: str, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor: ...
+    def to_x0(self, prediction: str, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor: ...
+    def to_eps(self, prediction: str, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor: ...
+
+
+# -----------------------------------------------------------------------------
+# the reverse process: step functions, one signature
+#
+#     x_next = step(schedule, model_output, x, t, t_next, *, prediction, noise=None, generator=None, clip_x0=None,
+#                   **options)
+#
+# from point t of the schedule's trajectory to the next one, t_next (-1, the clean sample, after a NoiseSchedule's
+# last timestep). `register` records a step function for a schedule class under a name, with its options.
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered step function: its name, the schedule class whose points it steps, its extra keywords."""
+
+    name: str
+    schedule: type
+    step: Callable[..., torch.Tensor]
+    options: tuple[str, ...] = ()
+
+
+SAMPLERS: list[Sampler] = []  # in registration order: a schedule's first is its default
+
+
+def register(name: str, schedule: type, options: Sequence[str] = ()) -> Callable:
+    """Decorator: record `step` as sampler `name` for `schedule` (and its subclasses), taking `options`."""
+    def record(step: Callable) -> Callable:
+        if any(s.name == name and s.schedule is schedule for s in SAMPLERS):
+            raise ValueError(f"a sampler {name!r} is already registered for {schedule.__name__}")
+        SAMPLERS.append(Sampler(name, schedule, step, tuple(options)))
+        return step
+    return record
+
+
+def samplers(schedule) -> list[Sampler]:
+    """The samplers that step `schedule`, its default first."""
+    return [s for s in SAMPLERS if isinstance(schedule, s.schedule)]
+
+
+def find_sampler(schedule, name: str | None = None, options: Sequence[str] = ()) -> Sampler:
+    """The sampler `name` of this schedule (None: its default), after checking that it takes `options`."""
+    known = samplers(schedule)
+    if not known:
+        raise ValueError(f"no sampler is registered for a {type(schedule).__name__} (sdlearn.diffusion.register)")
+    found = known[0] if name is None else next((s for s in known if s.name == name), None)
+    if found is None:
+        raise ValueError(f"unknown sampler {name!r} for a {type(schedule).__name__}, expected one of "
+                         f"{tuple(s.name for s in known)}")
+    for key in options:
+        if key not in found.options:
+            raise ValueError(f"the {found.name!r} sampler has no option {key!r} (its options: "
+                             f"{', '.join(found.options) or 'none'})")
+    return found
+
+
+def posterior(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int | None = None):
+    """q(x_{t_next} | x_t, x_0) = N(mean, variance I) (Ho et al. eq. 6-7) -> (mean, variance as a float).
+
+    With a_t = abar_t / abar_next (alpha_t for a single step, t_next = t - 1, the default) and b_t = 1 - a_t:
+    mean = sqrt(abar_next) b_t / (1 - abar_t) x0 + sqrt(a_t) (1 - abar_next) / (1 - abar_t) x_t,
+    variance = (1 - abar_next) / (1 - abar_t) b_t   ("fixed_small", beta tilde). At t_next = -1: mean = x0, variance 0.
     """
     t = int(t)
-    abar_t, abar_prev = schedule.abar_pair(t, t - 1 if t_prev is None else t_prev, compute_dtype(x_t))
-    a_t = abar_t / abar_prev  # alpha_t of the (possibly strided) step
+    abar_t, abar_next = schedule.abar_pair(t, t - 1 if t_next is None else t_next, compute_dtype(x_t))
+    a_t = abar_t / abar_next  # alpha_t of the (possibly strided) step
     b_t = 1 - a_t  # beta_t
-    c_x0 = abar_prev**0.5 * b_t / (1 - abar_t)
-    c_xt = a_t**0.5 * (1 - abar_prev) / (1 - abar_t)
-    variance = (1 - abar_prev) / (1 - abar_t) * b_t
+    c_x0 = abar_next**0.5 * b_t / (1 - abar_t)
+    c_xt = a_t**0.5 * (1 - abar_next) / (1 - abar_t)
+    variance = (1 - abar_next) / (1 - abar_t) * b_t
     mean = float(c_x0) * x0 + float(c_xt) * x_t
     return mean, float(variance)
 
@@ -336,33 +429,15 @@ def _clip(x0: torch.Tensor, clip_x0: float | None) -> torch.Tensor:
     return x0.clamp(-float(clip_x0), float(clip_x0))
 
 
-def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_prev: int,
+@register("ddim", NoiseSchedule, options=("eta",))
+def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_next: int,
               prediction: str = "eps", noise: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, clip_x0: float | None = None) -> torch.Tensor:
-    """One ancestral step x_t -> x_{t_prev} (Ho et al. algorithm 2, via eq. 6-7 with the predicted x0).
+              generator: torch.Generator | None = None, clip_x0: float | None = None,
+              eta: float = 0.0) -> torch.Tensor:
+    """One DDIM step x_t -> x_{t_next} over any subset of timesteps (Song et al. 2021 eq. 12 and 16).
 
-    x_prev = posterior mean(x0_hat, x_t) + sqrt(posterior variance) z, z ~ N(0, I) (or `noise`), no noise at t = 0.
-    clip_x0=c clamps x0_hat to [-c, c] first (Ho et al.'s pixel-space sampler, c = 1 for data in [-1, 1]).
-    Equals diffusers' DDPMScheduler.step (variance_type="fixed_small"; clip_sample=False, or
-    clip_sample=True with clip_sample_range=c when clip_x0=c).
-    """
-    _check_output(model_output, x)
-    x0 = _clip(schedule.to_x0(prediction, model_output, x, int(t)), clip_x0)
-    mean, variance = posterior(schedule, x0, x, t, t_prev)
-    if int(t) > 0:  # diffusers draws noise for every t > 0 (variance is 0 only when t_prev = -1)
-        z = _randn(x, generator) if noise is None else noise
-        mean = mean + variance**0.5 * z
-    return mean
-
-
-def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_prev: int,
-              prediction: str = "eps", noise: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, eta: float = 0.0,
-              clip_x0: float | None = None) -> torch.Tensor:
-    """One DDIM step x_t -> x_{t_prev} over any subset of timesteps (Song et al. 2021 eq. 12 and 16).
-
-    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
-    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+    x_next = sqrt(abar_next) x0_hat + sqrt(1 - abar_next - sigma^2) eps_hat + sigma z,
+    sigma = eta sqrt((1 - abar_next) / (1 - abar_t)) sqrt(1 - abar_t / abar_next).
     eta = 0: deterministic (DDIM); eta = 1: the DDPM ancestral step. clip_x0=c clamps x0_hat to [-c, c]
     (eps_hat is kept as predicted). Equals diffusers' DDIMScheduler.step (set_alpha_to_one=True; clip_sample=False,
     or clip_sample=True with clip_sample_range=c when clip_x0=c).
@@ -370,20 +445,37 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tens
     _check_output(model_output, x)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    abar_t, abar_prev = schedule.abar_pair(t, t_prev, compute_dtype(x))
+    abar_t, abar_next = schedule.abar_pair(t, t_next, compute_dtype(x))
     x0 = _clip(schedule.to_x0(prediction, model_output, x, int(t)), clip_x0)
     eps = schedule.to_eps(prediction, model_output, x, int(t))
-    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5  # eq. 16
-    direction = (1 - abar_prev - sigma**2).clamp_min(0) ** 0.5  # "direction pointing to x_t"
-    x_prev = float(abar_prev**0.5) * x0 + float(direction) * eps
+    sigma = eta * ((1 - abar_next) / (1 - abar_t) * (1 - abar_t / abar_next)) ** 0.5  # eq. 16
+    direction = (1 - abar_next - sigma**2).clamp_min(0) ** 0.5  # "direction pointing to x_t"
+    x_next = float(abar_next**0.5) * x0 + float(direction) * eps
     sigma = float(sigma)
     if eta > 0:  # as diffusers: noise is drawn whenever eta > 0
         z = _randn(x, generator) if noise is None else noise
-        x_prev = x_prev + sigma * z
-    return x_prev
+        x_next = x_next + sigma * z
+    return x_next
 
 
-NoiseSchedule.samplers = {"ddim": ddim_step, "ddpm": ddpm_step}  # the first is the default
+@register("ddpm", NoiseSchedule)
+def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_next: int,
+              prediction: str = "eps", noise: torch.Tensor | None = None,
+              generator: torch.Generator | None = None, clip_x0: float | None = None) -> torch.Tensor:
+    """One ancestral step x_t -> x_{t_next} (Ho et al. algorithm 2, via eq. 6-7 with the predicted x0).
+
+    x_next = posterior mean(x0_hat, x_t) + sqrt(posterior variance) z, z ~ N(0, I) (or `noise`), no noise at t = 0.
+    clip_x0=c clamps x0_hat to [-c, c] first (Ho et al.'s pixel-space sampler, c = 1 for data in [-1, 1]).
+    Equals diffusers' DDPMScheduler.step (variance_type="fixed_small"; clip_sample=False, or
+    clip_sample=True with clip_sample_range=c when clip_x0=c).
+    """
+    _check_output(model_output, x)
+    x0 = _clip(schedule.to_x0(prediction, model_output, x, int(t)), clip_x0)
+    mean, variance = posterior(schedule, x0, x, t, t_next)
+    if int(t) > 0:  # diffusers draws noise for every t > 0 (variance is 0 only when t_next = -1)
+        z = _randn(x, generator) if noise is None else noise
+        mean = mean + variance**0.5 * z
+    return mean
 
 
 # -----------------------------------------------------------------------------
@@ -398,21 +490,22 @@ def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor,
     return pred_uncond + w * (pred_cond - pred_uncond)
 
 
-def guided(model: Callable, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], w: float) -> Callable:
+def guided(model: Callable, cond: dict, uncond: dict[str, torch.Tensor], w: float) -> Callable:
     """Wrap model(x, t, **cond) into a guided model(x, t) that runs uncond and cond as one batch of 2B.
 
     cond: {name: [B, ...]}, e.g. {"context": text states}; uncond: the unconditional twin of each entry
-    ([B, ...] or a batch of one, [1, ...]). An entry that has no twin in uncond (SDXL's size ids) is the same
-    in both halves.
+    ([B, ...] or a batch of one, [1, ...]). An entry with no twin in uncond (SDXL's size ids, a control image) is the
+    same in both halves; an entry that is not a tensor (a scale) is passed as it is.
     """
-    sizes = {k: v.shape[0] for k, v in cond.items()}
+    tensors = {k: v for k, v in cond.items() if isinstance(v, torch.Tensor)}
+    sizes = {k: v.shape[0] for k, v in tensors.items()}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"every entry of cond must have the same batch size, got {sizes}")
-    unknown = sorted(set(uncond) - set(cond))
+    unknown = sorted(set(uncond) - set(tensors))
     if unknown:
         raise ValueError(f"uncond has entries {unknown} that cond lacks (cond has {sorted(cond)})")
-    both = {}
-    for k, c in cond.items():
+    both = dict(cond)
+    for k, c in tensors.items():
         u = uncond.get(k, c)
         if u.shape[0] == 1 and c.shape[0] != 1:
             u = u.expand(c.shape[0], *u.shape[1:])
@@ -424,35 +517,24 @@ def guided(model: Callable, cond: dict[str, torch.Tensor], uncond: dict[str, tor
     def guided_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if sizes and x.shape[0] != next(iter(sizes.values())):
             raise ValueError(f"sample batch {x.shape[0]} != cond batch {next(iter(sizes.values()))}")
-        pred = model(torch.cat([x, x]), torch.cat([t, t]), **{k: v.to(x.device) for k, v in both.items()})
+        pred = model(torch.cat([x, x]), torch.cat([t, t]), **_to_device(both, x.device))
         pred_uncond, pred_cond = pred.chunk(2)  # [B, ...] each
         return classifier_free_guidance(pred_uncond, pred_cond, w)
 
     return guided_model
 
 
+def _to_device(cond: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+
+
 # -----------------------------------------------------------------------------
 # the sampling loop
 
 
-def _step_function(schedule, sampler: str, options: dict) -> Callable:
-    """The step function `sampler` names for this schedule, after checking that it takes `options`."""
-    samplers = getattr(schedule, "samplers", {})
-    if sampler not in samplers:
-        raise ValueError(f"unknown sampler {sampler!r} for a {type(schedule).__name__}, expected one of "
-                         f"{tuple(samplers)}")
-    step = samplers[sampler]
-    params = list(inspect.signature(step).parameters)[5:]  # after (schedule, model_output, x, t, t_next)
-    takes = [p for p in params if p not in ("prediction", "generator", "clip_x0")]
-    for key in options:
-        if key not in takes:
-            raise ValueError(f"the {sampler!r} sampler has no option {key!r} (its options: {', '.join(takes)})")
-    return step
-
-
 @torch.no_grad()
-def sample(model: Callable, x: torch.Tensor, schedule, steps: int | Sequence[int] = 50, sampler: str | None = None,
-           cond: dict[str, torch.Tensor] | None = None, uncond: dict[str, torch.Tensor] | None = None,
+def sample(model: Callable, x: torch.Tensor, schedule: Schedule, steps: int | Sequence = 50,
+           sampler: str | None = None, cond: dict | None = None, uncond: dict[str, torch.Tensor] | None = None,
            guidance_scale: float = 1.0, start: float = 0.0, end: float = 1.0, prediction: str = "eps",
            generator: torch.Generator | None = None, clip_x0: float | None = None, progress: bool = True,
            callback: Callable[[dict], None] | None = None, **options) -> torch.Tensor:
@@ -462,15 +544,14 @@ def sample(model: Callable, x: torch.Tensor, schedule, steps: int | Sequence[int
     the schedule feeds a model (`schedule.model_timesteps`). With `uncond` and a guidance scale w != 1 every step
     runs the model once on [uncond; cond] and combines the halves with classifier-free guidance (`guided`).
     The schedule owns everything else: `schedule.trajectory(steps, start, end)` lists the points visited (start
-    and end are fractions of the way from noise to clean, as diffusers' denoising_start / denoising_end: SDXL's
-    base stops at 0.8 and its refiner starts there), and `schedule.samplers[sampler]` is the step function
-    (default: the schedule's first; NoiseSchedule: "ddim", with option eta, or "ddpm"), called as
-    step(schedule, model_output, x, t, t_next, prediction=, generator=, clip_x0=, **options).
-    callback({"i", "t", "x", "denoised", "x_prev"}) after every step, e.g. to record a trajectory.
+    and end are fractions of the way from noise to clean, as diffusers' denoising_start / denoising_end: img2img
+    starts part-way, SDXL's base stops at 0.8 and its refiner starts there), and `sampler` names a step function
+    registered for the schedule's class (default: its first; NoiseSchedule: "ddim" with option eta, or "ddpm"),
+    called as step(schedule, model_output, x, t, t_next, prediction=, generator=, clip_x0=, **options).
+    callback({"i", "t", "x", "denoised", "x_next"}) after every step, e.g. to record a trajectory.
     clip_x0: clamp every predicted x0 to [-clip_x0, clip_x0] (1.0 for pixels in [-1, 1]; None, the default: off).
     """
-    sampler = sampler or next(iter(schedule.samplers))
-    step = _step_function(schedule, sampler, options)
+    step = find_sampler(schedule, sampler, options)
     _clip(torch.zeros(()), clip_x0)  # a bad clip_x0 fails before the first model call
     ts = schedule.trajectory(steps, start, end)  # [n + 1]: where each of the n steps starts, and where the last lands
     cond = cond or {}
@@ -478,125 +559,14 @@ def sample(model: Callable, x: torch.Tensor, schedule, steps: int | Sequence[int
         denoiser = guided(model, cond, uncond, guidance_scale)
     else:
         def denoiser(x, t):
-            return model(x, t, **cond)
-    for i in tqdm(range(len(ts) - 1), desc=f"{sampler} sampling", disable=not progress, leave=False):
+            return model(x, t, **_to_device(cond, x.device))
+    for i in tqdm(range(len(ts) - 1), desc=f"{step.name} sampling", disable=not progress, leave=False):
         t, t_next = ts[i], ts[i + 1]
         out = denoiser(x, schedule.model_timesteps(t, x))
-        x_next = step(schedule, out, x, t, t_next, prediction=prediction, generator=generator, clip_x0=clip_x0,
-                      **options)
+        x_next = step.step(schedule, out, x, t, t_next, prediction=prediction, generator=generator, clip_x0=clip_x0,
+                           **options)
         if callback is not None:
             denoised = _clip(schedule.to_x0(prediction, out, x, t), clip_x0)
-            callback({"i": i, "t": t, "x": x, "denoised": denoised, "x_prev": x_next})
+            callback({"i": i, "t": t, "x": x, "denoised": denoised, "x_next": x_next})
         x = x_next
     return x
-
-
-# -----------------------------------------------------------------------------
-# a toy whose exact denoiser is known: a mixture of isotropic Gaussians
-
-
-class GaussianMixture:
-    """p(x0) = sum_k w_k N(mu_k, std^2 I): noised by the forward process it stays a mixture,
-    sum_k w_k N(sqrt(abar) mu_k, (abar std^2 + 1 - abar) I), so the ideal noise prediction is exact:
-    eps*(x_t, t) = E[eps | x_t] = -sqrt(1 - abar_t) * score(x_t) (Tweedie's formula).
-    """
-
-    def __init__(self, means: torch.Tensor, std: float, weights: torch.Tensor | None = None):
-        self.means = torch.as_tensor(means, dtype=torch.float64)  # [K,D]
-        if self.means.ndim != 2:
-            raise ValueError(f"means must be [K,D], got shape {tuple(self.means.shape)}")
-        K = self.means.shape[0]
-        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
-        if w.shape != (K,) or (w < 0).any():
-            raise ValueError(f"weights must be [K={K}] and non-negative, got {tuple(w.shape)}")
-        self.weights, self.std = w / w.sum(), float(std)
-
-    @classmethod
-    def ring(cls, k: int = 8, radius: float = 2.0, std: float = 0.1) -> GaussianMixture:
-        angle = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
-        return cls(torch.stack([angle.cos(), angle.sin()], 1) * radius, std)
-
-    def sample(self, n: int, generator: torch.Generator | None = None, weights: torch.Tensor | None = None):
-        """n samples x0 [n,D] (float32) and their components [n]."""
-        w = self.weights if weights is None else torch.as_tensor(weights).double()
-        k = torch.multinomial(w, n, replacement=True, generator=generator)  # [n]
-        x = self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
-        return x.float(), k
-
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
-            weights: torch.Tensor | None = None) -> torch.Tensor:
-        """The exact eps*(x_t, t) [B,D]; weights [K] or [B,K] (a per-sample condition) replace the mixture's."""
-        abar = schedule.gather(schedule.alphas_cumprod, t, x_t).double()  # [B,1]
-        x = x_t.double()  # [B,D]
-        var = abar * self.std**2 + 1 - abar  # [B,1], variance of each noised component
-        mu = abar.sqrt()[:, :, None] * self.means.to(x.device)[None]  # [B,K,D], the noised means
-        w = self.weights if weights is None else torch.as_tensor(weights).double().to(x.device)
-        logits = w.clamp_min(1e-300).log() - ((x[:, None] - mu) ** 2).sum(-1) / (2 * var)  # [B,K]
-        r = logits.softmax(-1)  # [B,K], responsibilities
-        score = -(x - (r[:, :, None] * mu).sum(1)) / var  # [B,D]
-        return (-(1 - abar).sqrt() * score).to(x_t.dtype)
-
-    def model(self, schedule: NoiseSchedule) -> Callable:
-        """model(x, t) -> eps*, the perfect noise predictor, in the signature `sample` expects."""
-        return lambda x, t: self.eps(x, t, schedule)
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
-    """Sliced Wasserstein-1 distance between point clouds a [N,D] and b [M,D]: the W1 distance of their
-    1-D projections onto random directions, averaged (quantiles at 100 levels when N != M)."""
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
-    d = d / d.norm(dim=0)  # [D,P] unit directions
-    q = torch.linspace(0.005, 0.995, 100, dtype=torch.float64)
-    pa = torch.quantile(a.double() @ d, q, dim=0)  # [100,P]
-    pb = torch.quantile(b.double() @ d, q, dim=0)
-    return (pa - pb).abs().mean().item()
-
-
-# -----------------------------------------------------------------------------
-# python -m sdlearn.diffusion parity: max abs differences from diffusers (needs diffusers installed)
-
-
-def parity_report() -> dict[str, float]:
-    """Max abs difference from diffusers' DDPMScheduler / DDIMScheduler, over schedules, predictions and t."""
-    from diffusers import DDIMScheduler, DDPMScheduler  # optional: only the parity report needs it
-
-    names = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
-    preds = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-    g = torch.Generator().manual_seed(0)
-    worst: dict[str, float] = {}
-
-    def note(key, a, b):
-        worst[key] = max(worst.get(key, 0.0), (a.double() - b.double()).abs().max().item())
-
-    for kind, dk in names.items():
-        betas = {"beta_start": 0.00085, "beta_end": 0.012} if kind == "scaled_linear" else {}
-        for T in (1, 7, 1000, 4000, 100_000):
-            note("alphas_cumprod", NoiseSchedule(kind, T).alphas_cumprod,
-                 DDPMScheduler(num_train_timesteps=T, beta_schedule=dk, **betas).alphas_cumprod)
-        s = NoiseSchedule(kind)
-        for p, dp in preds.items():
-            kw = dict(beta_schedule=dk, prediction_type=dp, clip_sample=False, **betas)
-            x, out, z = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
-            ddpm = DDPMScheduler(**kw)
-            for t in (999, 500, 100, 10, 2, 1, 0):
-                ref = ddpm.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
-                ours = ddpm_step(s, out, x, t, t - 1, p, generator=torch.Generator().manual_seed(t))
-                note(f"ddpm_step[{p}]", ours, ref)
-            for steps in (50, 1000):
-                ddim = DDIMScheduler(**kw, set_alpha_to_one=True)
-                ddim.set_timesteps(steps)
-                ts = ddim.timesteps.tolist()
-                for i in (0, len(ts) // 2, len(ts) - 2, len(ts) - 1):
-                    t, t_prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
-                    for eta in (0.0, 0.5, 1.0):
-                        ref = ddim.step(out, t, x, eta=eta, variance_noise=z if eta else None).prev_sample
-                        note(f"ddim_step[{p}]", ddim_step(s, out, x, t, t_prev, p, noise=z, eta=eta), ref)
-    return worst
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["parity"]:
-        sys.exit("usage: python -m sdlearn.diffusion parity")
-    for key, err in parity_report().items():
-        print(f"{key:16} max abs diff vs diffusers {err:.2e}")

@@ -15,8 +15,8 @@ schedule; the transformer reads 1000 t (`model_timesteps`). Sign convention: v p
 eps - x0, not x0 - eps. A sign error here is the most common bug people report: a model trained with the
 wrong sign, or sampled with the wrong sign, walks away from the data (the test suite checks both).
 
-FlowSchedule plugs into sdlearn.diffusion.sample and sdlearn.pipeline.TextToImage as a NoiseSchedule does:
-`trajectory`, `model_timesteps`, `samplers`, `to_x0`, `add_noise`, `parse_prediction`, `init_args`.
+FlowSchedule is a sdlearn.diffusion.Schedule: it plugs into sdlearn.diffusion.sample and
+sdlearn.pipeline.TextToImage as a NoiseSchedule does, with its Euler step registered as its sampler "euler".
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from sdlearn.diffusion import GaussianMixture, _check_output, _clip, compute_dtype
+from sdlearn.diffusion import _check_output, _clip, compute_dtype, register
 from sdlearn.pipeline import drop_conditions
+from sdlearn.toy import GaussianMixture
 
 PREDICTION_ALIASES = {"v": "v", "flow": "v"}
 DENSITIES = ("logit_normal", "uniform", "mode")
@@ -205,6 +206,7 @@ class FlowSchedule:
         return (x_t + (1 - _as_t(t, x_t)) * model_output).to(x_t.dtype)
 
 
+@register("euler", FlowSchedule)
 def euler_step(schedule: FlowSchedule, model_output: torch.Tensor, x: torch.Tensor, t: float, t_next: float,
                prediction: str = "v", noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                clip_x0: float | None = None) -> torch.Tensor:
@@ -225,8 +227,6 @@ def euler_step(schedule: FlowSchedule, model_output: torch.Tensor, x: torch.Tens
     eps = x + (1 - t_) * model_output
     return ((1 - t_next_) * x0 + t_next_ * eps).to(x.dtype)
 
-
-FlowSchedule.samplers = {"euler": euler_step}  # the first is the default
 
 
 # -----------------------------------------------------------------------------

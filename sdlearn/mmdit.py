@@ -34,6 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from sdlearn.attention import attention_map
+from sdlearn.diffusion import _prediction
 from sdlearn.unet import timestep_embedding
 
 
@@ -52,6 +53,7 @@ class MMDiTConfig:
     dual_attention_layers: tuple[int, ...] = ()   # SD3.5-medium: (0, ..., 12), MMDiT-X blocks
     mlp_ratio: int = 4
     time_dim: int = 256                           # sinusoid channels of the timestep
+    prediction: str = "v"                         # what it is trained to predict (rectified flow: v = eps - x0)
 
     def __post_init__(self):
         self.dual_attention_layers = tuple(int(i) for i in self.dual_attention_layers)
@@ -63,6 +65,7 @@ class MMDiTConfig:
                      "pooled_dim", "pos_embed_max_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MMDiTConfig.{name} must be at least 1, got {getattr(self, name)}")
+        self.prediction = _prediction(self.prediction)
 
     @property
     def width(self) -> int:
@@ -112,9 +115,10 @@ class MLPEmbedder(nn.Module):
         return self.mlp(x)
 
 
-class SelfAttention(nn.Module):
-    """One stream's attention weights: fused QKV, optional per-head RMSNorm on q and k, and an output
-    projection (absent in a pre-only stream). The attention itself happens in JointBlock, over both streams."""
+class StreamAttention(nn.Module):
+    """One stream's share of an attention: its fused QKV, optional per-head RMSNorm on q and k, and its output
+    projection (absent in a pre-only stream). The joint attention itself happens in JointBlock, over both streams;
+    called on its own (MMDiT-X's second attention) it is a self-attention over the stream's tokens."""
 
     def __init__(self, width: int, heads: int, qk_norm: bool, pre_only: bool = False):
         super().__init__()
@@ -143,9 +147,9 @@ class StreamBlock(nn.Module):
         self.pre_only, self.dual_attention = pre_only, dual_attention
         self.chunks = 2 if pre_only else 9 if dual_attention else 6
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(width, heads, qk_norm, pre_only)
+        self.attn = StreamAttention(width, heads, qk_norm, pre_only)
         if dual_attention:
-            self.attn2 = SelfAttention(width, heads, qk_norm)
+            self.attn2 = StreamAttention(width, heads, qk_norm)
         if not pre_only:
             self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
             self.mlp = nn.Sequential()
@@ -208,7 +212,8 @@ class FinalLayer(nn.Module):
 
 
 class MMDiT(nn.Module):
-    """The MMDiT: mmdit(x [B,C,H,W], t [B] = sigma * 1000, context [B,L,context_dim], pooled [B,pooled_dim]) -> v."""
+    """The MMDiT: mmdit(x [B,C,H,W], t [B] = sigma * 1000, context [B,L,context_dim], pooled [B,pooled_dim],
+    residuals=None) -> v (a sdlearn.diffusion.Denoiser)."""
 
     def __init__(self, config: MMDiTConfig):
         super().__init__()
@@ -246,10 +251,26 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    # -- what it is, as a denoiser -------------------------------------------------------------------------
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def prediction(self) -> str:
+        return self.config.prediction
+
     @property
     def cond_dims(self) -> dict[str, int]:
         """The conditions forward reads (as keywords) and their widths."""
         return {"context": self.config.context_dim, "pooled": self.config.pooled_dim}
+
+    def residual_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(tokens, width) of the image tokens after each joint block, which `residuals` adds to, for an input of
+        height x width (a ControlNet's hook points)."""
+        p = self.config.patch_size
+        return [((height // p) * (width // p), self.config.width)] * self.config.depth
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """The centre h x w of the stored M x M position embedding -> [1, h*w, D]."""
@@ -273,18 +294,26 @@ class MMDiT(nn.Module):
         t_emb = self.t_embedder(timestep_embedding(t, self.config.time_dim).to(pooled.dtype))
         return t_emb + self.y_embedder(pooled)
 
-    def forward(self, x, t, context, pooled):
-        t = self._check_inputs(x, t, context, pooled)
+    def joint(self, x, context, c, residuals=None):
+        """The joint blocks: image tokens [B,N,D] and text tokens [B,L,D] modulated by c [B,D] -> image tokens,
+        with residuals[i] (a ControlNet's, or None) added to the image tokens after block i."""
+        for i, block in enumerate(self.joint_blocks):
+            x, context = block(x, context, c)
+            if residuals is not None and residuals[i] is not None:
+                x = x + residuals[i]
+        return x
+
+    def forward(self, x, t, context, pooled, residuals=None):
+        t = self._check_inputs(x, t, context, pooled, residuals)
         p = self.config.patch_size
         h, w = x.shape[2] // p, x.shape[3] // p
         c = self.embed(t, pooled)                  # [B,D]
         x = self.patchify(x)                       # [B,h*w,D]
         context = self.context_embedder(context)   # [B,L,D]
-        for block in self.joint_blocks:
-            x, context = block(x, context, c)
+        x = self.joint(x, context, c, residuals)   # [B,h*w,D]
         return self.unpatchify(self.final_layer(x, c), h, w)   # [B,out_channels,H,W]
 
-    def _check_inputs(self, x, t, context, pooled) -> torch.Tensor:
+    def _check_inputs(self, x, t, context, pooled, residuals) -> torch.Tensor:
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -308,6 +337,12 @@ class MMDiT(nn.Module):
         if pooled is None or tuple(pooled.shape) != (B, cfg.pooled_dim):
             got = None if pooled is None else tuple(pooled.shape)
             raise ValueError(f"MMDiT: pooled should be [B,pooled_dim] = [{B},{cfg.pooled_dim}], got {got}")
+        if residuals is not None:
+            want = [(B, *shape) for shape in self.residual_shapes(H, W)]
+            got = [None if r is None else tuple(r.shape) for r in residuals]
+            if len(got) != len(want) or any(g is not None and g != w for g, w in zip(got, want)):
+                raise ValueError(f"MMDiT: residuals should be {len(want)} tensors (or None) shaped {want[0]}, one per "
+                                 f"joint block, got {got}")
         return t
 
 

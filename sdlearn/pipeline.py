@@ -21,12 +21,13 @@ min-SNR-5 loss weights (Hang et al. 2023): the choices that measured best within
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from sdlearn.diffusion import NoiseSchedule, _prediction, sample
+from sdlearn.diffusion import Denoiser, NoiseSchedule, Schedule, _prediction, sample
 from sdlearn.text import TextEncoder, Tokenizer
 from sdlearn.vae import AutoencoderKL
 
@@ -77,11 +78,49 @@ def training_loss(model: nn.Module, schedule: NoiseSchedule, z0: torch.Tensor, c
     return err.mean()
 
 
-class TextConditioner(nn.Module):
+class Conditioner(nn.Module, ABC):
+    """tau_theta, the conditioning network of LDM (sec. 3.3): prompts (and other conditions) -> the dict of tensors
+    a denoiser reads (`sdlearn.diffusion.Denoiser`), and its unconditional twin (guidance, caption dropout).
+
+    A conditioner says what it makes (`dims`: entry -> width), which of those entries caption dropout replaces by
+    their twins (`dropout_keys`) and which keyword conditions it encodes itself (`takes`: SDXL's sizes), and
+    implements `encode` and `encode_unconditional`. Any other condition (an image, a map, a mask) passes through to
+    the denoiser as it came, and is the same in both halves of a guided batch: T_theta for text, a module of its
+    own (a ControlNet, an adapter) for the rest."""
+
+    dropout_keys: tuple[str, ...] = ()
+    takes: tuple[str, ...] = ()
+
+    @property
+    @abstractmethod
+    def dims(self) -> dict[str, int]:
+        """The width of each entry it makes (the last axis)."""
+
+    @abstractmethod
+    def encode(self, prompts: list[str], **conditions) -> dict[str, torch.Tensor]:
+        """N prompts and the conditions it takes -> its entries, each [N, ...]."""
+
+    @abstractmethod
+    def encode_unconditional(self, n: int, **conditions) -> dict[str, torch.Tensor]:
+        """The unconditional twin of each entry, [n, ...]."""
+
+    def _split(self, conditions: dict) -> tuple[dict, dict]:
+        own = {k: v for k, v in conditions.items() if k in self.takes}
+        return own, {k: v for k, v in conditions.items() if k not in self.takes}
+
+    def forward(self, prompts: Sequence[str], **conditions) -> dict:
+        own, passed = self._split(conditions)
+        return {**self.encode(list(prompts), **own), **passed}
+
+    def unconditional(self, n: int = 1, **conditions) -> dict[str, torch.Tensor]:
+        own, _ = self._split(conditions)
+        return self.encode_unconditional(n, **own)
+
+
+class TextConditioner(Conditioner):
     """tau_theta of SD 1.x / 2.x: prompts -> {"context": the text encoder's token states [N, L, D]}.
 
-    The unconditional twin (guidance, caption dropout) is the empty prompt "" through the same encoder.
-    A conditioner says which of its entries caption dropout replaces (`dropout_keys`) and their widths (`dims`)."""
+    The unconditional twin (guidance, caption dropout) is the empty prompt "" through the same encoder."""
 
     dropout_keys = ("context",)
 
@@ -95,16 +134,15 @@ class TextConditioner(nn.Module):
 
     @property
     def dims(self) -> dict[str, int]:
-        """The width of each entry it makes (the last axis)."""
         return {"context": self.text_encoder.config.width}
 
-    def forward(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         device = next(self.text_encoder.parameters()).device
-        tokens = self.tokenizer(list(prompts)).to(device)            # [N, L]; an unknown word: a ValueError naming it
+        tokens = self.tokenizer(prompts).to(device)                  # [N, L]; an unknown word: a ValueError naming it
         return {"context": self.text_encoder(tokens)[0]}             # [N, L, D]
 
-    def unconditional(self, n: int = 1) -> dict[str, torch.Tensor]:
-        return self([""] * n)
+    def encode_unconditional(self, n: int) -> dict[str, torch.Tensor]:
+        return self.encode([""] * n)
 
 
 def _check_prompts(prompts) -> list[str]:
@@ -116,34 +154,40 @@ def _check_prompts(prompts) -> list[str]:
 
 
 class TextToImage(nn.Module):
-    """Prompts -> images: conditioner, denoiser, schedule and VAE, with the one sampling loop.
+    """Prompts -> images: a conditioner, a denoiser, a schedule and a VAE, with the one sampling loop.
 
-    prediction: what the denoiser outputs ("eps", "v" or "x0"); image_size: the side of the images it makes.
+    The denoiser says what it predicts (`prediction`; passing one here only checks it) and which conditions it reads;
+    the conditioner must make each of its entries at the width the denoiser reads, and any other condition the
+    denoiser reads (a control image, a mask) comes as a keyword of `generate`. image_size: the side of the images.
     Image i of a call starts from noise seeded `seed + i`, so with a deterministic sampler a prompt's image does not
     depend on the batch it is in."""
 
-    def __init__(self, conditioner: nn.Module, denoiser: nn.Module, schedule, vae: AutoencoderKL,
-                 prediction: str = "eps", image_size: int = 32):
+    def __init__(self, conditioner: Conditioner, denoiser: Denoiser, schedule: Schedule, vae: AutoencoderKL,
+                 prediction: str | None = None, image_size: int = 32):
         super().__init__()
-        self.conditioner, self.denoiser, self.vae = conditioner, denoiser, vae
-        self.schedule, self.prediction = schedule, schedule.parse_prediction(prediction)
+        self.conditioner, self.denoiser, self.vae, self.schedule = conditioner, denoiser, vae, schedule
+        name = type(denoiser).__name__
+        self.prediction = schedule.parse_prediction(denoiser.prediction)
+        if prediction is not None and schedule.parse_prediction(prediction) != self.prediction:
+            raise ValueError(f"the {name} predicts {denoiser.prediction!r}, not {prediction!r} (its config says what "
+                             f"it was trained to predict)")
         f = vae.downsampling_factor
         if image_size % f:
             raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor {f}")
         self.image_size = image_size
         self.latent_shape = (vae.config.latent_channels, image_size // f, image_size // f)  # (C, h, w)
-        name = type(denoiser).__name__
-        if denoiser.config.in_channels != vae.config.latent_channels:
-            raise ValueError(f"the {name} takes {denoiser.config.in_channels} channels but the VAE's latents have "
-                             f"{vae.config.latent_channels}")
-        wants, makes = denoiser.cond_dims, conditioner.dims
-        if wants != makes:
-            raise ValueError(f"the {name} reads conditions of widths {wants} but the conditioner makes {makes}")
+        if denoiser.latent_channels != vae.config.latent_channels:
+            raise ValueError(f"the {name} works on {denoiser.latent_channels} latent channels but the VAE's latents "
+                             f"have {vae.config.latent_channels}")
+        reads, makes = denoiser.cond_dims, conditioner.dims
+        wrong = {k: w for k, w in makes.items() if reads.get(k) != w}
+        if wrong:
+            raise ValueError(f"the {name} reads conditions of widths {reads} but the conditioner makes {makes}")
         self.requires_grad_(False).eval()
 
     def init_args(self) -> dict:
         return {"conditioner": self.conditioner, "denoiser": self.denoiser, "schedule": self.schedule,
-                "vae": self.vae, "prediction": self.prediction, "image_size": self.image_size}
+                "vae": self.vae, "image_size": self.image_size}
 
     @property
     def device(self) -> torch.device:
@@ -161,13 +205,14 @@ class TextToImage(nn.Module):
                             for i in range(n)]).to(self.device)
 
     @torch.no_grad()
-    def denoise(self, z: torch.Tensor, cond: dict[str, torch.Tensor], steps: int = 50, guidance_scale: float = 3.0,
+    def denoise(self, z: torch.Tensor, cond: dict, steps: int = 50, guidance_scale: float = 3.0,
                 start: float = 0.0, end: float = 1.0, sampler: str | None = None, seed: int = 0,
                 progress: bool = True, callback: Callable[[dict], None] | None = None,
-                uncond: dict[str, torch.Tensor] | None = None, **options) -> torch.Tensor:
+                uncond: dict[str, torch.Tensor] | None = None, sampler_options: dict | None = None) -> torch.Tensor:
         """Latents z [B,C,h,w] at fraction `start` of the trajectory -> latents at fraction `end` (1: clean), by
         sdlearn.diffusion.sample with classifier-free guidance against `uncond` (default: the conditioner's
-        unconditional twin). seed seeds the fresh noise a stochastic sampler draws (DDPM, DDIM with eta > 0)."""
+        unconditional twin). seed seeds the fresh noise a stochastic sampler draws (DDPM, DDIM with eta > 0);
+        sampler_options go to the step function (DDIM: {"eta": 0.5})."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -176,7 +221,7 @@ class TextToImage(nn.Module):
         uncond = self.conditioner.unconditional(1) if uncond is None else uncond
         generator = torch.Generator(device=z.device).manual_seed(seed)
         return sample(self._model(), z, self.schedule, steps, sampler, cond, uncond, guidance_scale, start, end,
-                      self.prediction, generator, progress=progress, callback=callback, **options)
+                      self.prediction, generator, progress=progress, callback=callback, **(sampler_options or {}))
 
     def _model(self) -> Callable:
         """The denoiser as the sampling loop calls it. A half-precision denoiser (real checkpoints on a GPU) reads
@@ -186,7 +231,9 @@ class TextToImage(nn.Module):
             return self.denoiser
 
         def model(x, t, **cond):
-            return self.denoiser(x.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}).float()
+            cond = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    for k, v in cond.items()}
+            return self.denoiser(x.to(dtype), t, **cond).float()
         return model
 
     @property
@@ -202,14 +249,15 @@ class TextToImage(nn.Module):
     def generate(self, prompts: str | Sequence[str], steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
                  sampler: str | None = None, batch_size: int = 256, progress: bool = True,
                  callback: Callable[[dict], None] | None = None, start: float = 0.0, end: float = 1.0,
-                 latents: torch.Tensor | None = None, output: str = "image", conditions: dict | None = None,
-                 **options) -> torch.Tensor:
+                 latents: torch.Tensor | None = None, output: str = "image", sampler_options: dict | None = None,
+                 **conditions) -> torch.Tensor:
         """Text to images [N,3,H,W] in [-1,1] on the CPU, or (output="latent") to latents [N,C,h,w].
 
-        By default from fresh noise over the whole trajectory; `end` < 1 stops part-way (SDXL's base hands over
-        at 0.8), and `latents` with `start` > 0 continues latents already there (SDXL's refiner takes over).
-        conditions: the conditioner's other inputs (SDXL: original_size, crop_top_left, ...).
-        **options go to the sampler (DDIM: eta)."""
+        By default from fresh noise over the whole trajectory; `end` < 1 stops part-way and `latents` with
+        `start` > 0 continues latents already there (img2img; SDXL's base hands over to its refiner at 0.8).
+        **conditions go to the conditioner, which encodes those it takes (SDXL: original_size, crop_top_left, ...)
+        and passes the others to the denoiser (a control image [N or 1, ...]: the same in both halves of guidance).
+        sampler_options go to the step function (DDIM: {"eta": 0.5})."""
         prompts = _check_prompts(prompts)
         if output not in ("image", "latent"):
             raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
@@ -217,22 +265,23 @@ class TextToImage(nn.Module):
                                     or tuple(latents.shape) != (len(prompts), *self.latent_shape)):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be [N, C, h, w] = {[len(prompts), *self.latent_shape]}, got {got}")
-        conditions = conditions or {}
-        cond = self.encode_prompts(prompts, **conditions)                        # checks every word
+        cond = _per_prompt(self.encode_prompts(prompts, **conditions), len(prompts))   # checks every word
         uncond = self.conditioner.unconditional(1, **conditions)
         out = []
         for i in range(0, len(prompts), batch_size):
             z = self.noise(len(prompts[i:i + batch_size]), seed + i) if latents is None else \
                 latents[i:i + batch_size].to(self.device)                        # [b, C, h, w]
-            z = self.denoise(z, {k: v[i:i + batch_size] for k, v in cond.items()}, steps, guidance_scale, start, end,
-                             sampler, seed + i, progress, callback, uncond, **options)
+            part = {k: v[i:i + batch_size] if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+            z = self.denoise(z, part, steps, guidance_scale, start, end, sampler, seed + i, progress, callback,
+                             uncond, sampler_options)
             out.append((self.decode(z) if output == "image" else z).cpu())
         return torch.cat(out)
 
     @torch.no_grad()
     def img2img(self, images: torch.Tensor, prompts: str | Sequence[str], strength: float = 0.5, steps: int = 50,
                 guidance_scale: float = 3.0, seed: int = 0, sampler: str | None = None, progress: bool = True,
-                conditions: dict | None = None, **options) -> torch.Tensor:
+                sampler_options: dict | None = None, callback: Callable[[dict], None] | None = None,
+                **conditions) -> torch.Tensor:
         """SDEdit (Meng et al. 2022): encode images [N,3,H,W] in [-1,1], noise them to where the last `strength` of
         the trajectory starts, and denoise from there with the prompts. strength 0 returns the (re-decoded) input,
         1 keeps almost nothing of it."""
@@ -251,5 +300,18 @@ class TextToImage(nn.Module):
             return self.decode(z0).cpu()
         t = torch.full((len(z0),), trajectory[0], device=self.device)
         z = self.schedule.add_noise(z0, self.noise(len(z0), seed), t)           # q(z_t | z_0) where sampling starts
-        return self.generate(prompts, steps, guidance_scale, seed, sampler, progress=progress, start=start,
-                             latents=z, conditions=conditions, **options)
+        return self.generate(prompts, steps, guidance_scale, seed, sampler, progress=progress, callback=callback,
+                             start=start, latents=z, sampler_options=sampler_options, **conditions)
+
+
+def _per_prompt(cond: dict, n: int) -> dict:
+    """Every tensor entry of cond with one row per prompt: a batch of one (a control image for all) expanded to n."""
+    out = {}
+    for k, v in cond.items():
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 1 and n != 1:
+            v = v.expand(n, *v.shape[1:])
+        if isinstance(v, torch.Tensor) and (not v.ndim or v.shape[0] != n):
+            raise ValueError(f"condition {k!r} must have one row per prompt ({n}) or one for all, got shape "
+                             f"{tuple(v.shape)}")
+        out[k] = v
+    return out

@@ -79,26 +79,36 @@ def describe(obj, state: dict[str, torch.Tensor], prefix: str = "", released: di
     """The spec that rebuilds `obj`, adding its weights to `state` under `prefix`. Three kinds of spec:
     {"release": name, "sha256": ...}  a part that is a release of its own (`released` maps its path, e.g.
                                       "vae" or "conditioner.text_encoder", to the release's file stem);
-    {"class", "config"}               a module built from a config dataclass (its weights go into state);
-    {"class", "parts", "args"}        a composite (a pipeline, a conditioner, a schedule): its init_args(),
-                                      parts described in turn, plain values (str, numbers) as they are."""
+    {"class", "parts", "args"}        a composite (anything with init_args(): a pipeline, a conditioner, a schedule,
+                                      a wrapper such as SDXL's UNet or a ControlNet): its init_args(), parts
+                                      described in turn, plain values (str, numbers) as they are, and the weights
+                                      it holds itself, outside its parts;
+    {"class", "config"}               a module built from a config dataclass (its weights go into state)."""
     released = released or {}
     path = prefix.rstrip(".")
     if path in released:
         name = released[path]
         return {"release": name, "sha256": _sha256(WEIGHTS / f"{name}.safetensors")}
     spec = {"class": _class_path(obj)}
+    if hasattr(obj, "init_args"):
+        args = obj.init_args()
+        spec["parts"] = {k: describe(v, state, f"{prefix}{k}.", released) for k, v in args.items() if _is_part(v)}
+        spec["args"] = {k: v for k, v in args.items() if not _is_part(v)}
+        state.update({prefix + k: v for k, v in _own_state(obj, spec["parts"]).items()})
+        return spec
     if dataclasses.is_dataclass(getattr(obj, "config", None)):
         spec["config"] = dataclasses.asdict(obj.config)
         state.update({prefix + k: v for k, v in obj.state_dict().items()})
         return spec
-    if not hasattr(obj, "init_args"):
-        raise TypeError(f"cannot describe a {type(obj).__qualname__}: give it a dataclass `.config` (a model) or an "
-                        f"init_args() method (a composite)")
-    args = obj.init_args()
-    spec["parts"] = {k: describe(v, state, f"{prefix}{k}.", released) for k, v in args.items() if _is_part(v)}
-    spec["args"] = {k: v for k, v in args.items() if not _is_part(v)}
-    return spec
+    raise TypeError(f"cannot describe a {type(obj).__qualname__}: give it a dataclass `.config` (a model) or an "
+                    f"init_args() method (a composite)")
+
+
+def _own_state(obj, parts) -> dict[str, torch.Tensor]:
+    """The weights a composite holds itself: its state_dict without its parts' entries."""
+    if not isinstance(obj, nn.Module):
+        return {}
+    return {k: v for k, v in obj.state_dict().items() if k.split(".", 1)[0] not in parts}
 
 
 def save(obj, name: str, size: int, command: str, dest: Path | None = None, released: dict[str, str] | None = None,
@@ -152,18 +162,22 @@ def load_file_checked(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupted?): {e}") from e
 
 
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """model.load_state_dict(state), but a mismatch names the parameter and both shapes."""
-    ours = model.state_dict()
-    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """A clear error when `state` does not fit the names and shapes of `expected` (a module's state_dict)."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit {type(model).__name__}: missing {missing[:5]}, "
+        raise ValueError(f"{source} does not fit {what}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} (a checkpoint of another model or config?)")
     for k, v in state.items():
-        if ours[k].shape != v.shape:
-            raise ValueError(f"{source} does not fit {type(model).__name__}: parameter {k!r} has shape "
-                             f"{list(v.shape)} in the file but {list(ours[k].shape)} in the model "
+        if expected[k].shape != v.shape:
+            raise ValueError(f"{source} does not fit {what}: parameter {k!r} has shape "
+                             f"{list(v.shape)} in the file but {list(expected[k].shape)} in the model "
                              f"(a checkpoint of another config?)")
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """model.load_state_dict(state), but a mismatch names the parameter and both shapes."""
+    check_state(model.state_dict(), state, source, type(model).__name__)
     model.load_state_dict(state)
 
 
@@ -192,7 +206,14 @@ def build(spec: dict, state: dict[str, torch.Tensor], prefix: str = "", source: 
         load_state_checked(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, source)
         return model
     parts = {k: build(v, state, f"{prefix}{k}.", source) for k, v in spec["parts"].items()}
-    return cls(**parts, **spec["args"])
+    obj = cls(**parts, **spec["args"])
+    own = _own_state(obj, parts)
+    if own:  # a composite that holds weights of its own (a wrapper's new layers)
+        stored = {k[len(prefix):]: v for k, v in state.items()
+                  if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] not in parts}
+        check_state(own, stored, source, type(obj).__name__)
+        obj.load_state_dict(stored, strict=False)
+    return obj
 
 
 def load_path(file: Path, device: str | torch.device = "cpu"):

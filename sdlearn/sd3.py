@@ -1,7 +1,7 @@
 """SD3's text conditioning (Esser et al. 2024, sec. 5.2 and fig. 2): three text encoders, one joint sequence.
 
     conditioner = SD3Conditioner(clip_l, clip_g, t5)         # prompts -> {"context", "pooled"}
-    pipe = TextToImage(conditioner, mmdit, FlowSchedule(shift=3.0), vae, "v", 32)
+    pipe = TextToImage(conditioner, mmdit, FlowSchedule(shift=3.0), vae, image_size=32)
     images = pipe.generate(["a red circle on the left"], steps=28)
     no_t5 = TextToImage(without_third(conditioner), mmdit, ...)   # SD3 without T5: zeros in its place
 
@@ -19,16 +19,15 @@ captions alone teach nothing about images), of which only the token states are r
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdlearn.pipeline import Conditioner
 from sdlearn.text import TextEncoder, Tokenizer
 
 
-class SD3Conditioner(nn.Module):
+class SD3Conditioner(Conditioner):
     """Prompts -> {"context" [N, L + L3, joint_dim], "pooled" [N, P1 + P2]}.
 
     text_encoder, text_encoder_2: CLIP-L's and bigG's roles (penultimate states on channels, pooled from both);
@@ -79,8 +78,7 @@ class SD3Conditioner(nn.Module):
         """Where the third encoder's tokens are in the context's sequence axis."""
         return slice(self.tokenizers[0].context_length, None)
 
-    def forward(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        prompts = list(prompts)
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         device = next(self.text_encoder.parameters()).device
         (h1, p1), (h2, p2) = (enc(tok(prompts).to(device), hidden_layer=-2)
                               for enc, tok in zip(self.encoders[:2], self.tokenizers[:2], strict=True))
@@ -96,10 +94,10 @@ class SD3Conditioner(nn.Module):
     def encoders(self) -> list[TextEncoder | None]:
         return [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
 
-    def unconditional(self, n: int = 1) -> dict[str, torch.Tensor]:
+    def encode_unconditional(self, n: int) -> dict[str, torch.Tensor]:
         """Zeros, the shape of a prompt's conditions: what a dropped caption is in training (zero_negative=False:
         the empty prompt's conditions)."""
-        cond = self([""])
+        cond = self.encode([""])
         return {k: (torch.zeros_like(v) if self.zero_negative else v).expand(n, *v.shape[1:]) for k, v in cond.items()}
 
     def drop_third(self, cond: dict[str, torch.Tensor], p: float,

@@ -1,8 +1,9 @@
 """SDXL (Podell et al. 2023): two text encoders, pooled text, size and crop conditioning, and a refiner.
 
     conditioner = SDXLConditioner(clip_l, clip_g, image_size=32)   # prompts -> {"context", "pooled", "time_ids"}
-    base = TextToImage(conditioner, unet, schedule, vae, "v", 32)  # a UNet with text_time conditioning
-    refiner = TextToImage(SDXLConditioner(None, clip_g, 32, aesthetic_score=6.0), refiner_unet, schedule, vae, "v", 32)
+    base = TextToImage(conditioner, SDXLUNet(unet), schedule, vae, image_size=32)   # unet: with added_cond_dim
+    refiner = TextToImage(SDXLConditioner(None, clip_g, 32, aesthetic_score=6.0), SDXLUNet(refiner_unet, 5),
+                          schedule, vae, image_size=32)
     pipe = SDXLPipeline(base, refiner, switch=0.8)
     images = pipe.generate(["a red circle on the left"])           # base to 0.8 of the trajectory, refiner after
     sharper = pipe.refine(base.generate(prompts), prompts, strength=0.3)   # the refiner as img2img (SDEdit)
@@ -11,8 +12,9 @@ What SDXL adds to latent diffusion, each a few lines here:
 - **Two text encoders** (sec. 2.1): the context is the penultimate hidden states of CLIP ViT-L (768) and OpenCLIP
   bigG (1280) concatenated on channels (2048); the pooled vector is bigG's projected <eos> state (1280).
 - **Micro-conditioning** (sec. 2.2): the original image size, the crop's top-left corner and the target size
-  (six numbers, `time_ids`), each a 256-channel sinusoid, concatenated with the pooled text and added to the
-  timestep embedding (the UNet's `text_time` path: 1280 + 6 x 256 = 2816). Training on every image, small or
+  (six numbers, `time_ids`), each a 256-channel sinusoid, concatenated with the pooled text (`text_time_input`,
+  diffusers' "text_time") and added to the timestep embedding through the UNet's added-conditioning MLP
+  (1280 + 6 x 256 = 2816): `SDXLUNet` wraps notebook 05's UNet with it. Training on every image, small or
   cropped, and telling the model which, instead of throwing small images away or teaching it to cut objects off.
 - **The refiner** (sec. 2.5): a second UNet trained only on the first 200 of 1000 noise levels, conditioned on
   bigG alone and on an aesthetic score instead of the target size (1280 + 5 x 256 = 2560). An "ensemble of
@@ -25,15 +27,17 @@ What SDXL adds to latent diffusion, each a few lines here:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from sdlearn.data import COLOR_RGB
 from sdlearn.metrics import prompt_adherence
-from sdlearn.pipeline import TextToImage
+from sdlearn.pipeline import Conditioner, TextToImage
 from sdlearn.text import TextEncoder, Tokenizer
+from sdlearn.unet import UNet, timestep_embedding
 
 
 def _pairs(name: str, value) -> torch.Tensor:
@@ -77,7 +81,57 @@ def refiner_time_ids(original_size, crop_top_left, aesthetic_score) -> torch.Ten
     return _batch(original, crop, score)
 
 
-class SDXLConditioner(nn.Module):
+def text_time_input(pooled: torch.Tensor, time_ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's "text_time" input (Podell et al. 2023, sec. 2.2): pooled text [B,P] and K micro-conditions [B,K],
+    each id its own dim-channel sinusoid, concatenated -> [B, P + K*dim] (SDXL base: 1280 + 6 x 256 = 2816)."""
+    ids = timestep_embedding(time_ids.flatten(), dim)                   # [B*K, dim]
+    ids = rearrange(ids, "(b k) d -> b (k d)", b=pooled.shape[0])       # [B, K*dim], id 0's channels first
+    return torch.cat([pooled, ids.to(pooled.dtype)], dim=-1)
+
+
+class SDXLUNet(nn.Module):
+    """SDXL's UNet: notebook 05's UNet reading the pooled text and the micro-conditions through its added-conditioning
+    vector: sdxl_unet(x [B,C,H,W], t [B], context [B,L,D], pooled [B,P], time_ids [B,K]) -> its prediction.
+
+    unet.config.added_cond_dim = P + K * time_id_dim (SDXL base: 1280 + 6 x 256; refiner: 1280 + 5 x 256)."""
+
+    def __init__(self, unet: UNet, num_time_ids: int = 6, time_id_dim: int = 256):
+        super().__init__()
+        pooled = unet.config.added_cond_dim - num_time_ids * time_id_dim
+        if pooled < 1:
+            raise ValueError(f"the UNet's added_cond_dim ({unet.config.added_cond_dim}) must hold the pooled text and "
+                             f"{num_time_ids} time ids of {time_id_dim} channels each: set added_cond_dim = pooled "
+                             f"width + {num_time_ids * time_id_dim}")
+        self.unet, self.num_time_ids, self.time_id_dim, self.pooled_dim = unet, num_time_ids, time_id_dim, pooled
+
+    def init_args(self) -> dict:
+        return {"unet": self.unet, "num_time_ids": self.num_time_ids, "time_id_dim": self.time_id_dim}
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.latent_channels
+
+    @property
+    def prediction(self) -> str:
+        return self.unet.prediction
+
+    @property
+    def cond_dims(self) -> dict[str, int]:
+        return {"context": self.unet.config.context_dim, "pooled": self.pooled_dim, "time_ids": self.num_time_ids}
+
+    def residual_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+        return self.unet.residual_shapes(height, width)
+
+    def forward(self, x, t, context, pooled, time_ids, residuals=None):
+        for name, v, width in (("pooled", pooled, self.pooled_dim), ("time_ids", time_ids, self.num_time_ids)):
+            if not isinstance(v, torch.Tensor) or v.ndim != 2 or v.shape != (x.shape[0], width):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"SDXLUNet: {name} should be [B,{width}] = [{x.shape[0]},{width}], got {got}")
+        added = text_time_input(pooled, time_ids, self.time_id_dim)       # [B, P + K * time_id_dim]
+        return self.unet(x, t, context, added, residuals)
+
+
+class SDXLConditioner(Conditioner):
     """Prompts -> {"context" [N, L, D1 + D2], "pooled" [N, P2], "time_ids" [N, 6 or 5]}.
 
     text_encoder (CLIP ViT-L's role) and text_encoder_2 (OpenCLIP bigG's): each tokenises the prompt, and the
@@ -86,6 +140,7 @@ class SDXLConditioner(nn.Module):
     default original and target size."""
 
     dropout_keys = ("context", "pooled")  # caption dropout zeroes the text, never the sizes
+    takes = ("original_size", "crop_top_left", "target_size", "aesthetic_score")
 
     def __init__(self, text_encoder: TextEncoder | None, text_encoder_2: TextEncoder, image_size: int = 32,
                  aesthetic_score: float | None = None, negative_aesthetic_score: float = 2.5,
@@ -142,11 +197,11 @@ class SDXLConditioner(nn.Module):
             raise ValueError(f"{n} prompts but micro-conditions for {ids.shape[0]} images")
         return ids.expand(n, -1)
 
-    def forward(self, prompts: Sequence[str], **conditions) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: list[str], **conditions) -> dict[str, torch.Tensor]:
         context, pooled = self.encode_text(prompts)
         return {"context": context, "pooled": pooled, "time_ids": self.ids(len(prompts), **conditions).to(context)}
 
-    def unconditional(self, n: int = 1, **conditions) -> dict[str, torch.Tensor]:
+    def encode_unconditional(self, n: int, **conditions) -> dict[str, torch.Tensor]:
         """Zeros for the text (diffusers' force_zeros_for_empty_prompt, as SDXL's base was trained; zero_negative=False:
         the empty prompt, as the published refiner's pipeline) and the same sizes (the refiner: the negative
         aesthetic score)."""
@@ -212,28 +267,31 @@ class SDXLPipeline(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], steps: int = 50, guidance_scale: float = 3.0, seed: int = 0,
                  switch: float | None = None, refiner_guidance_scale: float | None = None,
-                 conditions: dict | None = None, refiner_conditions: dict | None = None, progress: bool = True,
-                 output: str = "image", **options) -> torch.Tensor:
+                 refiner_conditions: dict | None = None, progress: bool = True, output: str = "image",
+                 sampler: str | None = None, sampler_options: dict | None = None,
+                 callback: Callable[[dict], None] | None = None, **conditions) -> torch.Tensor:
         """Base to `switch` (default self.switch), refiner from there: images [N,3,H,W] in [-1,1] (or latents).
-        The two share one trajectory of `steps` steps; switch=1 is the base alone."""
+        The two share one trajectory of `steps` steps; switch=1 is the base alone. **conditions go to the base's
+        conditioner (original_size, crop_top_left, target_size), refiner_conditions to the refiner's."""
         switch = self.switch if switch is None else switch
         handoff([], switch)
+        common = dict(progress=progress, sampler=sampler, sampler_options=sampler_options, callback=callback)
         if switch == 1:
-            return self.base.generate(prompts, steps, guidance_scale, seed, output=output, conditions=conditions,
-                                      progress=progress, **options)
-        latents = self.base.generate(prompts, steps, guidance_scale, seed, end=switch, output="latent",
-                                     conditions=conditions, progress=progress, **options)
+            return self.base.generate(prompts, steps, guidance_scale, seed, output=output, **common, **conditions)
+        latents = self.base.generate(prompts, steps, guidance_scale, seed, end=switch, output="latent", **common,
+                                     **conditions)
         w = guidance_scale if refiner_guidance_scale is None else refiner_guidance_scale
-        return self.refiner.generate(prompts, steps, w, seed, start=switch, latents=latents, output=output,
-                                     conditions=refiner_conditions, progress=progress, **options)
+        return self.refiner.generate(prompts, steps, w, seed, start=switch, latents=latents, output=output, **common,
+                                     **(refiner_conditions or {}))
 
     @torch.no_grad()
     def refine(self, images: torch.Tensor, prompts: str | Sequence[str], strength: float = 0.3, steps: int = 50,
-               guidance_scale: float = 3.0, seed: int = 0, conditions: dict | None = None, progress: bool = True,
-               **options) -> torch.Tensor:
+               guidance_scale: float = 3.0, seed: int = 0, progress: bool = True, sampler: str | None = None,
+               sampler_options: dict | None = None, callback: Callable[[dict], None] | None = None,
+               **conditions) -> torch.Tensor:
         """The refiner as img2img on finished images [N,3,H,W] in [-1,1]: SDEdit at `strength`."""
-        return self.refiner.img2img(images, prompts, strength, steps, guidance_scale, seed, progress=progress,
-                                    conditions=conditions, **options)
+        return self.refiner.img2img(images, prompts, strength, steps, guidance_scale, seed, sampler, progress,
+                                    sampler_options, callback, **conditions)
 
 
 def inside_frame(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -306,7 +364,7 @@ def sweep(pipe: TextToImage, captions: Sequence[str], condition: str, values: Se
     -> ({value: image_scores}, {value: images})."""
     rows, images = {}, {}
     for value in values:
-        images[value] = pipe.generate(captions, steps, guidance_scale, conditions={condition: value}, progress=False)
+        images[value] = pipe.generate(captions, steps, guidance_scale, progress=False, **{condition: value})
         rows[value] = image_scores(images[value], captions)
     return rows, images
 
@@ -323,27 +381,33 @@ def print_table(rows: dict[str, dict[str, float]]) -> None:
         print(f"{str(name):40}" + "".join(cell(row.get(c, "")) for c in columns))
 
 
-class WithoutEncoder(nn.Module):
+class WithoutEncoder(Conditioner):
     """An SDXLConditioner with one encoder's share of the text zeroed at sampling time: which=1, the first's
     channels of the context; which=2, the second's channels and the pooled vector. What does the UNet read?"""
+
+    dropout_keys, takes = SDXLConditioner.dropout_keys, SDXLConditioner.takes
 
     def __init__(self, conditioner: SDXLConditioner, which: int):
         super().__init__()
         if which not in (1, 2) or conditioner.text_encoder is None:
             raise ValueError(f"which must be 1 or 2, of a conditioner with two encoders; got {which}")
-        self.inner, self.which, self.dims = conditioner, which, conditioner.dims
+        self.inner, self.which = conditioner, which
         self.split = conditioner.text_encoder.config.width  # the first encoder's channels come first
 
-    def forward(self, prompts: Sequence[str], **conditions) -> dict[str, torch.Tensor]:
-        cond = dict(self.inner(prompts, **conditions))
+    @property
+    def dims(self) -> dict[str, int]:
+        return self.inner.dims
+
+    def encode(self, prompts: list[str], **conditions) -> dict[str, torch.Tensor]:
+        cond = self.inner.encode(prompts, **conditions)
         keep = torch.arange(cond["context"].shape[-1], device=cond["context"].device) >= self.split  # the second's
         cond["context"] = cond["context"] * (keep if self.which == 1 else ~keep)
         if self.which == 2:
             cond["pooled"] = torch.zeros_like(cond["pooled"])
         return cond
 
-    def unconditional(self, n: int = 1, **conditions) -> dict[str, torch.Tensor]:
-        return self.inner.unconditional(n, **conditions)
+    def encode_unconditional(self, n: int, **conditions) -> dict[str, torch.Tensor]:
+        return self.inner.encode_unconditional(n, **conditions)
 
 
 def encoder_ablation(base: TextToImage, captions: Sequence[str], steps: int = 50,
@@ -353,6 +417,6 @@ def encoder_ablation(base: TextToImage, captions: Sequence[str], steps: int = 50
     for label, conditioner in (("both encoders", base.conditioner),
                                ("without the first (CLIP-L's role)", WithoutEncoder(base.conditioner, 1)),
                                ("without the second (bigG's), pooled too", WithoutEncoder(base.conditioner, 2))):
-        pipe = TextToImage(conditioner, base.denoiser, base.schedule, base.vae, base.prediction, base.image_size)
+        pipe = TextToImage(conditioner, base.denoiser, base.schedule, base.vae, image_size=base.image_size)
         rows[label] = image_scores(pipe.generate(captions, steps, guidance_scale, progress=False), captions)
     return rows

@@ -1,18 +1,21 @@
-"""The conditional UNet of Stable Diffusion (SD 1.x, SD 2.x, SDXL base and refiner): eps = unet(x_t, t, text).
+"""The conditional UNet of Stable Diffusion (SD 1.x, SD 2.x; inside SDXL's): eps = unet(x_t, t, text).
 
     unet = UNet(UNetConfig(in_channels=3, out_channels=3, channels=(32, 64), context_dim=64))
     eps = unet(x, t, context)                          # [B,C,H,W], [B], [B,L,D] -> [B,C,H,W]
-    eps = sdxl(x, t, context, pooled, time_ids)        # SDXL: + pooled text [B,P] and size/crop ids [B,K]
 
 The network of Ho et al. 2020 (DDPM, appendix B) with the text conditioning of Rombach et al. 2022 (LDM,
 sec. 3.3): a sinusoidal embedding of the timestep goes through an MLP and is added inside every ResBlock;
 the down path halves the resolution level by level, the mid block works at the coarsest one, and the up path
 doubles it back, concatenating the down path's activations (the skips, a stack: last in, first out).
 At the levels marked in `config.attention` a spatial transformer follows each ResBlock: self-attention over
-the pixels, cross-attention from the pixels to the text tokens, and a GEGLU feed-forward.
-SDXL (Podell et al. 2023, sec. 2.2) adds "text_time" conditioning: the pooled text embedding and sinusoidal
-embeddings of the original size, crop and target size (or aesthetic score), through an MLP, added to the time
-embedding.
+the pixels, cross-attention from the pixels to the text tokens, and a GEGLU feed-forward. The ResBlocks, the
+resampling convolutions and the mid block are the VAE's (notebook 03), given the time embedding.
+
+Two inputs beyond the text, each named for what it does, for the models that grow out of this one:
+- `added_cond` [B, added_cond_dim]: a conditioning vector that goes through its own MLP and is added to the time
+  embedding (Dhariwal & Nichol's class embedding; SDXL builds it from pooled text and image sizes, notebook 07);
+- `residuals`: tensors added to the skips and to the mid block's output (`residual_shapes`), which is how a
+  ControlNet steers a frozen UNet (notebook 09).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from einops import rearrange
 from torch import nn
 
 from sdlearn.attention import Attention
+from sdlearn.diffusion import _prediction
+from sdlearn.vae import Downsample, Level, MidBlock, ResBlock, Upsample
 
 
 @dataclass
@@ -39,11 +44,10 @@ class UNetConfig:
     head_dim: int | tuple[int, ...] | None = None    # ... or the width of a head (SD 2.x, SDXL: 64)
     context_dim: int = 768                           # width of the text tokens
     linear_proj: bool = False                        # proj_in/out: Linear (SD 2.x, SDXL) or 1x1 conv (SD 1.x)
-    pooled_dim: int = 0                              # SDXL text_time: pooled text width (0: none)
-    num_time_ids: int = 0                            # SDXL: 6 size/crop ids (base), 5 with aesthetic score (refiner)
-    time_id_dim: int = 256                           # sinusoidal width of each time id
+    added_cond_dim: int = 0                          # a vector added to the time embedding (SDXL: 2816; 0: none)
     norm_groups: int = 32
     dropout: float = 0.0
+    prediction: str = "eps"                          # what it is trained to predict: eps, x0 or v
 
     def __post_init__(self):
         n = len(self.channels)
@@ -74,9 +78,7 @@ class UNetConfig:
                 what = "heads" if self.heads is not None else "head_dim"
                 raise ValueError(f"UNetConfig: level {i} has {self.channels[i]} channels, not divisible by "
                                  f"{what}={split}")
-        if bool(self.pooled_dim) != bool(self.num_time_ids):
-            raise ValueError(f"UNetConfig: text_time conditioning needs both pooled_dim and num_time_ids, got "
-                             f"pooled_dim={self.pooled_dim}, num_time_ids={self.num_time_ids}")
+        self.prediction = _prediction(self.prediction)
 
     @property
     def levels(self) -> int:
@@ -84,10 +86,6 @@ class UNetConfig:
 
     def level_heads(self, i: int) -> int:
         return self.heads[i] if self.heads is not None else self.channels[i] // self.head_dim[i]
-
-    @property
-    def text_time(self) -> bool:
-        return self.pooled_dim > 0
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -103,14 +101,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))                          # [B,dim]
 
 
-def text_time_input(pooled: torch.Tensor, time_ids: torch.Tensor, dim: int) -> torch.Tensor:
-    """SDXL's "text_time" input (Podell et al. 2023, sec. 2.2): pooled text [B,P] and K micro-conditions [B,K],
-    each id its own dim-channel sinusoid, concatenated -> [B, P + K*dim] (SDXL base: 1280 + 6 x 256 = 2816)."""
-    ids = timestep_embedding(time_ids.flatten(), dim)                   # [B*K, dim]
-    ids = rearrange(ids, "(b k) d -> b (k d)", b=pooled.shape[0])       # [B, K*dim], id 0's channels first
-    return torch.cat([pooled, ids.to(pooled.dtype)], dim=-1)
-
-
 class TimestepMLP(nn.Module):
     """Linear -> SiLU -> Linear: a sinusoidal embedding to the width the ResBlocks read."""
 
@@ -120,27 +110,6 @@ class TimestepMLP(nn.Module):
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
-
-
-class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv; + the projected time embedding; GroupNorm, SiLU, dropout, conv; + the shortcut (a 1x1
-    conv when the width changes). The time embedding sits between the two convs, one value per channel."""
-
-    def __init__(self, cin: int, cout: int, temb: int, groups: int = 32, dropout: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-5)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_proj = nn.Linear(temb, cout)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-5)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x, emb):                             # x [B,cin,H,W], emb [B,temb]
-        h = self.conv1(F.silu(self.norm1(x)))              # [B,cout,H,W]
-        h = h + self.time_proj(F.silu(emb))[:, :, None, None]  # [B,cout,1,1] broadcast over pixels
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.shortcut(x) + h
 
 
 class GEGLU(nn.Module):
@@ -205,52 +174,9 @@ class SpatialTransformer(nn.Module):
         return x + h
 
 
-class Downsample(nn.Module):
-    """3x3 conv with stride 2: H,W -> H/2,W/2."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Level(nn.Module):
-    """One resolution of the down or up path: ResBlocks, each followed by a SpatialTransformer when the level
-    has attention, then a Downsample / Upsample (except at the bottom / top)."""
-
-    def __init__(self, resnets, attentions, resample):
-        super().__init__()
-        self.resnets, self.attentions, self.resample = nn.ModuleList(resnets), nn.ModuleList(attentions), resample
-
-
-class MidBlock(nn.Module):
-    """ResBlock, SpatialTransformer, ResBlock at the coarsest resolution."""
-
-    def __init__(self, channels, temb, context_dim, heads, depth, linear_proj, groups, dropout):
-        super().__init__()
-        self.resnet1 = ResBlock(channels, channels, temb, groups, dropout)
-        self.attention = SpatialTransformer(channels, context_dim, heads, depth, linear_proj, groups, dropout)
-        self.resnet2 = ResBlock(channels, channels, temb, groups, dropout)
-
-    def forward(self, h, emb, context):
-        return self.resnet2(self.attention(self.resnet1(h, emb), context), emb)
-
-
 class UNet(nn.Module):
-    """The conditional UNet: unet(x [B,C,H,W], t [B], context [B,L,D], pooled=None, time_ids=None) -> eps."""
+    """The conditional UNet: unet(x [B,C,H,W], t [B], context [B,L,D], added_cond=None, residuals=None) -> its
+    prediction [B,out_channels,H,W] (a sdlearn.diffusion.Denoiser)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -258,56 +184,75 @@ class UNet(nn.Module):
         ch, n, temb = cfg.channels, cfg.levels, 4 * cfg.channels[0]
         groups, drop = cfg.norm_groups, cfg.dropout
         self.time_embed = TimestepMLP(ch[0], temb)
-        if cfg.text_time:
-            self.add_embed = TimestepMLP(cfg.pooled_dim + cfg.num_time_ids * cfg.time_id_dim, temb)
+        if cfg.added_cond_dim:
+            self.add_embed = TimestepMLP(cfg.added_cond_dim, temb)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+
+        def resnet(cin, cout):
+            return ResBlock(cin, cout, groups, eps=1e-5, temb=temb, dropout=drop)
 
         def transformer(i, c):
             return SpatialTransformer(c, cfg.context_dim, cfg.level_heads(i), cfg.transformer_layers[i],
                                       cfg.linear_proj, groups, drop)
 
-        skips = [ch[0]]  # the widths of the activations the down path keeps for the up path
+        self.skip_levels = [(ch[0], 0)]  # (channels, level) of each activation the down path keeps for the up path
         self.down = nn.ModuleList()
         cin = ch[0]
         for i, c in enumerate(ch):
             resnets, attentions = [], []
             for _ in range(cfg.layers_per_block):
-                resnets.append(ResBlock(cin, c, temb, groups, drop))
+                resnets.append(resnet(cin, c))
                 attentions += [transformer(i, c)] if cfg.attention[i] else []
                 cin = c
-                skips.append(c)
+                self.skip_levels.append((c, i))
             last = i == n - 1
-            self.down.append(Level(resnets, attentions, None if last else Downsample(c)))
-            skips += [] if last else [c]
-        self.mid = MidBlock(ch[-1], temb, cfg.context_dim, cfg.level_heads(n - 1), cfg.transformer_layers[-1],
-                            cfg.linear_proj, groups, drop)
+            self.down.append(Level(resnets, attentions, None if last else Downsample(c, pad_right_bottom=False)))
+            self.skip_levels += [] if last else [(c, i + 1)]
+        self.mid = MidBlock(resnet(ch[-1], ch[-1]), transformer(n - 1, ch[-1]), resnet(ch[-1], ch[-1]))
         self.up = nn.ModuleList()  # coarsest level first
+        widths = [c for c, _ in self.skip_levels]
         for i in reversed(range(n)):
             resnets, attentions = [], []
             for _ in range(cfg.layers_per_block + 1):
-                resnets.append(ResBlock(cin + skips.pop(), ch[i], temb, groups, drop))
+                resnets.append(resnet(cin + widths.pop(), ch[i]))
                 attentions += [transformer(i, ch[i])] if cfg.attention[i] else []
                 cin = ch[i]
             self.up.append(Level(resnets, attentions, Upsample(ch[i]) if i > 0 else None))
         self.norm_out = nn.GroupNorm(groups, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
+    # -- what it is, as a denoiser -------------------------------------------------------------------------
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def prediction(self) -> str:
+        return self.config.prediction
+
     @property
     def cond_dims(self) -> dict[str, int]:
-        """The conditions forward reads (as keywords) and their widths: context, plus SDXL's pooled and time_ids."""
+        """The conditions forward reads (as keywords) and their widths: context, and added_cond if configured."""
         cfg = self.config
-        extra = {"pooled": cfg.pooled_dim, "time_ids": cfg.num_time_ids} if cfg.text_time else {}
-        return {"context": cfg.context_dim, **extra}
+        return {"context": cfg.context_dim, **({"added_cond": cfg.added_cond_dim} if cfg.added_cond_dim else {})}
 
-    # -- the three parts of the forward, apart so that notebooks can show (and learners write) each ----------
+    def residual_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+        """(C, h, w) of each tensor `residuals` adds to, for an input of height x width: the skips in the order
+        the down path makes them, then the mid block's output."""
+        shapes = [(c, height >> level, width >> level) for c, level in self.skip_levels]
+        n = self.config.levels - 1
+        return shapes + [(self.config.channels[-1], height >> n, width >> n)]
 
-    def embed(self, t, pooled=None, time_ids=None) -> torch.Tensor:
-        """Timesteps [B] (+ SDXL pooled text [B,P] and time ids [B,K]) -> the embedding [B,4*C0] the ResBlocks read."""
+    # -- the parts of the forward, apart so that notebooks can show (and learners write) each ----------------
+
+    def embed(self, t, added_cond=None) -> torch.Tensor:
+        """Timesteps [B] (+ an added conditioning vector [B,A]) -> the embedding [B,4*C0] the ResBlocks read."""
         cfg = self.config
         dtype = self.time_embed.linear_1.weight.dtype                             # float32 sinusoids, cast as diffusers
         emb = self.time_embed(timestep_embedding(t, cfg.channels[0]).to(dtype))  # [B,temb]
-        if cfg.text_time:
-            emb = emb + self.add_embed(text_time_input(pooled, time_ids, cfg.time_id_dim))  # [B,temb]
+        if cfg.added_cond_dim:
+            emb = emb + self.add_embed(added_cond.to(dtype))                       # [B,temb]
         return emb
 
     def down_path(self, h, emb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -336,15 +281,18 @@ class UNet(nn.Module):
                 h = level.resample(h)
         return h
 
-    def forward(self, x, t, context, pooled=None, time_ids=None):
-        t, context = self._check_inputs(x, t, context, pooled, time_ids)
-        emb = self.embed(t, pooled, time_ids)          # [B,4*C0]
+    def forward(self, x, t, context, added_cond=None, residuals=None):
+        t = self._check_inputs(x, t, context, added_cond, residuals)
+        emb = self.embed(t, added_cond)                # [B,4*C0]
         h, skips = self.down_path(x, emb, context)     # [B,C_last,H/2^(n-1),W/2^(n-1)]
         h = self.mid(h, emb, context)
+        if residuals is not None:                      # a ControlNet's: one per skip, then the mid block's
+            skips = [s + r for s, r in zip(skips, residuals)]
+            h = h + residuals[-1]
         h = self.up_path(h, skips, emb, context)       # [B,C0,H,W]
         return self.conv_out(F.silu(self.norm_out(h)))  # [B,out_channels,H,W]
 
-    def _check_inputs(self, x, t, context, pooled, time_ids):
+    def _check_inputs(self, x, t, context, added_cond, residuals):
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -362,16 +310,19 @@ class UNet(nn.Module):
         if context is None or context.ndim != 3 or context.shape[-1] != cfg.context_dim or context.shape[0] != B:
             got = None if context is None else tuple(context.shape)
             raise ValueError(f"UNet: context should be [B,L,context_dim] = [{B},L,{cfg.context_dim}], got {got}")
-        if cfg.text_time:
-            for name, v, width in (("pooled", pooled, cfg.pooled_dim), ("time_ids", time_ids, cfg.num_time_ids)):
-                if v is None or v.shape != (B, width):
-                    got = None if v is None else tuple(v.shape)
-                    raise ValueError(f"UNet: this config has SDXL text_time conditioning: {name} should be "
-                                     f"[B,{width}] = [{B},{width}], got {got}")
-        elif pooled is not None or time_ids is not None:
-            raise ValueError("UNet: pooled / time_ids given, but this config has no text_time conditioning "
-                             "(set pooled_dim and num_time_ids in UNetConfig)")
-        return t, context
+        if cfg.added_cond_dim and (added_cond is None or tuple(added_cond.shape) != (B, cfg.added_cond_dim)):
+            got = None if added_cond is None else tuple(added_cond.shape)
+            raise ValueError(f"UNet: this config adds a conditioning vector to the time embedding: added_cond "
+                             f"should be [B,added_cond_dim] = [{B},{cfg.added_cond_dim}], got {got}")
+        if not cfg.added_cond_dim and added_cond is not None:
+            raise ValueError("UNet: added_cond given, but this config has none (set added_cond_dim in UNetConfig)")
+        if residuals is not None:
+            want = [(B, *shape) for shape in self.residual_shapes(H, W)]
+            got = [tuple(r.shape) for r in residuals]
+            if got != want:
+                raise ValueError(f"UNet: residuals should be {len(want)} tensors shaped {want} (one per skip, then "
+                                 f"the mid block's), got {got}")
+        return t
 
 
 # -----------------------------------------------------------------------------
@@ -380,10 +331,10 @@ class UNet(nn.Module):
 SD15 = UNetConfig()
 SD21_BASE = UNetConfig(head_dim=64, heads=None, context_dim=1024, linear_proj=True)
 SDXL = UNetConfig(channels=(320, 640, 1280), attention=(False, True, True), transformer_layers=(1, 2, 10),
-                  heads=None, head_dim=64, context_dim=2048, linear_proj=True, pooled_dim=1280, num_time_ids=6)
+                  heads=None, head_dim=64, context_dim=2048, linear_proj=True, added_cond_dim=1280 + 6 * 256)
 SDXL_REFINER = UNetConfig(channels=(384, 768, 1536, 1536), attention=(False, True, True, False),
                           transformer_layers=4, heads=None, head_dim=64, context_dim=1280, linear_proj=True,
-                          pooled_dim=1280, num_time_ids=5)
+                          added_cond_dim=1280 + 5 * 256)
 
 PRESETS = {
     "sd15-unet": lambda: UNet(replace(SD15)),

@@ -119,19 +119,24 @@ class DiagonalGaussian:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv3x3, twice, plus the input (through a 1x1 conv when the channels change)."""
+    """GroupNorm, SiLU, conv3x3, twice, plus the input (through a 1x1 conv when the channels change); with temb > 0
+    (the UNet's, notebook 05) the projected time embedding is added between the two convs, one value per channel."""
 
-    def __init__(self, c_in: int, c_out: int, groups: int):
+    def __init__(self, c_in: int, c_out: int, groups: int, eps: float = 1e-6, temb: int = 0, dropout: float = 0.0):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in, eps=1e-6)
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, c_out, eps=1e-6)
+        self.time_proj = nn.Linear(temb, c_out) if temb else None
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:  # x [B,c_in,H,W], emb [B,temb]
         h = self.conv1(F.silu(self.norm1(x)))  # [B,c_out,H,W]
-        h = self.conv2(F.silu(self.norm2(h)))
+        if self.time_proj is not None:
+            h = h + self.time_proj(F.silu(emb))[:, :, None, None]  # [B,c_out,1,1] broadcast over pixels
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.shortcut(x) + h
 
 
@@ -154,27 +159,31 @@ class AttnBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """ResNet block, self-attention, ResNet block, at the lowest resolution."""
+    """ResNet block, attention, ResNet block, at the lowest resolution. The VAE's attention is an AttnBlock (or
+    none); the UNet's (notebook 05) a spatial transformer that also reads the text, and its ResNet blocks the time."""
 
-    def __init__(self, channels: int, groups: int, attention: bool = True):
+    def __init__(self, resnet1: ResBlock, attention: nn.Module | None, resnet2: ResBlock):
         super().__init__()
-        self.resnet1 = ResBlock(channels, channels, groups)
-        self.attention = AttnBlock(channels, groups) if attention else nn.Identity()
-        self.resnet2 = ResBlock(channels, channels, groups)
+        self.resnet1, self.attention, self.resnet2 = resnet1, attention, resnet2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resnet2(self.attention(self.resnet1(x)))
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, context: torch.Tensor | None = None):
+        h = self.resnet1(x, emb)
+        if self.attention is not None:
+            h = self.attention(h) if context is None else self.attention(h, context)
+        return self.resnet2(h, emb)
 
 
 class Downsample(nn.Module):
-    """Halve H and W: pad one pixel right and bottom, then a 3x3 conv with stride 2 (as SD)."""
+    """Halve H and W with a 3x3 conv of stride 2: the VAE pads one pixel right and bottom only (as SD's VAE), the
+    UNet one pixel on every side (pad_right_bottom=False)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, pad_right_bottom: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.pad_right_bottom = pad_right_bottom
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if pad_right_bottom else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # [B,C,H/2,W/2]
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.pad_right_bottom else x)  # [B,C,H/2,W/2]
 
 
 class Upsample(nn.Module):
@@ -189,18 +198,26 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution: ResNet blocks, then a resampling (or nothing at the last level)."""
+    """One resolution: ResNet blocks (at the UNet's attention levels each followed by an attention block), then a
+    Downsample / Upsample, or nothing at the last level."""
 
-    def __init__(self, c_in: int, c_out: int, n_blocks: int, groups: int, resample: nn.Module | None):
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module] = (), resample: nn.Module | None = None):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n_blocks)])
-        self.resample = resample if resample is not None else nn.Identity()
+        self.resnets, self.attentions, self.resample = nn.ModuleList(resnets), nn.ModuleList(attentions), resample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the VAE's: its levels have no attention
         for resnet in self.resnets:
             x = resnet(x)
-        return self.resample(x)
+        return x if self.resample is None else self.resample(x)
+
+
+def _level(c_in: int, c_out: int, n_blocks: int, groups: int, resample: nn.Module | None) -> Level:
+    return Level([ResBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n_blocks)], resample=resample)
+
+
+def _mid(channels: int, groups: int, attention: bool) -> MidBlock:
+    return MidBlock(ResBlock(channels, channels, groups), AttnBlock(channels, groups) if attention else None,
+                    ResBlock(channels, channels, groups))
 
 
 class Encoder(nn.Module):
@@ -211,10 +228,9 @@ class Encoder(nn.Module):
         ch, g = cfg.channels, cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down = nn.ModuleList([
-            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g,
-                  Downsample(ch[i]) if i < len(ch) - 1 else None)
+            _level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, Downsample(ch[i]) if i < len(ch) - 1 else None)
             for i in range(len(ch))])
-        self.mid = MidBlock(ch[-1], g, cfg.mid_attention)
+        self.mid = _mid(ch[-1], g, cfg.mid_attention)
         self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
@@ -233,10 +249,9 @@ class Decoder(nn.Module):
         super().__init__()
         ch, g = cfg.channels[::-1], cfg.norm_groups  # deepest first
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid = MidBlock(ch[0], g, cfg.mid_attention)
+        self.mid = _mid(ch[0], g, cfg.mid_attention)
         self.up = nn.ModuleList([
-            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g,
-                  Upsample(ch[i]) if i < len(ch) - 1 else None)
+            _level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, Upsample(ch[i]) if i < len(ch) - 1 else None)
             for i in range(len(ch))])
         self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)

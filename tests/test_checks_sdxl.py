@@ -7,8 +7,8 @@ import torch
 from sdlearn.checks import CheckFailed
 from sdlearn.checks import sdxl as check
 from sdlearn.diffusion import NoiseSchedule
-from sdlearn.sdxl import handoff, time_ids
-from sdlearn.unet import text_time_input, timestep_embedding
+from sdlearn.sdxl import handoff, text_time_input, time_ids
+from sdlearn.unet import timestep_embedding
 
 
 def todo(*args):

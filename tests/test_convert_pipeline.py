@@ -400,7 +400,7 @@ def test_the_published_configs_build_the_full_size_presets(preset, class_name, c
     from sdlearn import presets
     from sdlearn.convert.pipeline import part_config
 
-    cls, cfg, _ = part_config(class_name, config, pooled_dim=1280 if "sdxl" in preset else None)
+    cls, cfg, _, _ = part_config(class_name, config, pooled_dim=1280 if "sdxl" in preset else None)
     with torch.device("meta"):
         model = cls(cfg)
     assert presets.count_parameters(model) == presets.PUBLISHED[preset]

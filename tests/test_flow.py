@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdlearn.checks.pipeline import tiny_pipeline
-from sdlearn.diffusion import GaussianMixture, NoiseSchedule, ddim_step, sample, sliced_wasserstein
+from sdlearn.diffusion import NoiseSchedule, ddim_step, sample
 from sdlearn.flow import (
     FlowSchedule,
     euler_step,
@@ -19,6 +19,7 @@ from sdlearn.flow import (
     velocity_model,
 )
 from sdlearn.pipeline import TextToImage
+from sdlearn.toy import GaussianMixture, sliced_wasserstein
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 from sdlearn import pretrained
 from sdlearn.__main__ import main as cli
 from sdlearn.checks.pipeline import tiny_pipeline
-from sdlearn.diffusion import NoiseSchedule
+from sdlearn.diffusion import NoiseSchedule, register
 from sdlearn.pipeline import TextConditioner, TextToImage, training_loss
 from sdlearn.recipes.t2i import unet_config
 from sdlearn.text import TextConfig, TextEncoder
@@ -69,12 +69,12 @@ class LineSchedule:
     def to_x0(self, prediction, out, x, s):
         return out
 
-    @staticmethod
-    def line_step(schedule, out, x, s, s_next, prediction="x0", generator=None, clip_x0=None):
-        eps = (x - (1 - s) * out) / s  # the noise this x0 implies
-        return (1 - s_next) * out + s_next * eps
 
-    samplers = {"line": line_step}
+
+@register("line", LineSchedule)
+def line_step(schedule, out, x, s, s_next, prediction="x0", noise=None, generator=None, clip_x0=None):
+    eps = (x - (1 - s) * out) / s  # the noise this x0 implies
+    return (1 - s_next) * out + s_next * eps
 
 
 def test_a_new_schedule_and_sampler_plug_into_the_pipeline_unchanged():
@@ -136,7 +136,11 @@ def test_img2img():
     (lambda p: p.generate(["a red blob"]), "unknown word 'blob'"),
     (lambda p: p.generate(["a red circle"], steps=0), "steps must be an int >= 1"),
     (lambda p: p.generate(["a red circle"], guidance_scale=-1.0), "guidance_scale must be a number >= 0"),
-    (lambda p: p.generate(["a red circle"], sampler="euler"), "unknown sampler 'euler'"),
+    (lambda p: p.generate(["a red circle"], sampler="heun"),
+     r"unknown sampler 'heun' for a NoiseSchedule, expected one of \('ddim', 'ddpm'"),
+    (lambda p: p.generate(["a red circle"], sampler_options={"etta": 0.5}), "the 'ddim' sampler has no option 'etta'"),
+    (lambda p: p.generate(["a red circle", "a red square"], control=torch.zeros(3, 3, 16, 16)),
+     r"condition 'control' must have one row per prompt \(2\) or one for all, got shape \(3, 3, 16, 16\)"),
     (lambda p: p.img2img(torch.zeros(1, 3, 16, 16), ["a red circle"], strength=1.5), r"strength must be in \[0, 1\]"),
     (lambda p: p.img2img(torch.zeros(1, 3, 8, 8), ["a red circle"]), r"expected images \[N, 3, 16, 16\]"),
     (lambda p: p.img2img(torch.zeros(2, 3, 16, 16), ["a red circle"]), "2 images but 1 prompts"),
@@ -152,7 +156,7 @@ def test_mismatched_parts_are_refused():
                                          r"makes \{'context': 32\}"):
         TextToImage(TextConditioner(TextEncoder(TextConfig(width=32, layers=1, heads=2))), pipe.denoiser,
                     pipe.schedule, pipe.vae)
-    with pytest.raises(ValueError, match="the UNet takes 4 channels but the VAE's latents have 16"):
+    with pytest.raises(ValueError, match="the UNet works on 4 latent channels but the VAE's latents have 16"):
         TextToImage(pipe.conditioner, pipe.denoiser, pipe.schedule, AutoencoderKL(VAEConfig(
             channels=(8, 8), layers_per_block=1, norm_groups=4, latent_channels=16)))
 

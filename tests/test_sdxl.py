@@ -17,7 +17,7 @@ from tiny import check_images, err, one_thread, perturbed, write_bpe  # noqa: F4
 from sdlearn import convert
 from sdlearn.diffusion import NoiseSchedule
 from sdlearn.pipeline import TextToImage
-from sdlearn.sdxl import SDXLConditioner, SDXLPipeline, handoff, refiner_time_ids, time_ids
+from sdlearn.sdxl import SDXLConditioner, SDXLPipeline, SDXLUNet, handoff, refiner_time_ids, time_ids
 from sdlearn.text import PretrainedTokenizer
 from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import AutoencoderKL, VAEConfig
@@ -245,10 +245,10 @@ def test_base_alone_equals_diffusers_with_size_conditions(xl):
     images_d = xl.base_d(PROMPTS, num_inference_steps=STEPS, output_type="pt", latents=z.clone(),
                          guidance_scale=GUIDANCE, height=SIZE, width=SIZE, original_size=sizes["original_size"],
                          crops_coords_top_left=sizes["crop_top_left"], target_size=sizes["target_size"]).images
-    images = xl.pipe.generate(PROMPTS, steps=STEPS, guidance_scale=GUIDANCE, seed=3, switch=1.0, conditions=sizes,
+    images = xl.pipe.generate(PROMPTS, steps=STEPS, guidance_scale=GUIDANCE, seed=3, switch=1.0, **sizes,
                               progress=False)
     _check_images(images, images_d, "SDXL base alone (switch=1), original (24, 20), crop (2, 3)")
-    same = xl.base.generate(PROMPTS, STEPS, GUIDANCE, latents=z, conditions=sizes, progress=False)
+    same = xl.base.generate(PROMPTS, STEPS, GUIDANCE, latents=z, **sizes, progress=False)
     assert torch.equal(same, images)
     default = xl.base.generate(PROMPTS, STEPS, GUIDANCE, latents=z, progress=False)
     assert err(default, images) > 1e-3  # the size ids do reach the UNet
@@ -286,7 +286,7 @@ def test_refiner_as_img2img_equals_diffusers(xl):
         negative_crops_coords_top_left=sizes["crop_top_left"],  # diffusers' default negative crop is (0, 0)
         aesthetic_score=7.0, negative_aesthetic_score=2.5, callback_on_step_end=_recorder(visited_d)).images
     images = xl.pipe.refine(pixels, PROMPTS, strength=0.3, steps=STEPS, guidance_scale=GUIDANCE, seed=0,
-                            conditions=sizes, progress=False, callback=lambda step: visited.append(step["t"]))
+                            **sizes, progress=False, callback=lambda step: visited.append(step["t"]))
     assert visited == visited_d == [200, 100, 0] == xl.base.schedule.trajectory(STEPS, start=0.7)[:-1]
     _check_images(images, images_d, "SDXL refiner as img2img, strength 0.3")
     assert err(images, pixels) > 1e-2  # it did change the images
@@ -323,9 +323,10 @@ def test_a_switch_outside_0_1_is_refused(xl, switch):
 
 
 def _sdlearn_refiner_unet(in_channels=4, context=WIDTH_2):
-    return UNet(UNetConfig(in_channels=in_channels, out_channels=in_channels, channels=(16, 32), layers_per_block=1,
-                           attention=(False, True), heads=(2, 4), context_dim=context, linear_proj=True,
-                           pooled_dim=POOLED, num_time_ids=5, time_id_dim=ID_DIM, norm_groups=8)).eval()
+    return SDXLUNet(UNet(UNetConfig(in_channels=in_channels, out_channels=in_channels, channels=(16, 32),
+                                    layers_per_block=1, attention=(False, True), heads=(2, 4), context_dim=context,
+                                    linear_proj=True, added_cond_dim=POOLED + 5 * ID_DIM, norm_groups=8)),
+                    5, ID_DIM).eval()
 
 
 def test_a_refiner_on_other_latents_is_refused(xl):
@@ -342,7 +343,7 @@ def test_a_refiner_on_other_latents_is_refused(xl):
 
 def test_a_refiner_unet_reading_another_context_width_is_refused(xl):
     """A refiner UNet made for both encoders' context (40) under a refiner conditioner (text_encoder_2 only: 24)."""
-    with pytest.raises(ValueError, match=r"the UNet reads conditions of widths \{'context': 40, 'pooled': 20, "
+    with pytest.raises(ValueError, match=r"the SDXLUNet reads conditions of widths \{'context': 40, 'pooled': 20, "
                                          r"'time_ids': 5\} but the conditioner makes \{'context': 24, 'pooled': 20, "
                                          r"'time_ids': 5\}"):
         TextToImage(xl.refiner.conditioner, _sdlearn_refiner_unet(context=WIDTH_1 + WIDTH_2), xl.refiner.schedule,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sdlearn import convert, presets, pretrained
+from sdlearn.sdxl import SDXLUNet
 from sdlearn.unet import UNet, UNetConfig, timestep_embedding
 
 
@@ -16,61 +17,70 @@ def test_preset_has_the_published_parameter_count(name):
 
 
 # tiny configs covering: 1x1-conv and linear proj, heads and head_dim per level, several transformer layers
-# per block, levels without attention, SDXL text_time conditioning
+# per block, levels without attention, an added conditioning vector (diffusers' "projection" class embedding),
+# SDXL's text_time conditioning (an SDXLUNet around the UNet: 6 ids for the base, 5 for the refiner)
 TINY = {
     "sd1-conv-heads": UNetConfig(in_channels=4, out_channels=4, channels=(32, 64), layers_per_block=1,
                                  attention=(True, True), heads=(2, 4), context_dim=24, norm_groups=8),
     "sd2-linear-headdim": UNetConfig(in_channels=3, out_channels=3, channels=(16, 32, 32), layers_per_block=2,
                                      attention=(True, True, False), heads=None, head_dim=8, context_dim=20,
                                      linear_proj=True, transformer_layers=(1, 2, 3), norm_groups=8),
+    "added-cond": UNetConfig(in_channels=4, out_channels=4, channels=(16, 32), layers_per_block=1,
+                             attention=(True, True), heads=2, context_dim=12, added_cond_dim=10, norm_groups=8),
     "xl-text-time": UNetConfig(in_channels=4, out_channels=4, channels=(16, 32, 48), layers_per_block=1,
                                attention=(False, True, True), transformer_layers=(1, 2, 3), heads=None, head_dim=8,
-                               context_dim=32, linear_proj=True, pooled_dim=1280, num_time_ids=6, time_id_dim=8,
-                               norm_groups=8),
+                               context_dim=32, linear_proj=True, added_cond_dim=1280 + 6 * 8, norm_groups=8),
     "refiner-like": UNetConfig(in_channels=4, out_channels=4, channels=(16, 24, 32, 32), layers_per_block=1,
                                attention=(False, True, True, False), transformer_layers=2, heads=None, head_dim=8,
-                               context_dim=16, linear_proj=True, pooled_dim=1280, num_time_ids=5, time_id_dim=8,
-                               norm_groups=8),
+                               context_dim=16, linear_proj=True, added_cond_dim=1280 + 5 * 8, norm_groups=8),
 }
+TIME_IDS = {"xl-text-time": 6, "refiner-like": 5}  # these are SDXLUNets, with 8-channel time ids
 
 
-def _randomised(cfg, seed=0):
+def _denoiser(name, unet):
+    return SDXLUNet(unet, TIME_IDS[name], 8) if name in TIME_IDS else unet
+
+
+def _randomised(name, seed=0):
     torch.manual_seed(seed)
-    model = UNet(cfg).eval()
+    model = UNet(TINY[name]).eval()
     with torch.no_grad():  # perturb norms and biases too, so every tensor matters
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return model
+    return _denoiser(name, model)
 
 
-def _inputs(cfg, B=2, seed=1):
+def _inputs(name, B=2, seed=1, pooled_dim=1280):
+    cfg = TINY[name]
     g = torch.Generator().manual_seed(seed)
     H = 4 * 2 ** (cfg.levels - 1)
     x = torch.randn(B, cfg.in_channels, H, H + 2 ** (cfg.levels - 1), generator=g)
     t = torch.tensor([3.0, 742.0])[:B]
     ctx = torch.randn(B, 5, cfg.context_dim, generator=g)
     kw, theirs = {}, {}
-    if cfg.text_time:
-        pooled = torch.randn(B, cfg.pooled_dim, generator=g)
-        ids = torch.tensor([[512.0, 768, 0, 16, 1024, 1024][:cfg.num_time_ids],
-                            [64.0, 96, 8, 0, 128, 6][:cfg.num_time_ids]])[:B]
+    if name in TIME_IDS:
+        pooled = torch.randn(B, pooled_dim, generator=g)
+        ids = torch.tensor([[512.0, 768, 0, 16, 1024, 1024][:TIME_IDS[name]],
+                            [64.0, 96, 8, 0, 128, 6][:TIME_IDS[name]]])[:B]
         kw = dict(pooled=pooled, time_ids=ids)
         theirs = dict(added_cond_kwargs=dict(text_embeds=pooled, time_ids=ids))
+    elif cfg.added_cond_dim:
+        kw = dict(added_cond=torch.randn(B, cfg.added_cond_dim, generator=g))
+        theirs = dict(class_labels=kw["added_cond"])
     return x, t, ctx, kw, theirs
 
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_to_diffusers_gives_the_same_outputs(name):
-    cfg = TINY[name]
-    ours = _randomised(cfg)
+    ours = _randomised(name)
     theirs = convert.to_diffusers(ours).eval()
     assert type(theirs).__name__ == "UNet2DConditionModel"
     assert sum(p.numel() for p in theirs.parameters()) == presets.count_parameters(ours)
-    x, t, ctx, kw, theirs_kw = _inputs(cfg)
+    x, t, ctx, kw, theirs_kw = _inputs(name)
     with torch.no_grad():
         a = ours(x, t, ctx, **kw)
         b = theirs(x, t, ctx, **theirs_kw).sample
-    assert a.shape == x.shape[:1] + (cfg.out_channels,) + x.shape[2:]
+    assert a.shape == x.shape[:1] + (TINY[name].out_channels,) + x.shape[2:]
     assert (a - b).abs().max().item() < 1e-4
 
 
@@ -78,30 +88,47 @@ def test_to_diffusers_gives_the_same_outputs(name):
 def test_from_diffusers_gives_the_same_outputs(name):
     from diffusers import UNet2DConditionModel
 
-    cfg = TINY[name]
     torch.manual_seed(0)
-    theirs = UNet2DConditionModel(**convert.unet.config_to_diffusers(cfg)).eval()
+    theirs = UNet2DConditionModel(**convert.unet.config_to_diffusers(TINY[name], 8 if name in TIME_IDS else None))
+    theirs.eval()
     with torch.no_grad():
         for p in theirs.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ours = convert.from_diffusers(theirs)
-    assert type(ours) is UNet
-    x, t, ctx, kw, theirs_kw = _inputs(cfg, seed=2)
+    assert type(ours) is (SDXLUNet if name in TIME_IDS else UNet)
+    x, t, ctx, kw, theirs_kw = _inputs(name, seed=2)
     with torch.no_grad():
         a = ours(x, t, ctx, **kw)
         b = theirs(x, t, ctx, **theirs_kw).sample
     assert (a - b).abs().max().item() < 1e-4
     back = convert.to_diffusers(ours)
+    assert dict(back.config) == dict(theirs.config)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in theirs.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["sd2-linear-headdim", "xl-text-time"])
+def test_residuals_are_diffusers_down_block_and_mid_block_additional_residuals(name):
+    """A ControlNet's hook: one residual per skip and one for the mid block, as diffusers adds them."""
+    ours = _randomised(name)
+    theirs = convert.to_diffusers(ours).eval()
+    x, t, ctx, kw, theirs_kw = _inputs(name)
+    g = torch.Generator().manual_seed(5)
+    residuals = [torch.randn(2, *shape, generator=g) for shape in ours.residual_shapes(*x.shape[2:])]
+    with torch.no_grad():
+        a = ours(x, t, ctx, **kw, residuals=residuals)
+        b = theirs(x, t, ctx, **theirs_kw, down_block_additional_residuals=tuple(residuals[:-1]),
+                   mid_block_additional_residual=residuals[-1]).sample
+        assert (a - b).abs().max().item() < 1e-4
+        assert (a - ours(x, t, ctx, **kw)).abs().max().item() > 1e-3  # the residuals matter
 
 
 def _diffusers_sdxl_like(pooled_dim):
     """A tiny randomised diffusers UNet with SDXL's text_time conditioning and pooled text of width pooled_dim."""
     from diffusers import UNet2DConditionModel
 
-    cfg = dataclasses.replace(TINY["xl-text-time"], pooled_dim=pooled_dim)
+    cfg = dataclasses.replace(TINY["xl-text-time"], added_cond_dim=pooled_dim + 6 * 8)
     torch.manual_seed(0)
-    theirs = UNet2DConditionModel(**convert.unet.config_to_diffusers(cfg)).eval()
+    theirs = UNet2DConditionModel(**convert.unet.config_to_diffusers(cfg, time_id_dim=8)).eval()
     with torch.no_grad():
         for p in theirs.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -111,8 +138,9 @@ def _diffusers_sdxl_like(pooled_dim):
 def test_from_diffusers_forwards_pooled_dim_and_gives_the_same_outputs():
     cfg, theirs = _diffusers_sdxl_like(pooled_dim=24)  # not SDXL's 1280: only pooled_dim tells the two apart
     ours = convert.from_diffusers(theirs, pooled_dim=24)
-    assert (ours.config.pooled_dim, ours.config.num_time_ids) == (24, cfg.num_time_ids)
-    x, t, ctx, kw, theirs_kw = _inputs(cfg, seed=3)
+    assert (ours.pooled_dim, ours.num_time_ids, ours.time_id_dim) == (24, 6, 8)
+    assert ours.cond_dims == {"context": 32, "pooled": 24, "time_ids": 6}
+    x, t, ctx, kw, theirs_kw = _inputs("xl-text-time", seed=3, pooled_dim=24)
     with torch.no_grad():
         a = ours(x, t, ctx, **kw)
         b = theirs(x, t, ctx, **theirs_kw).sample
@@ -134,7 +162,7 @@ def test_from_diffusers_without_the_needed_pooled_dim_names_the_call_that_works(
 def test_from_diffusers_rejects_an_option_the_unet_converter_lacks():
     _, theirs = _diffusers_sdxl_like(pooled_dim=24)
     with pytest.raises(TypeError, match=r"from_diffusers\(UNet2DConditionModel, \.\.\.\): the 'unet' family's "
-                                        r"converter .* takes no option 'pooled'; its options: pooled_dim"):
+                                        r"converter .* takes no option 'pooled'; its options: pooled_dim, prediction"):
         convert.from_diffusers(theirs, pooled=24)
 
 
@@ -150,9 +178,8 @@ def test_sd15_like_config_from_diffusers_reads_attention_head_dim_as_heads():
 
 
 def test_output_depends_on_time_text_and_sdxl_conditioning():
-    cfg = TINY["xl-text-time"]
-    unet = _randomised(cfg)
-    x, t, ctx, kw, _ = _inputs(cfg)
+    unet = _randomised("xl-text-time")
+    x, t, ctx, kw, _ = _inputs("xl-text-time")
     with torch.no_grad():
         base = unet(x, t, ctx, **kw)
         assert not torch.allclose(base, unet(x, t + 100, ctx, **kw))
@@ -162,9 +189,8 @@ def test_output_depends_on_time_text_and_sdxl_conditioning():
 
 
 def test_gradients_reach_every_parameter():
-    cfg = TINY["sd2-linear-headdim"]
-    unet = UNet(cfg)
-    x, t, ctx, _, _ = _inputs(cfg)
+    unet = UNet(TINY["sd2-linear-headdim"])
+    x, t, ctx, _, _ = _inputs("sd2-linear-headdim")
     unet(x, t, ctx).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
 
@@ -206,20 +232,27 @@ def test_bad_input_is_a_clear_error():
         unet(x, torch.tensor([1, 2, 3]), ctx)
     with pytest.raises(ValueError, match=r"x should be \[B,3,H,W\], got \(2, 4, 8, 8\)"):
         unet(torch.randn(2, 4, 8, 8), t, ctx)
-    with pytest.raises(ValueError, match="no text_time conditioning"):
-        unet(x, t, ctx, pooled=torch.randn(2, 1280))
+    with pytest.raises(ValueError, match="added_cond given, but this config has none"):
+        unet(x, t, ctx, added_cond=torch.randn(2, 1280))
+    with pytest.raises(ValueError, match=r"residuals should be 10 tensors shaped \[\(2, 16, 8, 8\)"):
+        unet(x, t, ctx, residuals=[torch.zeros(2, 16, 8, 8)])
 
 
-def test_sdxl_conditioning_is_required_and_checked():
-    cfg = TINY["xl-text-time"]
-    unet = UNet(cfg)
-    x, t, ctx, kw, _ = _inputs(cfg)
-    with pytest.raises(ValueError, match=r"pooled should be \[B,1280\] = \[2,1280\], got None"):
+def test_added_and_sdxl_conditioning_are_required_and_checked():
+    unet = UNet(TINY["added-cond"])
+    x, t, ctx, kw, _ = _inputs("added-cond")
+    with pytest.raises(ValueError, match=r"added_cond should be \[B,added_cond_dim\] = \[2,10\], got None"):
         unet(x, t, ctx)
-    with pytest.raises(ValueError, match=r"time_ids should be \[B,6\] = \[2,6\], got None"):
-        unet(x, t, ctx, pooled=kw["pooled"])
+    sdxl = _randomised("xl-text-time")
+    x, t, ctx, kw, _ = _inputs("xl-text-time")
+    with pytest.raises(TypeError, match="missing 2 required positional arguments: 'pooled' and 'time_ids'"):
+        sdxl(x, t, ctx)
+    with pytest.raises(ValueError, match=r"time_ids should be \[B,6\] = \[2,6\], got NoneType"):
+        sdxl(x, t, ctx, pooled=kw["pooled"], time_ids=None)
     with pytest.raises(ValueError, match=r"time_ids should be \[B,6\] = \[2,6\], got \(2, 5\)"):
-        unet(x, t, ctx, pooled=kw["pooled"], time_ids=kw["time_ids"][:, :5])
+        sdxl(x, t, ctx, pooled=kw["pooled"], time_ids=kw["time_ids"][:, :5])
+    with pytest.raises(ValueError, match=r"added_cond_dim \(40\) must hold the pooled text and 6 time ids of 8"):
+        SDXLUNet(UNet(dataclasses.replace(TINY["xl-text-time"], added_cond_dim=40)), 6, 8)
 
 
 def test_bad_config_is_a_clear_error():
@@ -231,8 +264,8 @@ def test_bad_config_is_a_clear_error():
         UNetConfig(channels=(48, 64), attention=(False, False))
     with pytest.raises(ValueError, match="level 1 has 64 channels, not divisible by head_dim=48"):
         UNetConfig(channels=(48, 64), attention=(True, True), heads=None, head_dim=48, norm_groups=16)
-    with pytest.raises(ValueError, match="needs both pooled_dim and num_time_ids"):
-        UNetConfig(pooled_dim=1280)
+    with pytest.raises(ValueError, match="unknown prediction type 'velocity'"):
+        UNetConfig(prediction="velocity")
 
 
 def test_from_diffusers_refuses_options_sdlearn_lacks():

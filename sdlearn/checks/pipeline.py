@@ -24,7 +24,7 @@ def tiny_pipeline(prediction: str = "eps", seed: int = 0) -> TextToImage:
                                       shift_factor=0.1))
         text = TextEncoder(TextConfig(width=16, layers=1, heads=2))
         unet = UNet(UNetConfig(in_channels=4, out_channels=4, channels=(8, 16), layers_per_block=1,
-                               attention=(True, True), heads=2, context_dim=16, norm_groups=8))
+                               attention=(True, True), heads=2, context_dim=16, norm_groups=8, prediction=prediction))
         with torch.no_grad():  # perturbed so that the prompt and every layer change the output
             for p in unet.parameters():
                 p.add_(0.05 * torch.randn_like(p))

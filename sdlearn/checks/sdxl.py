@@ -21,9 +21,9 @@ from sdlearn.checks import call, diagnose, diagnose_combinations, expect_tensor,
 from sdlearn.diffusion import NoiseSchedule
 from sdlearn.sdxl import SDXLConditioner
 from sdlearn.sdxl import handoff as _reference_handoff
+from sdlearn.sdxl import text_time_input as _reference_text_time_input
 from sdlearn.sdxl import time_ids as _reference_time_ids
 from sdlearn.text import BOS, EOS, PAD, TextConfig, TextEncoder, Tokenizer, course_words
-from sdlearn.unet import text_time_input as _reference_text_time_input
 from sdlearn.unet import timestep_embedding
 
 

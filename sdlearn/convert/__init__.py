@@ -37,8 +37,9 @@ _BY_CLASS = {
     "sdlearn.text.TextEncoder": "text",
     "sdlearn.vae.AutoencoderKL": "vae",
     "sdlearn.unet.UNet": "unet",
+    "sdlearn.sdxl.SDXLUNet": "unet",
     "sdlearn.mmdit.MMDiT": "mmdit",
-    "sdlearn.text.T5Encoder": "t5",
+    "sdlearn.t5.T5Encoder": "t5",
     "sdlearn.pipeline.TextToImage": "pipeline",
     "sdlearn.sdxl.SDXLPipeline": "pipeline",
 }

@@ -23,6 +23,7 @@ a FlowSchedule gets the shift, and samples with Euler as FlowMatchEulerDiscreteS
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -89,34 +90,42 @@ def _assign(cls, cfg, state: dict, source: str) -> nn.Module:
     return module
 
 
-def part_config(class_name: str, config, pooled_dim: int | None = None):
-    """(sdlearn class, its config, state renamer) for one diffusers / transformers part, from its class name and
-    config (a dict as in config.json, or the model's config object)."""
+def part_config(class_name: str, config, pooled_dim: int | None = None, prediction: str = "eps"):
+    """(sdlearn class, its config, state renamer, finisher) for one diffusers / transformers part, from its class
+    name and config (a dict as in config.json, or the model's config object); the finisher turns the built module
+    into the part (a UNet with SDXL's text_time embedding into an SDXLUNet)."""
     from sdlearn.convert import mmdit, t5, text, unet, vae
 
+    def same(m):
+        return m
+
     if class_name == "UNet2DConditionModel":
-        cfg = unet.config_from_diffusers(_diffusers_config(class_name, config), pooled_dim)
-        return unet.UNet, cfg, lambda state: rename(state, unet.RENAMES, to="ours")
+        c = _diffusers_config(class_name, config)
+        cfg = dataclasses.replace(unet.config_from_diffusers(c), prediction=prediction)
+        return (unet.UNet, cfg, lambda state: unet.state_from_diffusers(c, state),
+                lambda m: unet.with_addition(m, c, pooled_dim))
     if class_name == "AutoencoderKL":
         cfg = vae.config_from_diffusers(_diffusers_config(class_name, config))
-        return vae.AutoencoderKL, cfg, lambda state: rename(state, vae.RENAMES, to="ours")
+        return vae.AutoencoderKL, cfg, lambda state: rename(state, vae.RENAMES, to="ours"), same
     if class_name == "SD3Transformer2DModel":
-        cfg = mmdit.config_from_diffusers(_diffusers_config(class_name, config))
-        return mmdit.MMDiT, cfg, lambda state: mmdit.state_from_diffusers(state, cfg.depth)
+        cfg = dataclasses.replace(mmdit.config_from_diffusers(_diffusers_config(class_name, config)),
+                                  prediction=prediction)
+        return mmdit.MMDiT, cfg, lambda state: mmdit.state_from_diffusers(state, cfg.depth), same
     if class_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
         cfg = text.config_from_transformers(_transformers_config(class_name, config),
                                             class_name == "CLIPTextModelWithProjection")
-        return text.TextEncoder, cfg, text.state_from_transformers
+        return text.TextEncoder, cfg, text.state_from_transformers, same
     if class_name == "T5EncoderModel":
-        return t5.T5Encoder, t5.config_from_transformers(config), t5.state_from_diffusers
+        return t5.T5Encoder, t5.config_from_transformers(config), t5.state_from_diffusers, same
     raise ValueError(f"sdlearn has no module for {class_name}; it reads UNet2DConditionModel, AutoencoderKL, "
                      f"SD3Transformer2DModel, CLIPTextModel(WithProjection) and T5EncoderModel")
 
 
-def build_part(class_name: str, config, state: dict, source: str = "", pooled_dim: int | None = None) -> nn.Module:
+def build_part(class_name: str, config, state: dict, source: str = "", pooled_dim: int | None = None,
+               prediction: str = "eps") -> nn.Module:
     """The sdlearn module for one diffusers / transformers part (class name, config, state dict in its names)."""
-    cls, cfg, to_ours = part_config(class_name, config, pooled_dim)
-    return _assign(cls, cfg, to_ours(state), source or class_name)
+    cls, cfg, to_ours, finish = part_config(class_name, config, pooled_dim, prediction)
+    return finish(_assign(cls, cfg, to_ours(state), source or class_name))
 
 
 # -----------------------------------------------------------------------------
@@ -215,6 +224,7 @@ def from_diffusers(pipeline, refiner=None, dtype: torch.dtype | None = None, max
     same weight tensors (no copy: changing one changes the other; pass dtype for a converted copy)."""
     family = _family(type(pipeline).__name__, "the pipeline")
     components = pipeline.components
+    prediction = schedule_from_diffusers(pipeline.scheduler.config)[1]
     parts = {}
     for name in PARTS[family]:
         model = components.get(name)
@@ -223,7 +233,7 @@ def from_diffusers(pipeline, refiner=None, dtype: torch.dtype | None = None, max
                 continue
             raise ValueError(f"the {type(pipeline).__name__} has no {name}, which sdlearn's {family} pipeline needs")
         part = build_part(type(model).__name__, model.config, model.state_dict(), name,
-                          pooled_dim=_pooled_dim(parts) if name == "unet" else None)
+                          pooled_dim=_pooled_dim(parts) if name == "unet" else None, prediction=prediction)
         parts[name] = part if dtype is None else _place(part, name, model.config, next(part.parameters()).device, dtype)
     denoiser = components["transformer" if family == "sd3" else "unet"]
     options = {**dict(pipeline.config), "sample_size": denoiser.config.sample_size,
@@ -320,6 +330,8 @@ def load(path, config=None, refiner=None, refiner_config=None, device: str | tor
         raise FileNotFoundError(f"no checkpoint at {path}: expected a diffusers folder or a .safetensors file")
     index = _read_index(folder)
     family = _family(index.get("_class_name", "?"), f"{folder}/model_index.json's pipeline")
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    prediction = schedule_from_diffusers(scheduler)[1]
     parts = {}
     for name in PARTS[family]:
         spec = index.get(name)
@@ -336,11 +348,10 @@ def load(path, config=None, refiner=None, refiner_config=None, device: str | tor
             for f in _weights_file(folder / name, variant):
                 state.update(files.read(f, allow_pickle=allow_pickle, device=device))
         part = build_part(spec[1], cfg, state, f"{path}:{name}",
-                          pooled_dim=_pooled_dim(parts) if name == "unet" else None)
+                          pooled_dim=_pooled_dim(parts) if name == "unet" else None, prediction=prediction)
         del state  # the part holds the tensors now; as each part moves, the file's copy of it goes
         parts[name] = _place(part, name, cfg, device, dtype)
     denoiser_cfg = json.loads((folder / ("transformer" if family == "sd3" else "unet") / "config.json").read_text())
-    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     options = {**{k: v for k, v in index.items() if not isinstance(v, list)},
                "sample_size": denoiser_cfg["sample_size"], "max_sequence_length": max_sequence_length}
     pipe = assemble(family, parts, _tokenizers(folder, index), scheduler, options)

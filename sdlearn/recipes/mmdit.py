@@ -73,7 +73,7 @@ def train(size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 1
     config = mmdit_config(latents.shape[1], latents.shape[-1], cond_model, width, depth, heads, patch_size,
                           bool(qk_norm), dual)
     options = {"cond_model": cond_model, "p_drop_third": p_drop_third, "density": density}
-    return fit_denoiser(MMDiT(config), cond_model, autoencoder, latents, conds, size, FlowSchedule(shift), "v",
+    return fit_denoiser(MMDiT(config), cond_model, autoencoder, latents, conds, size, FlowSchedule(shift),
                         steps, batch_size, lr, p_uncond, seed, loss_fn, options, device, checkpoint_dir,
                         checkpoint_every, callback, callback_every, progress, f"mmdit {size}px")
 

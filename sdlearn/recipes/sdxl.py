@@ -4,7 +4,7 @@
     python -m sdlearn train sdxl --part refiner --steps 2000 --threads 1 --release    # shapes-sdxl-refiner-32
     python -m sdlearn eval sdxl                                                       # judge base + refiner
 
-Both are notebook 06's latent recipe (sdlearn.recipes.t2i.fit_unet) with SDXL's conditioning:
+Both are notebook 06's latent recipe (sdlearn.recipes.t2i.fit_denoiser) with SDXL's conditioning:
 - the base reads both text encoders (shapes-clip, CLIP-L's role, and the wider shapes-clip-g, bigG's), the pooled
   text and six size/crop ids; half of its training images are rendered at a random original size (16 to 64 px),
   rescaled and randomly cropped, with those numbers as their ids (the other half plain renders);
@@ -24,13 +24,21 @@ import torch
 from sdlearn import pretrained
 from sdlearn.course import seed_everything
 from sdlearn.data import ShapesDataset, render_samples
+from sdlearn.diffusion import NoiseSchedule
 from sdlearn.metrics import evaluate
 from sdlearn.pipeline import TextToImage, training_loss
 from sdlearn.recipes import LATENT_HELP, add_options, command, exact_figures, parser
-from sdlearn.recipes.t2i import add_judge_options, encode_pool, fit_unet, print_scores, train_from_command_line
-from sdlearn.sdxl import SDXLConditioner, SDXLPipeline, vae_difference
+from sdlearn.recipes.t2i import (
+    add_judge_options,
+    encode_pool,
+    fit_denoiser,
+    print_scores,
+    train_from_command_line,
+    unet_config,
+)
+from sdlearn.sdxl import SDXLConditioner, SDXLPipeline, SDXLUNet, vae_difference
 from sdlearn.train import History
-from sdlearn.unet import UNetConfig
+from sdlearn.unet import UNet
 
 RELEASE = {"base": "python -m sdlearn train sdxl --part base --steps 4000 --threads 1 --release",
            "refiner": "python -m sdlearn train sdxl --part refiner --steps 2000 --threads 1 --release"}
@@ -38,15 +46,15 @@ TEXT_ENCODERS = ("shapes-clip-32", "shapes-clip-g-32")  # CLIP ViT-L's and OpenC
 REFINER_T_MAX = 200  # the refiner learns t < 200 of 1000 (SDXL sec. 2.5)
 
 
-def unet_config(latent_channels: int, conditioner: SDXLConditioner, width: int = 64, layers: int = 1,
-                time_id_dim: int = 32) -> UNetConfig:
-    """notebook 06's shapes UNet, reading SDXL's conditions: the conditioner's context width, its pooled text and
-    its ids (6 for the base, 5 for the refiner), each id a time_id_dim-channel sinusoid (SDXL: 256)."""
+def sdxl_unet(latent_channels: int, conditioner: SDXLConditioner, width: int = 64, layers: int = 1,
+              time_id_dim: int = 32, prediction: str = "v") -> SDXLUNet:
+    """notebook 06's shapes UNet, reading SDXL's conditions: the conditioner's context width, and an added
+    conditioning vector of its pooled text and its ids (6 for the base, 5 for the refiner), each id a
+    time_id_dim-channel sinusoid (SDXL: 256)."""
     dims = conditioner.dims
-    return UNetConfig(in_channels=latent_channels, out_channels=latent_channels, channels=(width, 2 * width),
-                      layers_per_block=layers, attention=(True, True), heads=4, context_dim=dims["context"],
-                      norm_groups=8, pooled_dim=dims["pooled"], num_time_ids=dims["time_ids"],
-                      time_id_dim=time_id_dim)
+    added = dims["pooled"] + dims["time_ids"] * time_id_dim
+    config = unet_config(latent_channels, dims["context"], width, layers, prediction=prediction, added_cond_dim=added)
+    return SDXLUNet(UNet(config), dims["time_ids"], time_id_dim)
 
 
 def conditioner(part: str, size: int, device: str | torch.device = "cpu") -> SDXLConditioner:
@@ -99,12 +107,13 @@ def train(part: str = "base", size: int = 32, steps: int = 2000, batch_size: int
     cond_model = conditioner(part, size, device)
     images, captions, conditions = training_samples(part, size, pool, seed, augment, degrade, progress)
     latents, conds = encode_pool(autoencoder, cond_model, images, captions, conditions)
-    config = unet_config(autoencoder.config.latent_channels, cond_model, width, layers, time_id_dim)
+    denoiser = sdxl_unet(autoencoder.config.latent_channels, cond_model, width, layers, time_id_dim, prediction)
     if part == "refiner":
         loss_fn = functools.partial(loss_fn, t_max=REFINER_T_MAX)
-    return fit_unet(config, cond_model, autoencoder, latents, conds, size, schedule, steps, batch_size, lr,
-                    prediction, snr_gamma, p_uncond, seed, loss_fn, device, checkpoint_dir, checkpoint_every,
-                    callback, callback_every, progress, f"sdxl {part} {size}px")
+    loss_options = {"prediction": prediction, "snr_gamma": snr_gamma or None}
+    return fit_denoiser(denoiser, cond_model, autoencoder, latents, conds, size, NoiseSchedule(schedule, 1000), steps,
+                        batch_size, lr, p_uncond, seed, loss_fn, loss_options, device, checkpoint_dir,
+                        checkpoint_every, callback, callback_every, progress, f"sdxl {part} {size}px")
 
 
 HELP = {

@@ -32,12 +32,12 @@ from sdlearn.vae import AutoencoderKL
 RELEASE = "python -m sdlearn train t2i --steps 4000 --threads 2 --release"
 
 
-def unet_config(latent_channels: int, context_dim: int, width: int = 64, layers: int = 1,
-                heads: int = 4) -> UNetConfig:
+def unet_config(latent_channels: int, context_dim: int, width: int = 64, layers: int = 1, heads: int = 4,
+                prediction: str = "v", added_cond_dim: int = 0) -> UNetConfig:
     """The shapes UNet: two levels (8x8 and 4x4 on 32 px images), attention at both and in the mid block."""
     return UNetConfig(in_channels=latent_channels, out_channels=latent_channels, channels=(width, 2 * width),
                       layers_per_block=layers, attention=(True, True), heads=heads, context_dim=context_dim,
-                      norm_groups=8)
+                      norm_groups=8, prediction=prediction, added_cond_dim=added_cond_dim)
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def encode_pool(vae: AutoencoderKL, conditioner: nn.Module, images: torch.Tensor
 
 
 def fit_denoiser(denoiser: nn.Module, conditioner: nn.Module, vae: AutoencoderKL, latents: torch.Tensor,
-                 conds: dict[str, torch.Tensor], size: int, schedule, prediction: str, steps: int, batch_size: int,
+                 conds: dict[str, torch.Tensor], size: int, schedule, steps: int, batch_size: int,
                  lr: float, p_uncond: float, seed: int, loss_fn: Callable, loss_options: dict, device,
                  checkpoint_dir, checkpoint_every: int, callback, callback_every: int, progress: bool,
                  desc: str) -> tuple[TextToImage, History]:
@@ -64,8 +64,7 @@ def fit_denoiser(denoiser: nn.Module, conditioner: nn.Module, vae: AutoencoderKL
     -> (the TextToImage around the EMA weights, History)."""
     uncond = {k: v for k, v in conditioner.unconditional(1).items() if k in conditioner.dropout_keys}
     denoiser = denoiser.to(device)
-    pipeline = functools.partial(TextToImage, conditioner, schedule=schedule, vae=vae, prediction=prediction,
-                                 image_size=size)
+    pipeline = functools.partial(TextToImage, conditioner, schedule=schedule, vae=vae, image_size=size)
 
     def batch(step):  # a pure function of the step: a resumed run sees the same batches
         idx = torch.randint(len(latents), (batch_size,), generator=torch.Generator().manual_seed(seed * 100003 + step))
@@ -85,19 +84,6 @@ def fit_denoiser(denoiser: nn.Module, conditioner: nn.Module, vae: AutoencoderKL
     return pipeline(hist.ema), hist
 
 
-def fit_unet(config: UNetConfig, conditioner: nn.Module, vae: AutoencoderKL, latents: torch.Tensor,
-             conds: dict[str, torch.Tensor], size: int, schedule: str, steps: int, batch_size: int, lr: float,
-             prediction: str, snr_gamma: float, p_uncond: float, seed: int, loss_fn: Callable, device,
-             checkpoint_dir, checkpoint_every: int, callback, callback_every: int, progress: bool,
-             desc: str) -> tuple[TextToImage, History]:
-    """fit_denoiser for a UNet of `config` on a 1000-step NoiseSchedule of kind `schedule` (notebooks 06 and 07),
-    loss_fn(unet, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma)."""
-    return fit_denoiser(UNet(config), conditioner, vae, latents, conds, size, NoiseSchedule(schedule, 1000), prediction,
-                        steps, batch_size, lr, p_uncond, seed, loss_fn,
-                        {"prediction": prediction, "snr_gamma": snr_gamma or None}, device, checkpoint_dir,
-                        checkpoint_every, callback, callback_every, progress, desc)
-
-
 def train(size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, pool: int = 10000,
           width: int = 64, layers: int = 1, prediction: str = "v", schedule: str = "cosine", snr_gamma: float = 5.0,
           p_uncond: float = 0.1, seed: int = 0, loss_fn: Callable = training_loss,
@@ -114,10 +100,12 @@ def train(size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 2
     conditioner = TextConditioner(pretrained.load("shapes-clip", 32, device).requires_grad_(False))
     images, captions = render_pool(ShapesDataset(size=size, split="train", seed=seed), pool, progress)
     latents, conds = encode_pool(vae, conditioner, images, captions)
-    config = unet_config(vae.config.latent_channels, conditioner.dims["context"], width, layers)
-    return fit_unet(config, conditioner, vae, latents, conds, size, schedule, steps, batch_size, lr, prediction,
-                        snr_gamma, p_uncond, seed, loss_fn, device, checkpoint_dir, checkpoint_every, callback,
-                        callback_every, progress, f"latent diffusion {size}px")
+    unet = UNet(unet_config(vae.config.latent_channels, conditioner.dims["context"], width, layers,
+                            prediction=prediction))
+    return fit_denoiser(unet, conditioner, vae, latents, conds, size, NoiseSchedule(schedule, 1000), steps, batch_size,
+                        lr, p_uncond, seed, loss_fn, {"prediction": prediction, "snr_gamma": snr_gamma or None},
+                        device, checkpoint_dir, checkpoint_every, callback, callback_every, progress,
+                        f"latent diffusion {size}px")
 
 
 HELP = LATENT_HELP
