@@ -24,7 +24,7 @@ from sdlearn.sdxl import SDXLPipeline
 from sdlearn.text import course_words
 
 
-def generate(argv: list[str]) -> int:
+def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdlearn generate",
                                 description="images from a released model or a published checkpoint",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,6 +52,11 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu", help="with --checkpoint: where to run it (e.g. cuda)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="with --checkpoint: the weights' precision (float16 on a GPU)")
+    return p
+
+
+def generate(argv: list[str]) -> int:
+    p = _generate_parser()
     args = p.parse_args(argv)
     args.scale = args.scale or (1 if args.checkpoint else 4)
     if args.checkpoint and args.refiner:

@@ -27,6 +27,7 @@ from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from sdlearn.data import (
+    COLOR_RGB,
     COLORS,
     POSITION_XY,
     POSITIONS,
@@ -304,3 +305,31 @@ def evaluate(pipe, n: int = 200, steps: int = 50, guidance_scale: float = 3.0, s
     images = torch.cat([pipe.generate(captions[i:i + 100], steps, guidance_scale, seed=seed + i, progress=False)
                         for i in tqdm(range(0, n, 100), desc="judging", disable=not progress)])
     return adherence_by_group(images, captions, n_train), images, captions
+
+
+# -----------------------------------------------------------------------------
+# image measures beside the judge (notebook 07: what SDXL's refiner and micro-conditioning change)
+
+
+def inside_frame(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """[N] bool: no foreground (a saturated pixel, as the judge sees it) touches the image border, i.e. every
+    object is wholly inside the frame. images [N,3,H,W] in [-1,1]."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    fg = (x.amax(1) - x.amin(1)) > threshold  # [N,H,W]
+    border = torch.cat([fg[:, 0], fg[:, -1], fg[:, :, 0], fg[:, :, -1]], dim=1)  # [N, 4 sides]
+    return ~border.any(1)
+
+
+def sharpness(images: torch.Tensor) -> torch.Tensor:
+    """[N] mean absolute difference between neighbouring pixels, on [0, 1]: hard edges score high, soft ones low."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3)))
+
+
+def palette_distance(images: torch.Tensor) -> torch.Tensor:
+    """[N] the mean distance (RGB, on [0, 1]) from each pixel to the nearest colour a clean render uses: black and
+    the six pure hues. Clean renders score near 0 (anti-aliased edges only); blur, noise and smudges score higher."""
+    palette = torch.tensor([(0.0, 0.0, 0.0), *COLOR_RGB.values()])  # [7, 3]
+    x = ((images.float().clamp(-1, 1) + 1) / 2).movedim(1, -1)  # [N,H,W,3]
+    d = (x[..., None, :] - palette).norm(dim=-1).amin(-1)  # [N,H,W]
+    return d.mean((1, 2)) / math.sqrt(3)

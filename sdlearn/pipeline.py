@@ -266,6 +266,10 @@ class TextToImage(nn.Module):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be [N, C, h, w] = {[len(prompts), *self.latent_shape]}, got {got}")
         cond = _per_prompt(self.encode_prompts(prompts, **conditions), len(prompts))   # checks every word
+        missing = [k for k in self.denoiser.cond_dims if k not in cond]
+        if missing:
+            raise ValueError(f"the {type(self.denoiser).__name__} reads {missing}, which the conditioner does not make "
+                             f"from text: pass {' and '.join(f'{k}=...' for k in missing)} to generate")
         uncond = self.conditioner.unconditional(1, **conditions)
         out = []
         for i in range(0, len(prompts), batch_size):

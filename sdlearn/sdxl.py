@@ -26,15 +26,12 @@ What SDXL adds to latent diffusion, each a few lines here:
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from sdlearn.data import COLOR_RGB
-from sdlearn.metrics import prompt_adherence
 from sdlearn.pipeline import Conditioner, TextToImage
 from sdlearn.text import TextEncoder, Tokenizer
 from sdlearn.unet import UNet, timestep_embedding
@@ -292,131 +289,3 @@ class SDXLPipeline(nn.Module):
         """The refiner as img2img on finished images [N,3,H,W] in [-1,1]: SDEdit at `strength`."""
         return self.refiner.img2img(images, prompts, strength, steps, guidance_scale, seed, sampler, progress,
                                     sampler_options, callback, **conditions)
-
-
-def inside_frame(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """[N] bool: no foreground (a saturated pixel, as the judge sees it) touches the image border, i.e. every
-    object is wholly inside the frame. images [N,3,H,W] in [-1,1]."""
-    x = (images.float().clamp(-1, 1) + 1) / 2
-    fg = (x.amax(1) - x.amin(1)) > threshold  # [N,H,W]
-    border = torch.cat([fg[:, 0], fg[:, -1], fg[:, :, 0], fg[:, :, -1]], dim=1)  # [N, 4 sides]
-    return ~border.any(1)
-
-
-def sharpness(images: torch.Tensor) -> torch.Tensor:
-    """[N] mean absolute difference between neighbouring pixels, on [0, 1]: hard edges score high, soft ones low."""
-    x = (images.float().clamp(-1, 1) + 1) / 2
-    return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3)))
-
-
-def palette_distance(images: torch.Tensor) -> torch.Tensor:
-    """[N] the mean distance (RGB, on [0, 1]) from each pixel to the nearest colour a clean render uses: black and
-    the six pure hues. Clean renders score near 0 (anti-aliased edges only); blur, noise and smudges score higher."""
-    palette = torch.tensor([(0.0, 0.0, 0.0), *COLOR_RGB.values()])  # [7, 3]
-    x = ((images.float().clamp(-1, 1) + 1) / 2).movedim(1, -1)  # [N,H,W,3]
-    d = (x[..., None, :] - palette).norm(dim=-1).amin(-1)  # [N,H,W]
-    return d.mean((1, 2)) / math.sqrt(3)
-
-
-# -----------------------------------------------------------------------------
-# measuring what each SDXL idea buys (notebook 07 and benchmarks/sdxl.py)
-
-
-def image_scores(images: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
-    """The judge's exact rate (all prompts, and one-object prompts), the palette distance, the sharpness and the
-    rate of images with every object inside the frame, over images [N,3,H,W] generated for captions."""
-    one = [i for i, c in enumerate(captions) if " and " not in c]
-    return {"exact": prompt_adherence(images, captions)["exact"],
-            "1 object exact": prompt_adherence(images[one], [captions[i] for i in one])["exact"] if one else math.nan,
-            "palette distance": palette_distance(images).mean().item(), "sharpness": sharpness(images).mean().item(),
-            "inside frame": inside_frame(images).float().mean().item()}
-
-
-def refinement_table(pipe: SDXLPipeline, captions: Sequence[str], steps: int = 50, guidance_scale: float = 3.0,
-                     strength: float = 0.3) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
-    """Four ways to spend the UNet on the same prompts and seeds: the base alone; base + refiner on one trajectory
-    (as many UNet evaluations); the base's image refined as img2img at `strength` (more evaluations); the same at
-    equal compute (the base given that many fewer steps). -> ({way: image_scores + "UNet evaluations"}, images)."""
-    extra = len(pipe.refiner.schedule.trajectory(steps, 1 - strength)) - 1  # the img2img steps
-    fewer = max(1, steps - extra)
-
-    def base(n_steps):
-        return pipe.generate(captions, n_steps, guidance_scale, switch=1.0, progress=False)
-
-    def img2img(images):
-        return pipe.refine(images, captions, strength, steps, guidance_scale, progress=False)
-
-    ways = {f"base alone, {steps} steps": (lambda: base(steps), steps),
-            f"base + refiner from {pipe.switch}": (lambda: pipe.generate(captions, steps, guidance_scale,
-                                                                          progress=False), steps),
-            f"base {steps} + img2img {strength}": (lambda: img2img(base(steps)), steps + extra),
-            f"base {fewer} + img2img {strength}": (lambda: img2img(base(fewer)), fewer + extra)}
-    rows, images = {}, {}
-    for name, (run, evaluations) in ways.items():
-        images[name] = run()
-        rows[name] = {**image_scores(images[name], captions), "UNet evaluations": evaluations}
-    return rows, images
-
-
-def sweep(pipe: TextToImage, captions: Sequence[str], condition: str, values: Sequence, steps: int = 50,
-          guidance_scale: float = 3.0) -> tuple[dict, dict]:
-    """The same prompts and seeds under each value of one micro-condition (e.g. "crop_top_left": [(0, 0), (8, 8)])
-    -> ({value: image_scores}, {value: images})."""
-    rows, images = {}, {}
-    for value in values:
-        images[value] = pipe.generate(captions, steps, guidance_scale, progress=False, **{condition: value})
-        rows[value] = image_scores(images[value], captions)
-    return rows, images
-
-
-def print_table(rows: dict[str, dict[str, float]]) -> None:
-    """Rows of image_scores (and more columns), aligned."""
-    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
-
-    def cell(value) -> str:
-        return f"{value:17.4f}" if isinstance(value, float) else f"{value:>17}"
-
-    print(f"{'':40}" + "".join(f"{c:>17}" for c in columns))
-    for name, row in rows.items():
-        print(f"{str(name):40}" + "".join(cell(row.get(c, "")) for c in columns))
-
-
-class WithoutEncoder(Conditioner):
-    """An SDXLConditioner with one encoder's share of the text zeroed at sampling time: which=1, the first's
-    channels of the context; which=2, the second's channels and the pooled vector. What does the UNet read?"""
-
-    dropout_keys, takes = SDXLConditioner.dropout_keys, SDXLConditioner.takes
-
-    def __init__(self, conditioner: SDXLConditioner, which: int):
-        super().__init__()
-        if which not in (1, 2) or conditioner.text_encoder is None:
-            raise ValueError(f"which must be 1 or 2, of a conditioner with two encoders; got {which}")
-        self.inner, self.which = conditioner, which
-        self.split = conditioner.text_encoder.config.width  # the first encoder's channels come first
-
-    @property
-    def dims(self) -> dict[str, int]:
-        return self.inner.dims
-
-    def encode(self, prompts: list[str], **conditions) -> dict[str, torch.Tensor]:
-        cond = self.inner.encode(prompts, **conditions)
-        keep = torch.arange(cond["context"].shape[-1], device=cond["context"].device) >= self.split  # the second's
-        cond["context"] = cond["context"] * (keep if self.which == 1 else ~keep)
-        if self.which == 2:
-            cond["pooled"] = torch.zeros_like(cond["pooled"])
-        return cond
-
-    def encode_unconditional(self, n: int, **conditions) -> dict[str, torch.Tensor]:
-        return self.inner.encode_unconditional(n, **conditions)
-
-
-def encoder_ablation(base: TextToImage, captions: Sequence[str], steps: int = 50,
-                     guidance_scale: float = 3.0) -> dict[str, dict[str, float]]:
-    """The judge on the base with both encoders, and with each one's share zeroed -> {label: image_scores}."""
-    rows = {}
-    for label, conditioner in (("both encoders", base.conditioner),
-                               ("without the first (CLIP-L's role)", WithoutEncoder(base.conditioner, 1)),
-                               ("without the second (bigG's), pooled too", WithoutEncoder(base.conditioner, 2))):
-        pipe = TextToImage(conditioner, base.denoiser, base.schedule, base.vae, image_size=base.image_size)
-        rows[label] = image_scores(pipe.generate(captions, steps, guidance_scale, progress=False), captions)
-    return rows

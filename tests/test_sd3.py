@@ -3,27 +3,18 @@ unconditional twin), an MMDiT text-to-image pipeline on the flow schedule that a
 and bad input."""
 import pytest
 import torch
+from tiny import sd3_conditioner, sd3_pipeline  # noqa: E402
 
 from sdlearn import pretrained
 from sdlearn.flow import FlowSchedule
-from sdlearn.mmdit import MMDiT, MMDiTConfig
 from sdlearn.pipeline import TextToImage
 from sdlearn.sd3 import SD3Conditioner, without_third
-from sdlearn.text import TextConfig, TextEncoder
-from sdlearn.vae import AutoencoderKL, VAEConfig
 
 PROMPTS = ["a red circle on the left", "a blue square at the top and a green triangle at the bottom"]
 
 
-def _conditioner(seed=0, **kw):
-    torch.manual_seed(seed)
-    encoders = [TextEncoder(TextConfig(width=w, layers=2, heads=2, projection_dim=p, causal=c))
-                for w, p, c in ((16, 16, True), (24, 24, True), (32, None, False))]
-    return SD3Conditioner(*encoders, **kw)
-
-
 def test_context_is_both_clips_on_channels_padded_then_the_third_along_the_sequence():
-    cond = _conditioner()
+    cond = sd3_conditioner()
     out = cond(PROMPTS)
     assert cond.dims == {"context": 40, "pooled": 40}          # joint: max(16 + 24, 32); pooled 16 + 24
     assert out["context"].shape == (2, 16 + 16, 40) and out["pooled"].shape == (2, 40)
@@ -39,7 +30,7 @@ def test_context_is_both_clips_on_channels_padded_then_the_third_along_the_seque
 
 def test_the_third_encoder_is_bidirectional_and_the_clips_are_causal():
     """Changing the last word changes the first tokens' states of the bidirectional encoder only."""
-    cond = _conditioner()
+    cond = sd3_conditioner()
     a, b = (cond.tokenizers[0]([p]) for p in ("a red circle on the left", "a red circle on the right"))
     for enc, sees_ahead in zip(cond.encoders, (False, False, True), strict=True):
         ha, hb = enc(a, hidden_layer=-2)[0], enc(b, hidden_layer=-2)[0]
@@ -47,7 +38,7 @@ def test_the_third_encoder_is_bidirectional_and_the_clips_are_causal():
 
 
 def test_without_the_third_encoder_its_tokens_are_zeros_and_the_rest_is_unchanged():
-    cond = _conditioner()
+    cond = sd3_conditioner()
     full, no_third = cond(PROMPTS), without_third(cond)(PROMPTS)
     assert torch.equal(no_third["context"][:, :16], full["context"][:, :16])
     assert not no_third["context"][:, 16:].any() and no_third["context"].shape == full["context"].shape
@@ -55,7 +46,7 @@ def test_without_the_third_encoder_its_tokens_are_zeros_and_the_rest_is_unchange
 
 
 def test_drop_third_zeroes_the_third_tokens_of_some_samples():
-    cond = _conditioner()
+    cond = sd3_conditioner()
     out = cond(PROMPTS * 50)
     assert torch.equal(cond.drop_third(out, 0.0)["context"], out["context"])
     assert not cond.drop_third(out, 1.0)["context"][:, 16:].any()
@@ -65,34 +56,20 @@ def test_drop_third_zeroes_the_third_tokens_of_some_samples():
 
 
 def test_the_unconditional_twin_is_zeros():
-    u = _conditioner().unconditional(3)
+    u = sd3_conditioner().unconditional(3)
     assert u["context"].shape == (3, 32, 40) and not u["context"].any() and not u["pooled"].any()
 
 
 def test_bad_conditioners_are_clear_errors():
     with pytest.raises(ValueError, match="joint_dim=20 is narrower than the text it holds: the CLIP states are 40"):
-        _conditioner(joint_dim=20)
-    cond = _conditioner()
+        sd3_conditioner(joint_dim=20)
+    cond = sd3_conditioner()
     with pytest.raises(ValueError, match="give third_length"):
         SD3Conditioner(cond.text_encoder, cond.text_encoder_2, None)
 
 
-def _pipeline(seed=0):
-    cond = _conditioner(seed)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(VAEConfig(channels=(8, 8), layers_per_block=1, norm_groups=4, latent_channels=16,
-                                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5,
-                                  shift_factor=0.06))
-    mmdit = MMDiT(MMDiTConfig(in_channels=16, out_channels=16, depth=2, heads=2, head_dim=8, context_dim=40,
-                              pooled_dim=40, pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,)))
-    with torch.no_grad():        # off the adaLN-Zero start, so that the prompt changes the output
-        for p in mmdit.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return TextToImage(cond, mmdit, FlowSchedule(shift=3.0), vae, "v", 16)
-
-
 def test_an_mmdit_pipeline_on_the_flow_schedule_generates_and_a_release_rebuilds_it(tmp_path):
-    pipe = _pipeline()
+    pipe = sd3_pipeline()
     images = pipe.generate(PROMPTS, steps=4, guidance_scale=3.0, progress=False)
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
     assert not torch.allclose(images[0], images[1])
@@ -103,7 +80,7 @@ def test_an_mmdit_pipeline_on_the_flow_schedule_generates_and_a_release_rebuilds
 
 
 def test_sampling_without_the_third_encoder_changes_the_images_but_runs():
-    pipe = _pipeline()
+    pipe = sd3_pipeline()
     no_third = TextToImage(without_third(pipe.conditioner), pipe.denoiser, pipe.schedule, pipe.vae, "v", 16)
     a = pipe.generate(PROMPTS[:1], steps=3, progress=False)
     b = no_third.generate(PROMPTS[:1], steps=3, progress=False)

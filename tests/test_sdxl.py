@@ -372,7 +372,7 @@ def test_a_base_and_refiner_with_different_vaes_are_refused(xl):
 
 def test_detail_measures_tell_clean_renders_from_degraded_ones():
     from sdlearn.data import DEGRADATIONS, ShapesDataset, degrade_image, render_pool
-    from sdlearn.sdxl import inside_frame, palette_distance, sharpness
+    from sdlearn.metrics import inside_frame, palette_distance, sharpness
 
     clean, _ = render_pool(ShapesDataset(32, length=16), 16, progress=False)
     for kind in DEGRADATIONS:
@@ -390,7 +390,7 @@ CAPTIONS = ["a red circle on the left", "a blue square at the top and a green cr
 
 
 def test_refinement_table_counts_the_unet_evaluations(xl):
-    from sdlearn.sdxl import refinement_table
+    from sdlearn.measure import refinement_table
 
     calls = []
     hooks = [p.denoiser.register_forward_hook(lambda m, a, o: calls.append(1)) for p in (xl.base, xl.refiner)]
@@ -406,7 +406,7 @@ def test_refinement_table_counts_the_unet_evaluations(xl):
 
 
 def test_sweep_and_encoder_ablation(xl):
-    from sdlearn.sdxl import WithoutEncoder, encoder_ablation, sweep
+    from sdlearn.measure import WithoutEncoder, encoder_ablation, sweep
 
     rows, images = sweep(xl.base, CAPTIONS, "crop_top_left", [(0, 0), (4, 4)], steps=3)
     assert list(rows) == [(0, 0), (4, 4)] and not torch.equal(images[(0, 0)], images[(4, 4)])

@@ -7,6 +7,13 @@ import json
 import pytest
 import torch
 
+from sdlearn.flow import FlowSchedule
+from sdlearn.mmdit import MMDiT, MMDiTConfig
+from sdlearn.pipeline import TextToImage
+from sdlearn.sd3 import SD3Conditioner
+from sdlearn.text import TextConfig, TextEncoder
+from sdlearn.vae import AutoencoderKL, VAEConfig
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -92,3 +99,26 @@ def clip_text(tokenizer, width, heads, act="quick_gelu", projection=None, layers
         num_attention_heads=heads, hidden_act=act, **({"projection_dim": projection} if projection else {}),
         **{"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **options})
     return perturbed((CLIPTextModelWithProjection if projection else CLIPTextModel)(config))
+
+
+def sd3_conditioner(seed=0, **kw):
+    """SD3's three encoders in miniature (CLIP-L's role 16 wide, bigG's 24, T5's 32 and bidirectional)."""
+    torch.manual_seed(seed)
+    encoders = [TextEncoder(TextConfig(width=w, layers=2, heads=2, projection_dim=p, causal=c))
+                for w, p, c in ((16, 16, True), (24, 24, True), (32, None, False))]
+    return SD3Conditioner(*encoders, **kw)
+
+
+def sd3_pipeline(seed=0):
+    """A random 16 px SD3.5-like pipeline: the tiny conditioner, a 16-channel VAE, a 2-block MMDiT-X with QK norm."""
+    cond = sd3_conditioner(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(VAEConfig(channels=(8, 8), layers_per_block=1, norm_groups=4, latent_channels=16,
+                                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5,
+                                  shift_factor=0.06))
+    mmdit = MMDiT(MMDiTConfig(in_channels=16, out_channels=16, depth=2, heads=2, head_dim=8, context_dim=40,
+                              pooled_dim=40, pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,)))
+    with torch.no_grad():        # off the adaLN-Zero start, so that the prompt changes the output
+        for p in mmdit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return TextToImage(cond, mmdit, FlowSchedule(shift=3.0), vae, "v", 16)

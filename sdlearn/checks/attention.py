@@ -28,7 +28,14 @@ def attention(fn) -> None:
     name = "attention"
     g = torch.Generator().manual_seed(0)
     randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    _attention_one_head(name, fn, randn)
+    _attention_cross_and_batched(name, fn, randn)
+    _attention_masks(name, fn, randn)
+    passed(name)
 
+
+def _attention_one_head(name, fn, randn) -> None:
+    """One head, N = M so that transposes do not crash and can be recognised."""
     # 1. one head, N = M so that transposes do not crash and can be recognised; d != N
     n, d = 6, 16
     q, k, v = randn(n, d) * 0.6, randn(n, d) * 0.6, randn(n, d)
@@ -51,8 +58,11 @@ def attention(fn) -> None:
             (q @ k.transpose(-2, -1) * s).softmax(-1).transpose(-2, -1) @ v,
     }, on=on)
 
-    # 2. cross-attention shapes: N queries, M keys, value width dv
+
+def _attention_cross_and_batched(name, fn, randn) -> None:
+    """N queries, M keys, value width dv; then leading batch and head axes."""
     n, m, d, dv = 5, 7, 4, 3
+    # 2. cross-attention shapes: N queries, M keys, value width dv
     q, k, v = randn(n, d), randn(m, d), randn(m, dv)
     on = f"q [{n}, {d}], k [{m}, {d}], v [{m}, {dv}] (N != M, d != dv)"
     got = expect_tensor(name, call(name, fn, q, k, v, on=on), (n, dv), what=f"the result on {on}")
@@ -73,6 +83,10 @@ def attention(fn) -> None:
                         what=f"the result on {on}")
     diagnose(name, got, _softmax_attention(q, k, v, 1 / math.sqrt(d)), on=on)
 
+
+def _attention_masks(name, fn, randn) -> None:
+    """A padding mask, then a causal mask broadcast over batch and heads."""
+    n, m, d, dv = 5, 7, 4, 3
     # 4. a padding mask: every query may see only the first M - 2 keys
     keep = torch.ones(n, m, dtype=torch.bool)
     keep[:, -2:] = False
@@ -102,7 +116,6 @@ def attention(fn) -> None:
         "the mask is ignored: set the masked scores to -inf before the softmax":
             _softmax_attention(q, k, v, 1 / math.sqrt(d)),
     }, on=on)
-    passed(name)
 
 
 # -----------------------------------------------------------------------------

@@ -86,66 +86,80 @@ def posterior_mean_variance(fn) -> None:
     for t in [len(s) - 1, 10, 1, 0]:
         x0, x_t = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         on = f"x0, x_t of shape {shape}, t={t}"
-        out = call(name, fn, s, x0.clone(), x_t.clone(), t, on=on)
-        if not isinstance(out, tuple) or len(out) != 2:
-            fail(name, f"should return a tuple (mean, variance), got {type(out).__name__}")
-        mean, var = out
-        expect_tensor(name, mean, shape, "the mean")
-        if not isinstance(var, (float, int, torch.Tensor)):
-            fail(name, f"the variance should be a float (or a tensor), got {type(var).__name__}")
-        var = torch.as_tensor(var, dtype=torch.float64)
-        if var.numel() > 1 and not (var == var.flatten()[0]).all():
-            fail(name, "the variance should be one number (the same for every element): it depends only on t")
-        var = var.flatten()[0] if var.numel() else var
+        mean, var = _mean_and_variance(name, call(name, fn, s, x0.clone(), x_t.clone(), t, on=on), shape)
         exp_mean, exp_var = _posterior(s, x0, x_t, t)
-
-        abar, alphas = s.alphas_cumprod.double(), s.alphas.double()
-        a_t, a_p = abar[t].item(), (abar[t - 1].item() if t > 0 else 1.0)
-        al, be = alphas[t].item(), 1 - alphas[t].item()
-        last = abar[-1].item()  # what alphas_cumprod[t - 1] gives at t = 0
-
-        def m(a_t=a_t, a_p=a_p, al=al, be=be, sq=True, x0=x0, x_t=x_t):  # bound: called in this iteration
-            r = (lambda v: v**0.5) if sq else (lambda v: v)
-            return r(a_p) * be / (1 - a_t) * x0 + r(al) * (1 - a_p) / (1 - a_t) * x_t
-
-        zero_hint = ("at t = 0 there is no abar_{t-1} in the table: alphas_cumprod[t - 1] is alphas_cumprod[-1], "
-                     "python's LAST entry. Use abar_{t-1} = 1 when t = 0")
-        mean_mistakes = [
-            ("forgot the square roots: sqrt(abar_{t-1}) and sqrt(alpha_t)", m(sq=False)),
-            ("the x_t coefficient uses sqrt(alpha_t) (this one step, schedule.alphas[t]), not sqrt(abar_t)",
-             m(al=a_t)),
-            ("the x0 coefficient uses sqrt(abar_{t-1}), not sqrt(abar_t)", m(a_p=a_t)),
-            ("the coefficients are swapped: sqrt(abar_{t-1}) beta_t / (1 - abar_t) multiplies x0, "
-             "sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) multiplies x_t",
-             (a_p**0.5 * be / (1 - a_t)) * x_t + (al**0.5 * (1 - a_p) / (1 - a_t)) * x0),
-        ]
-        if t == 0:
-            mean_mistakes += [(zero_hint, m(a_p=last)), (zero_hint, m(a_p=last, be=1 - a_t / last))]
-        else:
-            mean_mistakes.append(("the x0 coefficient uses sqrt(abar_{t-1}) (the cumulative product), "
-                                  "not sqrt(alpha_{t-1})", m(a_p=alphas[t - 1].item(), be=be)))
-            a_pp = abar[t - 2].item() if t >= 2 else 1.0
-            mean_mistakes.append(("t is off by one: this is the step t-1 -> t-2; timesteps are 0-based, "
-                                  "abar_t = alphas_cumprod[t] and abar_{t-1} = alphas_cumprod[t-1]",
-                                  m(a_t=a_p, a_p=a_pp, al=alphas[t - 1].item(), be=1 - alphas[t - 1].item())))
-        if t + 1 < len(s):
-            mean_mistakes.append(("t is off by one: this is the step t+1 -> t; timesteps are 0-based, the step is "
-                                  "t -> t-1 with abar_t = alphas_cumprod[t]",
-                                  m(a_t=abar[t + 1].item(), a_p=a_t, al=alphas[t + 1].item(),
-                                    be=1 - alphas[t + 1].item())))
-        diagnose(name, mean, exp_mean, mean_mistakes, on=on, atol=ATOL, rtol=RTOL, what="the mean", advice=ADVICE)
-
-        var_mistakes = [
-            ("that is beta_t; the posterior variance is beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t", be),
-            ("that is a standard deviation; return the variance (no square root)", exp_var**0.5),
-            ("the posterior variance uses the cumulative abar in the ratio: (1 - abar_{t-1}) / (1 - abar_t) beta_t, "
-             "not alphas", (1 - (alphas[t - 1].item() if t else 1.0)) / (1 - al) * be),
-        ]
-        if t == 0:
-            var_mistakes.insert(0, ("at t = 0 the variance is 0 (abar_{t-1} = 1): alphas_cumprod[-1] is python's "
-                                    "LAST entry", (1 - last) / (1 - a_t) * be))
-        diagnose(name, var, exp_var, var_mistakes, on=f"t={t}", atol=ATOL, rtol=RTOL, what="the variance")
+        diagnose(name, mean, exp_mean, _posterior_mean_mistakes(s, t, x0, x_t), on=on, atol=ATOL, rtol=RTOL,
+                 what="the mean", advice=ADVICE)
+        diagnose(name, var, exp_var, _posterior_variance_mistakes(s, t, exp_var), on=f"t={t}", atol=ATOL, rtol=RTOL,
+                 what="the variance")
     passed(name)
+
+
+def _mean_and_variance(name: str, out, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's (mean, variance), checked for their form: a tensor shaped like x_t and one number."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        fail(name, f"should return a tuple (mean, variance), got {type(out).__name__}")
+    mean, var = out
+    expect_tensor(name, mean, shape, "the mean")
+    if not isinstance(var, (float, int, torch.Tensor)):
+        fail(name, f"the variance should be a float (or a tensor), got {type(var).__name__}")
+    var = torch.as_tensor(var, dtype=torch.float64)
+    if var.numel() > 1 and not (var == var.flatten()[0]).all():
+        fail(name, "the variance should be one number (the same for every element): it depends only on t")
+    return mean, var.flatten()[0] if var.numel() else var
+
+
+def _posterior_mean_mistakes(s, t: int, x0: torch.Tensor, x_t: torch.Tensor) -> list:
+    """(message, what that mistake gives) for the usual wrong posterior means at t."""
+    abar, alphas = s.alphas_cumprod.double(), s.alphas.double()
+    a_t, a_p = abar[t].item(), (abar[t - 1].item() if t > 0 else 1.0)
+    al, be = alphas[t].item(), 1 - alphas[t].item()
+    last = abar[-1].item()  # what alphas_cumprod[t - 1] gives at t = 0
+
+    def m(a_t=a_t, a_p=a_p, al=al, be=be, sq=True):
+        r = (lambda v: v**0.5) if sq else (lambda v: v)
+        return r(a_p) * be / (1 - a_t) * x0 + r(al) * (1 - a_p) / (1 - a_t) * x_t
+
+    zero_hint = ("at t = 0 there is no abar_{t-1} in the table: alphas_cumprod[t - 1] is alphas_cumprod[-1], "
+                 "python's LAST entry. Use abar_{t-1} = 1 when t = 0")
+    mistakes = [
+        ("forgot the square roots: sqrt(abar_{t-1}) and sqrt(alpha_t)", m(sq=False)),
+        ("the x_t coefficient uses sqrt(alpha_t) (this one step, schedule.alphas[t]), not sqrt(abar_t)", m(al=a_t)),
+        ("the x0 coefficient uses sqrt(abar_{t-1}), not sqrt(abar_t)", m(a_p=a_t)),
+        ("the coefficients are swapped: sqrt(abar_{t-1}) beta_t / (1 - abar_t) multiplies x0, "
+         "sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) multiplies x_t",
+         (a_p**0.5 * be / (1 - a_t)) * x_t + (al**0.5 * (1 - a_p) / (1 - a_t)) * x0),
+    ]
+    if t == 0:
+        mistakes += [(zero_hint, m(a_p=last)), (zero_hint, m(a_p=last, be=1 - a_t / last))]
+    else:
+        mistakes.append(("the x0 coefficient uses sqrt(abar_{t-1}) (the cumulative product), not sqrt(alpha_{t-1})",
+                         m(a_p=alphas[t - 1].item(), be=be)))
+        a_pp = abar[t - 2].item() if t >= 2 else 1.0
+        mistakes.append(("t is off by one: this is the step t-1 -> t-2; timesteps are 0-based, "
+                         "abar_t = alphas_cumprod[t] and abar_{t-1} = alphas_cumprod[t-1]",
+                         m(a_t=a_p, a_p=a_pp, al=alphas[t - 1].item(), be=1 - alphas[t - 1].item())))
+    if t + 1 < len(s):
+        mistakes.append(("t is off by one: this is the step t+1 -> t; timesteps are 0-based, the step is "
+                         "t -> t-1 with abar_t = alphas_cumprod[t]",
+                         m(a_t=abar[t + 1].item(), a_p=a_t, al=alphas[t + 1].item(), be=1 - alphas[t + 1].item())))
+    return mistakes
+
+
+def _posterior_variance_mistakes(s, t: int, exp_var: torch.Tensor) -> list:
+    """(message, what that mistake gives) for the usual wrong posterior variances at t."""
+    abar, alphas = s.alphas_cumprod.double(), s.alphas.double()
+    a_t, al, be, last = abar[t].item(), alphas[t].item(), 1 - alphas[t].item(), abar[-1].item()
+    mistakes = [
+        ("that is beta_t; the posterior variance is beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t", be),
+        ("that is a standard deviation; return the variance (no square root)", exp_var**0.5),
+        ("the posterior variance uses the cumulative abar in the ratio: (1 - abar_{t-1}) / (1 - abar_t) beta_t, "
+         "not alphas", (1 - (alphas[t - 1].item() if t else 1.0)) / (1 - al) * be),
+    ]
+    if t == 0:
+        mistakes.insert(0, ("at t = 0 the variance is 0 (abar_{t-1} = 1): alphas_cumprod[-1] is python's LAST entry",
+                            (1 - last) / (1 - a_t) * be))
+    return mistakes
 
 
 def ddim_step(fn) -> None:

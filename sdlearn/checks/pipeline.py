@@ -38,82 +38,110 @@ def tiny_pipeline(prediction: str = "eps", seed: int = 0) -> TextToImage:
 def latent_loss(fn) -> None:
     """fn(unet, schedule, z0, context, uncond_context, p_uncond, prediction, snr_gamma) -> scalar (LDM eq. 2,
     optionally min-SNR weighted)."""
-    name = "latent_loss"
-    sched = NoiseSchedule("scaled_linear")
-    g = torch.Generator().manual_seed(0)
-    z0, ctx = torch.randn(512, 4, 2, 2, generator=g), torch.randn(512, 3, 8, generator=g) + 2.0
-    uncond = torch.zeros(1, 3, 8)
-    seen = {}
-    on = "512 latents [512, 4, 2, 2] with text states [512, 3, 8]"
+    probe = _LossProbe("latent_loss", fn)
+    probe.targets()
+    probe.mse_and_dropout()
+    probe.min_snr_weights()
+    passed(probe.name)
 
-    def oracle(prediction, offset=0.0):  # a perfect model (+ offset): it knows z0, so it recovers the noise from z_t
+
+class _LossProbe:
+    """The learner's latent_loss called on 512 latents [512, 4, 2, 2] with text [512, 3, 8], through models that
+    record what they were given."""
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn = name, fn
+        self.sched = NoiseSchedule("scaled_linear")
+        g = torch.Generator().manual_seed(0)
+        self.z0, self.ctx = torch.randn(512, 4, 2, 2, generator=g), torch.randn(512, 3, 8, generator=g) + 2.0
+        self.uncond, self.seen = torch.zeros(1, 3, 8), {}
+        self.on = "512 latents [512, 4, 2, 2] with text states [512, 3, 8]"
+
+    def loss(self, model, p_uncond: float, prediction: str, gamma: float | None) -> torch.Tensor:
+        return call(self.name, self.fn, model, self.sched, self.z0, self.ctx, self.uncond, p_uncond, prediction, gamma,
+                    on=self.on)
+
+    def oracle(self, prediction: str, offset: float = 0.0):
+        """A perfect model (+ offset): it knows z0, so it recovers the noise from z_t."""
         def model(z_t, t, context):
             if not isinstance(t, torch.Tensor) or t.shape != (len(z_t),):
-                fail(name, f"the UNet must get one timestep per latent, a tensor [B] = [{len(z_t)}], got "
-                           f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-            seen.update(t=t, context=context)
-            abar = sched.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
-            eps = (z_t - abar.sqrt() * z0) / (1 - abar).sqrt()
-            return sched.target(prediction, z0, eps, t.long()) + offset
+                fail(self.name, f"the UNet must get one timestep per latent, a tensor [B] = [{len(z_t)}], got "
+                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            self.seen.update(t=t, context=context)
+            abar = self.sched.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+            eps = (z_t - abar.sqrt() * self.z0) / (1 - abar).sqrt()
+            return self.sched.target(prediction, self.z0, eps, t.long()) + offset
         return model
 
-    for prediction in ("eps", "v"):
-        loss = call(name, fn, oracle(prediction), sched, z0, ctx, uncond, 0.1, prediction, None, on=on)
-        expect_tensor(name, loss, (), what="the loss")
-        if loss.item() > 1e-6:
-            other = "v" if prediction == "eps" else "eps"
-            if call(name, fn, oracle(other), sched, z0, ctx, uncond, 0.1, prediction, None, on=on).item() < 1e-6:
-                fail(name, f"with prediction={prediction!r} the target must be {prediction} "
-                           f"(schedule.target(prediction, z0, noise, t)); yours is {other}")
-            fail(name, f"a perfect {prediction}-predictor should have loss 0, yours gets {loss.item():.4g}: "
-                       f"noise z0 with schedule.add_noise(z0, noise, t) and compare with "
-                       f"schedule.target(prediction, z0, noise, t)")
-        t = seen["t"]
-        if t.dtype not in (torch.long, torch.int) or t.min() < 0 or t.max() >= len(sched):
-            fail(name, f"t must be integer timesteps in 0..{len(sched) - 1}, got {t.dtype} from {t.min()} to {t.max()}")
-        if t.min() > 100 or t.max() < len(sched) - 100:
-            fail(name, f"t must be drawn uniformly from all {len(sched)} timesteps; 512 draws ranged only "
-                       f"{t.min().item()}..{t.max().item()}")
-    zero = call(name, fn, lambda z, t, c: torch.zeros_like(z), sched, z0, ctx, uncond, 0.1, "eps", None, on=on)
-    if not 0.8 < zero.item() < 1.2:
-        fail(name, f"predicting 0 should give an MSE near E[eps^2] = 1, got {zero.item():.3g}: is it the mean "
-                   f"squared error over every element (F.mse_loss)?")
-    for p, lo, hi in [(0.0, 0.0, 0.0), (0.1, 0.03, 0.2), (1.0, 1.0, 1.0)]:
-        call(name, fn, oracle("eps"), sched, z0, ctx, uncond, p, "eps", None, on=on)
-        dropped = (seen["context"] == 0).flatten(1).all(1).float().mean().item()
-        if not lo <= dropped <= hi:
-            wrong_way = " (is the comparison the wrong way round?)" if dropped > 0.5 > p else ""
-            fail(name, f"with p_uncond={p} a fraction {p} of the captions should be replaced by uncond_context, "
-                       f"{dropped:.2f} were{wrong_way}")
-    # every element off by 0.5: the loss is 0.25 x the mean weight of the timesteps drawn
-    for prediction, gamma in [("v", None), ("v", 5.0), ("eps", 5.0), ("v", 1.0)]:
-        loss = call(name, fn, oracle(prediction, 0.5), sched, z0, ctx, uncond, 0.1, prediction, gamma, on=on)
-        loss = loss.item()
-        t = seen["t"].long()
-        snr = sched.snr(t).float()
-        weights = {"none": torch.ones_like(snr), "right": min_snr_weight(sched, t, prediction, gamma or 1.0),
-                   "/snr": snr.clamp(max=gamma or 1.0) / snr, "/(snr+1)": snr.clamp(max=gamma or 1.0) / (snr + 1),
-                   "min(snr, gamma)": snr.clamp(max=gamma or 1.0)}
-        got = {k: abs(loss - 0.25 * w.mean().item()) < 1e-4 * max(1.0, loss) for k, w in weights.items()}
-        if gamma is None:
-            if not got["none"]:
-                fail(name, f"with snr_gamma=None the loss is the plain mean squared error; an error of 0.5 "
-                           f"everywhere should give 0.25, got {loss:.4g}")
-            continue
-        if got["right"]:
-            continue
-        if got["none"]:
-            fail(name, f"with snr_gamma={gamma} weight each sample's mean squared error by min(SNR_t, gamma) / "
-                       f"(SNR_t + 1) for v (/ SNR_t for eps); yours is unweighted")
-        if got["/snr"] and prediction == "v":
-            fail(name, "for v-prediction the min-SNR weight is min(SNR, gamma) / (SNR + 1), not / SNR")
-        if got["/(snr+1)"] and prediction == "eps":
-            fail(name, "for eps-prediction the min-SNR weight is min(SNR, gamma) / SNR, not / (SNR + 1)")
-        if got["min(snr, gamma)"]:
-            fail(name, "min(SNR, gamma) alone is the weight for an x0 target; divide by SNR + 1 (v) or SNR (eps)")
-        fail(name, f"with prediction={prediction!r}, snr_gamma={gamma} and every element off by 0.5 the loss should be "
-                   f"0.25 x mean(min_snr weight) = {0.25 * weights['right'].mean().item():.4g}, got {loss:.4g}")
-    passed(name)
+    def targets(self) -> None:
+        name, sched = self.name, self.sched
+        for prediction in ("eps", "v"):
+            loss = self.loss(self.oracle(prediction), 0.1, prediction, None)
+            expect_tensor(name, loss, (), what="the loss")
+            if loss.item() > 1e-6:
+                other = "v" if prediction == "eps" else "eps"
+                if self.loss(self.oracle(other), 0.1, prediction, None).item() < 1e-6:
+                    fail(name, f"with prediction={prediction!r} the target must be {prediction} "
+                               f"(schedule.target(prediction, z0, noise, t)); yours is {other}")
+                fail(name, f"a perfect {prediction}-predictor should have loss 0, yours gets {loss.item():.4g}: "
+                           f"noise z0 with schedule.add_noise(z0, noise, t) and compare with "
+                           f"schedule.target(prediction, z0, noise, t)")
+            t = self.seen["t"]
+            if t.dtype not in (torch.long, torch.int) or t.min() < 0 or t.max() >= len(sched):
+                fail(name, f"t must be integer timesteps in 0..{len(sched) - 1}, got {t.dtype} from {t.min()} to "
+                           f"{t.max()}")
+            if t.min() > 100 or t.max() < len(sched) - 100:
+                fail(name, f"t must be drawn uniformly from all {len(sched)} timesteps; 512 draws ranged only "
+                           f"{t.min().item()}..{t.max().item()}")
+
+    def mse_and_dropout(self) -> None:
+        zero = self.loss(lambda z, t, c: torch.zeros_like(z), 0.1, "eps", None)
+        if not 0.8 < zero.item() < 1.2:
+            fail(self.name, f"predicting 0 should give an MSE near E[eps^2] = 1, got {zero.item():.3g}: is it the "
+                            f"mean squared error over every element (F.mse_loss)?")
+        for p, lo, hi in [(0.0, 0.0, 0.0), (0.1, 0.03, 0.2), (1.0, 1.0, 1.0)]:
+            self.loss(self.oracle("eps"), p, "eps", None)
+            dropped = (self.seen["context"] == 0).flatten(1).all(1).float().mean().item()
+            if not lo <= dropped <= hi:
+                wrong_way = " (is the comparison the wrong way round?)" if dropped > 0.5 > p else ""
+                fail(self.name, f"with p_uncond={p} a fraction {p} of the captions should be replaced by "
+                                f"uncond_context, {dropped:.2f} were{wrong_way}")
+
+    def min_snr_weights(self) -> None:
+        """Every element off by 0.5: the loss is 0.25 x the mean weight of the timesteps drawn."""
+        name = self.name
+        for prediction, gamma in [("v", None), ("v", 5.0), ("eps", 5.0), ("v", 1.0)]:
+            loss = self.loss(self.oracle(prediction, 0.5), 0.1, prediction, gamma).item()
+            t = self.seen["t"].long()
+            snr = self.sched.snr(t).float()
+            weights = {"none": torch.ones_like(snr), "right": min_snr_weight(self.sched, t, prediction, gamma or 1.0),
+                       "/snr": snr.clamp(max=gamma or 1.0) / snr, "/(snr+1)": snr.clamp(max=gamma or 1.0) / (snr + 1),
+                       "min(snr, gamma)": snr.clamp(max=gamma or 1.0)}
+            got = {k: abs(loss - 0.25 * w.mean().item()) < 1e-4 * max(1.0, loss) for k, w in weights.items()}
+            if gamma is None:
+                if not got["none"]:
+                    fail(name, f"with snr_gamma=None the loss is the plain mean squared error; an error of 0.5 "
+                               f"everywhere should give 0.25, got {loss:.4g}")
+                continue
+            if got["right"]:
+                continue
+            _min_snr_mistake(name, got, prediction, gamma)
+            fail(name, f"with prediction={prediction!r}, snr_gamma={gamma} and every element off by 0.5 the loss "
+                       f"should be 0.25 x mean(min_snr weight) = {0.25 * weights['right'].mean().item():.4g}, got "
+                       f"{loss:.4g}")
+
+
+def _min_snr_mistake(name: str, got: dict[str, bool], prediction: str, gamma: float) -> None:
+    """Name the weighting the learner's loss matched instead of min-SNR's, if any."""
+    if got["none"]:
+        fail(name, f"with snr_gamma={gamma} weight each sample's mean squared error by min(SNR_t, gamma) / "
+                   f"(SNR_t + 1) for v (/ SNR_t for eps); yours is unweighted")
+    if got["/snr"] and prediction == "v":
+        fail(name, "for v-prediction the min-SNR weight is min(SNR, gamma) / (SNR + 1), not / SNR")
+    if got["/(snr+1)"] and prediction == "eps":
+        fail(name, "for eps-prediction the min-SNR weight is min(SNR, gamma) / SNR, not / (SNR + 1)")
+    if got["min(snr, gamma)"]:
+        fail(name, "min(SNR, gamma) alone is the weight for an x0 target; divide by SNR + 1 (v) or SNR (eps)")
 
 
 # -----------------------------------------------------------------------------
