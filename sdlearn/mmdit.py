@@ -253,13 +253,8 @@ class MMDiT(nn.Module):
 
     # -- what it is, as a denoiser -------------------------------------------------------------------------
 
-    @property
-    def latent_channels(self) -> int:
-        return self.config.in_channels
-
-    @property
-    def prediction(self) -> str:
-        return self.config.prediction
+    latent_channels = property(lambda self: self.config.in_channels)   # the channels of x and of the prediction
+    prediction = property(lambda self: self.config.prediction)         # what it is trained to predict
 
     @property
     def cond_dims(self) -> dict[str, int]:

@@ -104,13 +104,8 @@ class SDXLUNet(nn.Module):
     def init_args(self) -> dict:
         return {"unet": self.unet, "num_time_ids": self.num_time_ids, "time_id_dim": self.time_id_dim}
 
-    @property
-    def latent_channels(self) -> int:
-        return self.unet.latent_channels
-
-    @property
-    def prediction(self) -> str:
-        return self.unet.prediction
+    latent_channels = property(lambda self: self.unet.latent_channels)
+    prediction = property(lambda self: self.unet.prediction)
 
     @property
     def cond_dims(self) -> dict[str, int]:
