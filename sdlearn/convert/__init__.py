@@ -9,7 +9,8 @@
 
 One submodule per model family holds the key mapping (its RENAMES, applied both ways by
 sdlearn.convert.keys.rename), the config translation and from_diffusers / to_diffusers; this module
-dispatches on the class name, so it imports diffusers only when asked to build one of its models.
+dispatches on the class name, so it imports diffusers only when asked to build one of its models. Whole
+diffusers pipelines go to sdlearn.convert.pipeline, whose table (FAMILIES) says which it reads.
 """
 from __future__ import annotations
 
@@ -28,10 +29,7 @@ _BY_CLASS = {
     "UNet2DConditionModel": "unet",
     "SD3Transformer2DModel": "mmdit",
     "T5EncoderModel": "t5",
-    "StableDiffusionPipeline": "pipeline",
-    "StableDiffusionXLPipeline": "pipeline",
-    "StableDiffusionXLImg2ImgPipeline": "pipeline",
-    "StableDiffusion3Pipeline": "pipeline",
+    # diffusers' pipelines: the rows of sdlearn.convert.pipeline.FAMILIES (`_pipelines`)
     # ours (sdlearn)
     "sdlearn.attention.Attention": "attention",
     "sdlearn.text.TextEncoder": "text",
@@ -53,14 +51,20 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sdlearn.convert' has no attribute {name!r}")
 
 
+def _pipelines() -> dict:
+    """The diffusers pipeline classes sdlearn.convert.pipeline reads (its FAMILIES) -> "pipeline"."""
+    return dict.fromkeys(importlib.import_module("sdlearn.convert.pipeline").PIPELINES, "pipeline")
+
+
 def _converter(model: nn.Module, ours: bool):
     cls = type(model)
     key = f"{cls.__module__}.{cls.__qualname__}" if ours else cls.__name__
-    if key not in _BY_CLASS:
+    by_class = _BY_CLASS if ours or key in _BY_CLASS else {**_BY_CLASS, **_pipelines()}
+    if key not in by_class:
         side = "an sdlearn" if ours else "a diffusers / transformers"
-        known = [k for k in _BY_CLASS if k.startswith("sdlearn.") == ours]
+        known = [k for k in by_class if k.startswith("sdlearn.") == ours]
         raise TypeError(f"expected {side} model, one of {', '.join(known)}; got {cls.__module__}.{cls.__qualname__}")
-    return importlib.import_module(f"sdlearn.convert.{_BY_CLASS[key]}")
+    return importlib.import_module(f"sdlearn.convert.{by_class[key]}")
 
 
 def _options(convert, model: nn.Module, options: dict) -> dict:

@@ -12,11 +12,32 @@ as one state dict that sdlearn.convert.original splits (its configs come from `c
 same model: weights there are not read). Every part is built on the meta device and its tensors are assigned,
 not copied: loading holds one copy of the weights.
 
-The family comes from the pipeline class (model_index.json's _class_name):
+Two tables say everything family-specific; load, from_diffusers, assemble, to_diffusers and save only read them.
+- CONVERTERS, keyed by a part's diffusers / transformers class name: the sdlearn class it becomes, how its config
+  is read and translated, how its state dict is renamed, and a finishing step (a UNet with SDXL's text_time
+  embedding becomes an SDXLUNet around it).
+- FAMILIES, one row (`Family`) per diffusers pipeline class (model_index.json's _class_name):
     StableDiffusionPipeline           -> TextToImage(TextConditioner, UNet, NoiseSchedule, VAE)        SD 1.x / 2.x
     StableDiffusionXLPipeline         -> TextToImage(SDXLConditioner, UNet, ...)                        SDXL base
     StableDiffusionXLImg2ImgPipeline  -> TextToImage(SDXLConditioner without text_encoder, UNet, ...)  SDXL refiner
     StableDiffusion3Pipeline          -> TextToImage(SD3Conditioner, MMDiT, FlowSchedule, VAE)          SD3 / SD3.5
+  A row names its parts (`Part`: the component's name in diffusers, where it sits in the sdlearn pipeline, whether
+  it may be absent, what its converter needs from the parts built before it), its tokenizers, the conditioner it
+  builds (class, and a function of the parts, tokenizers and model_index.json's options), and what writing it
+  back adds: model_index options read off the sdlearn pipeline and fixed keywords of the diffusers pipeline.
+  The part at "denoiser" is what TextToImage samples with, `denoiser` names the denoising network (its config
+  holds the latents' sample_size); the scheduler's prediction type goes to every part whose sdlearn config has
+  a `prediction`.
+
+Adding a family is adding a row (and, for a new kind of part, a converter):
+- SD 1.5 inpainting: the "sd" row with pipeline="StableDiffusionInpaintPipeline" (its 9-channel UNet converts as
+  any UNet), and accepts=<a denoiser reading more channels than the VAE's latents>.
+- ControlNet: the "sd" row with pipeline="StableDiffusionControlNetPipeline", Part("unet", "denoiser.unet") and
+  Part("controlnet", "denoiser", needs=<the built UNet>), and a CONVERTERS entry for ControlNetModel (the sdlearn
+  class, config and state translation of its own converter module) whose finishing step wraps that UNet.
+to_diffusers writes an sdlearn pipeline with the first row, in table order, whose conditioner class it has, whose
+required parts it holds and whose `accepts` takes it: a special row goes before the general one it refines.
+
 Sampling: a NoiseSchedule gets the checkpoint's betas, prediction type, timestep spacing and offset, and samples
 with sdlearn's DDIM (diffusers' equivalent: DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True));
 a FlowSchedule gets the shift, and samples with Euler as FlowMatchEulerDiscreteScheduler does.
@@ -30,34 +51,28 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sdlearn.convert import mmdit, t5, text, unet, vae
 from sdlearn.convert.keys import rename
 from sdlearn.diffusion import NoiseSchedule
 from sdlearn.flow import FlowSchedule
-from sdlearn.pipeline import TextConditioner, TextToImage
+from sdlearn.pipeline import Conditioner, TextConditioner, TextToImage
 from sdlearn.sd3 import SD3Conditioner
 from sdlearn.sdxl import SDXLConditioner, SDXLPipeline
 from sdlearn.text import PretrainedTokenizer
 
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-            "StableDiffusionXLImg2ImgPipeline": "sdxl-refiner", "StableDiffusion3Pipeline": "sd3"}
-# the parts each family reads (an absent optional part: None in model_index.json)
-PARTS = {"sd": ("vae", "text_encoder", "unet"),
-         "sdxl": ("vae", "text_encoder", "text_encoder_2", "unet"),
-         "sdxl-refiner": ("vae", "text_encoder_2", "unet"),
-         "sd3": ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")}
-OPTIONAL = {"text_encoder_3"}  # SD3 runs without T5: zeros in its place
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 # -----------------------------------------------------------------------------
-# one part: (class name, config, state in diffusers' / transformers' names) -> an sdlearn module
+# the parts: a diffusers / transformers class -> an sdlearn module
 
 
 def _diffusers_config(class_name: str, config) -> dict:
@@ -78,6 +93,185 @@ def _transformers_config(class_name: str, config):
     return getattr(transformers, class_name).config_class.from_dict(config)
 
 
+def _as_given(class_name: str, config):
+    return config
+
+
+def _itself(module: nn.Module, c) -> nn.Module:
+    return module
+
+
+def _as_stored(state: dict, config: dict) -> dict:
+    return state
+
+
+def _clip_as_configured(state: dict, config: dict, projection: bool) -> dict:
+    """A single file's CLIP text encoder without what its diffusers config leaves out: SD 2.x files hold all 24 of
+    OpenCLIP ViT-H's layers and its text projection, of which SD 2.x reads 23 layers (the penultimate layer's
+    output) and no projection (a CLIPTextModel), as diffusers' converter drops them."""
+    n = config.get("num_hidden_layers")
+    if n is None:
+        return state
+    return {k: v for k, v in state.items() if (projection or k != "text_projection.weight")
+            and not ((m := re.search(r"encoder\.layers\.(\d+)\.", k)) and int(m[1]) >= n)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """How one diffusers / transformers class becomes an sdlearn module."""
+
+    module: type[nn.Module]     # the sdlearn class built
+    read: Callable              # (class name, config.json's dict or the model's config) -> their config, as used below
+    config: Callable            # their config -> the sdlearn class's config
+    state: Callable             # (their config, state dict in their names) -> the state dict in sdlearn's names
+    finish: Callable = _itself  # (built module, their config, **the family's options for it) -> the part
+    single_file: Callable = _as_stored  # (its state in an original single file, config.json) -> what the config reads
+    upcast: bool = False        # kept in float32 when float16 is asked for and its config says force_upcast (a VAE)
+
+
+CONVERTERS = {
+    "UNet2DConditionModel": Converter(unet.UNet, _diffusers_config, unet.config_from_diffusers,
+                                      unet.state_from_diffusers, finish=unet.with_addition),
+    "AutoencoderKL": Converter(vae.AutoencoderKL, _diffusers_config, vae.config_from_diffusers,
+                               lambda c, state: rename(state, vae.RENAMES, to="ours"), upcast=True),
+    "SD3Transformer2DModel": Converter(mmdit.MMDiT, _diffusers_config, mmdit.config_from_diffusers,
+                                       lambda c, state: mmdit.state_from_diffusers(state, c["num_layers"])),
+    "CLIPTextModel": Converter(text.TextEncoder, _transformers_config, text.config_from_transformers,
+                               lambda c, state: text.state_from_transformers(state),
+                               single_file=partial(_clip_as_configured, projection=False)),
+    "CLIPTextModelWithProjection": Converter(text.TextEncoder, _transformers_config,
+                                             partial(text.config_from_transformers, with_projection=True),
+                                             lambda c, state: text.state_from_transformers(state),
+                                             single_file=partial(_clip_as_configured, projection=True)),
+    "T5EncoderModel": Converter(t5.T5Encoder, _as_given, t5.config_from_transformers,
+                                lambda c, state: t5.state_from_diffusers(state)),
+}
+
+
+def _converter(class_name: str) -> Converter:
+    if class_name not in CONVERTERS:
+        raise ValueError(f"sdlearn has no module for {class_name}; it reads {', '.join(CONVERTERS)}")
+    return CONVERTERS[class_name]
+
+
+# -----------------------------------------------------------------------------
+# the families: a diffusers pipeline class -> which parts, and how they make an sdlearn pipeline
+
+
+def _no_needs(parts: dict) -> dict:
+    return {}
+
+
+def _always(pipe) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One component of a family: its name in diffusers (model_index.json's key, its folder, the pipeline's keyword)
+    and where it sits in the sdlearn pipeline (a path of attributes and list indices from the TextToImage)."""
+
+    name: str
+    at: str
+    optional: bool = False         # may be absent (None in model_index.json, or `skip`ped): SD3's T5
+    needs: Callable = _no_needs    # (the parts built before it) -> options for its converter's finishing step
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One diffusers pipeline class and the sdlearn pipeline it is."""
+
+    name: str
+    pipeline: str                  # diffusers' class, model_index.json's _class_name
+    parts: tuple[Part, ...]        # built in this order (a part's `needs` reads those before it)
+    denoiser: str                  # the denoising network's part (its config holds the latents' sample_size)
+    tokenizers: dict[str, str]     # diffusers' name -> where it sits in the sdlearn pipeline
+    conditioner: type[Conditioner]
+    build: Callable                # (parts, tok(name, max_length=None), model_index options, image size) -> conditioner
+    options: dict[str, str] = dataclasses.field(default_factory=dict)  # written back: option -> where its value sits
+    fixed: dict = dataclasses.field(default_factory=dict)    # keywords the diffusers pipeline gets as they are
+    accepts: Callable = _always    # (an sdlearn pipeline) -> whether this row writes it (see to_diffusers)
+
+
+def _sd_text(parts: dict, tok: Callable, options: dict, size: int) -> TextConditioner:
+    return TextConditioner(parts["text_encoder"], tok("tokenizer"))
+
+
+def _sdxl_text(parts: dict, tok: Callable, options: dict, size: int) -> SDXLConditioner:
+    return SDXLConditioner(
+        parts.get("text_encoder"), parts["text_encoder_2"], size,
+        aesthetic_score=6.0 if options.get("requires_aesthetics_score", False) else None,
+        tokenizer=tok("tokenizer"), tokenizer_2=tok("tokenizer_2"),
+        zero_negative=options.get("force_zeros_for_empty_prompt", True))
+
+
+def _sd3_text(parts: dict, tok: Callable, options: dict, size: int) -> SD3Conditioner:
+    t5 = parts.get("text_encoder_3")
+    third = options.get("max_sequence_length", 256)  # T5's tokens, or as many zeros without it (as diffusers)
+    return SD3Conditioner(
+        parts["text_encoder"], parts["text_encoder_2"], t5, joint_dim=parts["transformer"].config.context_dim,
+        third_length=third, tokenizer=tok("tokenizer"), tokenizer_2=tok("tokenizer_2"),
+        tokenizer_3=tok("tokenizer_3", third) if t5 is not None else None, zero_negative=False)
+
+
+def _pooled_width(parts: dict) -> dict:
+    """What an SDXL UNet needs beyond its config: the pooled text width, text_encoder_2's projection."""
+    return {"pooled_dim": parts["text_encoder_2"].config.pooled_dim}
+
+
+VAE, DENOISER = "vae", "denoiser"  # where TextToImage holds its VAE and its denoiser
+FAMILIES = (
+    Family("sd", pipeline="StableDiffusionPipeline", denoiser="unet",
+           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.text_encoder"), Part("unet", DENOISER)),
+           tokenizers={"tokenizer": "conditioner.tokenizer"},
+           conditioner=TextConditioner, build=_sd_text,
+           fixed=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)),
+    Family("sdxl", pipeline="StableDiffusionXLPipeline", denoiser="unet",
+           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.text_encoder"),
+                  Part("text_encoder_2", "conditioner.text_encoder_2"), Part("unet", DENOISER, needs=_pooled_width)),
+           tokenizers={"tokenizer": "conditioner.tokenizer", "tokenizer_2": "conditioner.tokenizer_2"},
+           conditioner=SDXLConditioner, build=_sdxl_text,
+           options={"force_zeros_for_empty_prompt": "conditioner.zero_negative"},
+           fixed=dict(add_watermarker=False)),
+    Family("sdxl-refiner", pipeline="StableDiffusionXLImg2ImgPipeline", denoiser="unet",
+           parts=(Part("vae", VAE), Part("text_encoder_2", "conditioner.text_encoder_2"),
+                  Part("unet", DENOISER, needs=_pooled_width)),
+           tokenizers={"tokenizer_2": "conditioner.tokenizer_2"},
+           conditioner=SDXLConditioner, build=_sdxl_text,
+           options={"force_zeros_for_empty_prompt": "conditioner.zero_negative",
+                    "requires_aesthetics_score": "conditioner.refiner"},
+           fixed=dict(text_encoder=None, tokenizer=None, add_watermarker=False)),
+    Family("sd3", pipeline="StableDiffusion3Pipeline", denoiser="transformer",
+           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.text_encoder"),
+                  Part("text_encoder_2", "conditioner.text_encoder_2"),
+                  Part("text_encoder_3", "conditioner.text_encoder_3", optional=True), Part("transformer", DENOISER)),
+           tokenizers={"tokenizer": "conditioner.tokenizers.0", "tokenizer_2": "conditioner.tokenizers.1",
+                       "tokenizer_3": "conditioner.tokenizers.2"},
+           conditioner=SD3Conditioner, build=_sd3_text),
+)
+PIPELINES = {f.pipeline: f for f in FAMILIES}
+
+
+def _family(class_name: str, what: str) -> Family:
+    if class_name not in PIPELINES:
+        raise ValueError(f"{what} is a {class_name}; sdlearn reads {', '.join(PIPELINES)}")
+    return PIPELINES[class_name]
+
+
+def _at(obj, path: str):
+    """The object at `path` (attributes and list indices, "conditioner.tokenizers.2") from obj; None where the
+    path ends early (a part this pipeline does not hold)."""
+    for piece in path.split("."):
+        if obj is None:
+            return None
+        obj = obj[int(piece)] if piece.isdigit() else getattr(obj, piece, None)
+    return obj
+
+
+# -----------------------------------------------------------------------------
+# one part: (class name, config, state in diffusers' / transformers' names) -> an sdlearn module
+
+
 def _assign(cls, cfg, state: dict, source: str) -> nn.Module:
     """cls(cfg) built on the meta device, then given `state`'s tensors (no copy); a clear error on a mismatch."""
     with torch.device("meta"):
@@ -90,42 +284,53 @@ def _assign(cls, cfg, state: dict, source: str) -> nn.Module:
     return module
 
 
-def part_config(class_name: str, config, pooled_dim: int | None = None, prediction: str = "eps"):
-    """(sdlearn class, its config, state renamer, finisher) for one diffusers / transformers part, from its class
-    name and config (a dict as in config.json, or the model's config object); the finisher turns the built module
-    into the part (a UNet with SDXL's text_time embedding into an SDXLUNet)."""
-    from sdlearn.convert import mmdit, t5, text, unet, vae
-
-    def same(m):
-        return m
-
-    if class_name == "UNet2DConditionModel":
-        c = _diffusers_config(class_name, config)
-        cfg = dataclasses.replace(unet.config_from_diffusers(c), prediction=prediction)
-        return (unet.UNet, cfg, lambda state: unet.state_from_diffusers(c, state),
-                lambda m: unet.with_addition(m, c, pooled_dim))
-    if class_name == "AutoencoderKL":
-        cfg = vae.config_from_diffusers(_diffusers_config(class_name, config))
-        return vae.AutoencoderKL, cfg, lambda state: rename(state, vae.RENAMES, to="ours"), same
-    if class_name == "SD3Transformer2DModel":
-        cfg = dataclasses.replace(mmdit.config_from_diffusers(_diffusers_config(class_name, config)),
-                                  prediction=prediction)
-        return mmdit.MMDiT, cfg, lambda state: mmdit.state_from_diffusers(state, cfg.depth), same
-    if class_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
-        cfg = text.config_from_transformers(_transformers_config(class_name, config),
-                                            class_name == "CLIPTextModelWithProjection")
-        return text.TextEncoder, cfg, text.state_from_transformers, same
-    if class_name == "T5EncoderModel":
-        return t5.T5Encoder, t5.config_from_transformers(config), t5.state_from_diffusers, same
-    raise ValueError(f"sdlearn has no module for {class_name}; it reads UNet2DConditionModel, AutoencoderKL, "
-                     f"SD3Transformer2DModel, CLIPTextModel(WithProjection) and T5EncoderModel")
+def part_config(class_name: str, config, prediction: str | None = None, **options):
+    """(sdlearn class, its config, state renamer, finisher) for one diffusers / transformers part (CONVERTERS), from
+    its class name and config (a dict as in config.json, or the model's config object). prediction: what a
+    denoiser predicts (its sdlearn config's `prediction`; parts without one ignore it; None: the config's default).
+    options (those not None) go to the finisher, which turns the built module into the part."""
+    conv = _converter(class_name)
+    c = conv.read(class_name, config)
+    cfg = conv.config(c)
+    if prediction is not None and hasattr(cfg, "prediction"):
+        cfg = dataclasses.replace(cfg, prediction=prediction)
+    options = {k: v for k, v in options.items() if v is not None}
+    return conv.module, cfg, lambda state: conv.state(c, state), lambda module: conv.finish(module, c, **options)
 
 
-def build_part(class_name: str, config, state: dict, source: str = "", pooled_dim: int | None = None,
-               prediction: str = "eps") -> nn.Module:
+def build_part(class_name: str, config, state: dict, source: str = "", prediction: str | None = None,
+               **options) -> nn.Module:
     """The sdlearn module for one diffusers / transformers part (class name, config, state dict in its names)."""
-    cls, cfg, to_ours, finish = part_config(class_name, config, pooled_dim, prediction)
+    cls, cfg, to_ours, finish = part_config(class_name, config, prediction, **options)
     return finish(_assign(cls, cfg, to_ours(state), source or class_name))
+
+
+def _place(part: nn.Module, class_name: str, config, device, dtype: torch.dtype | None) -> nn.Module:
+    """The part on `device` in `dtype`; but a part whose converter says upcast (a VAE) and whose config says
+    force_upcast stays in float32 when fp16 is asked for (as diffusers decodes it: SDXL's VAE overflows fp16)."""
+    if _converter(class_name).upcast and dtype == torch.float16 and dict(config).get("force_upcast", True):
+        dtype = torch.float32
+    return part.to(device=device, dtype=dtype) if dtype is not None else part.to(device)
+
+
+def _build_parts(family: Family, read: Callable, place: Callable, prediction: str, where: str,
+                 skip: Sequence[str] = ()) -> dict:
+    """The family's parts, in its order: read(name) -> (class name, config, state dict) or None when absent, each
+    built with what it needs from those before it and moved by place(part, class name, config)."""
+    parts = {}
+    for p in family.parts:
+        got = None if p.name in skip else read(p.name)
+        if got is None:
+            if p.optional:
+                continue
+            raise ValueError(f"{where} has no {p.name}, which sdlearn's {family.name} pipeline needs"
+                             + (" (it cannot be skipped)" if p.name in skip else ""))
+        class_name, config, state = got
+        del got
+        part = build_part(class_name, config, state, f"{where}:{p.name}", prediction, **p.needs(parts))
+        del state  # the part holds the tensors now; as each part moves, the file's copy of it goes
+        parts[p.name] = place(part, class_name, config)
+    return parts
 
 
 # -----------------------------------------------------------------------------
@@ -173,50 +378,19 @@ def schedule_to_diffusers(schedule, prediction: str):
 # a checkpoint's parts -> the sdlearn pipeline
 
 
-def assemble(family: str, parts: dict, tokenizers: dict, scheduler: dict, options: dict) -> TextToImage:
+def assemble(family: Family, parts: dict, tokenizers: dict, scheduler: dict, options: dict) -> TextToImage:
     """The sdlearn pipeline of `family` from its parts (sdlearn modules), tokenizers (transformers'), scheduler
-    config and pipeline options (model_index.json's force_zeros_for_empty_prompt, requires_aesthetics_score,
-    and the denoiser's sample_size)."""
+    config and pipeline options (model_index.json's, e.g. force_zeros_for_empty_prompt, requires_aesthetics_score;
+    the denoiser's sample_size; max_sequence_length)."""
     schedule, prediction = schedule_from_diffusers(scheduler)
-    vae = parts["vae"]
-    size = options["sample_size"] * vae.downsampling_factor
+    placed = {p.at: parts.get(p.name) for p in family.parts}
+    size = options["sample_size"] * placed[VAE].downsampling_factor
 
     def tok(name, max_length=None):
         return PretrainedTokenizer(tokenizers[name], max_length) if tokenizers.get(name) is not None else None
 
-    if family == "sd":
-        conditioner = TextConditioner(parts["text_encoder"], tok("tokenizer"))
-    elif family in ("sdxl", "sdxl-refiner"):
-        refiner = family == "sdxl-refiner" and options.get("requires_aesthetics_score", False)
-        conditioner = SDXLConditioner(
-            parts.get("text_encoder"), parts["text_encoder_2"], size, aesthetic_score=6.0 if refiner else None,
-            tokenizer=tok("tokenizer"), tokenizer_2=tok("tokenizer_2"),
-            zero_negative=options.get("force_zeros_for_empty_prompt", True))
-    elif family == "sd3":
-        t5 = parts.get("text_encoder_3")
-        third = options.get("max_sequence_length", 256)  # T5's tokens, or as many zeros without it (as diffusers)
-        conditioner = SD3Conditioner(
-            parts["text_encoder"], parts["text_encoder_2"], t5, joint_dim=parts["transformer"].config.context_dim,
-            third_length=third, tokenizer=tok("tokenizer"), tokenizer_2=tok("tokenizer_2"),
-            tokenizer_3=tok("tokenizer_3", third) if t5 is not None else None, zero_negative=False)
-    else:
-        raise ValueError(f"unknown family {family!r}, expected one of {', '.join(PARTS)}")
-    denoiser = parts["transformer" if family == "sd3" else "unet"]
-    return TextToImage(conditioner, denoiser, schedule, vae, prediction, size)
-
-
-def _pooled_dim(parts: dict) -> int | None:
-    """The pooled text width an SDXL UNet reads: text_encoder_2's projection (absent from the UNet's config)."""
-    te2 = parts.get("text_encoder_2")
-    return te2.config.pooled_dim if te2 is not None else None
-
-
-def _place(part: nn.Module, name: str, config, device, dtype: torch.dtype | None) -> nn.Module:
-    """The part on `device` in `dtype`; but a VAE whose config says force_upcast stays in float32 when fp16 is
-    asked for (as diffusers decodes it: SDXL's VAE overflows fp16)."""
-    if name == "vae" and dtype == torch.float16 and dict(config).get("force_upcast", True):
-        dtype = torch.float32
-    return part.to(device=device, dtype=dtype) if dtype is not None else part.to(device)
+    conditioner = family.build(parts, tok, options, size)
+    return TextToImage(conditioner, placed[DENOISER], schedule, placed[VAE], prediction, size)
 
 
 def from_diffusers(pipeline, refiner=None, dtype: torch.dtype | None = None, max_sequence_length: int = 256):
@@ -224,29 +398,21 @@ def from_diffusers(pipeline, refiner=None, dtype: torch.dtype | None = None, max
     same weight tensors (no copy: changing one changes the other; pass dtype for a converted copy)."""
     family = _family(type(pipeline).__name__, "the pipeline")
     components = pipeline.components
-    prediction = schedule_from_diffusers(pipeline.scheduler.config)[1]
-    parts = {}
-    for name in PARTS[family]:
+
+    def read(name):
         model = components.get(name)
-        if model is None:
-            if name in OPTIONAL:
-                continue
-            raise ValueError(f"the {type(pipeline).__name__} has no {name}, which sdlearn's {family} pipeline needs")
-        part = build_part(type(model).__name__, model.config, model.state_dict(), name,
-                          pooled_dim=_pooled_dim(parts) if name == "unet" else None, prediction=prediction)
-        parts[name] = part if dtype is None else _place(part, name, model.config, next(part.parameters()).device, dtype)
-    denoiser = components["transformer" if family == "sd3" else "unet"]
-    options = {**dict(pipeline.config), "sample_size": denoiser.config.sample_size,
+        return None if model is None else (type(model).__name__, model.config, model.state_dict())
+
+    def place(part, class_name, config):
+        return part if dtype is None else _place(part, class_name, config, next(part.parameters()).device, dtype)
+
+    prediction = schedule_from_diffusers(pipeline.scheduler.config)[1]
+    parts = _build_parts(family, read, place, prediction, f"the {type(pipeline).__name__}")
+    options = {**dict(pipeline.config), "sample_size": components[family.denoiser].config.sample_size,
                "max_sequence_length": max_sequence_length}
-    tokenizers = {k: v for k, v in components.items() if k.startswith("tokenizer")}
+    tokenizers = {name: components.get(name) for name in family.tokenizers}
     pipe = assemble(family, parts, tokenizers, pipeline.scheduler.config, options)
     return pipe if refiner is None else SDXLPipeline(pipe, from_diffusers(refiner, dtype=dtype))
-
-
-def _family(class_name: str, what: str) -> str:
-    if class_name not in FAMILIES:
-        raise ValueError(f"{what} is a {class_name}; sdlearn reads {', '.join(FAMILIES)}")
-    return FAMILIES[class_name]
 
 
 # -----------------------------------------------------------------------------
@@ -268,18 +434,6 @@ def _weights_file(folder: Path, variant: str | None) -> list[Path]:
                             f".safetensors, or a sharded *.index.json); found {found}")
 
 
-def _fit_text_config(state: dict, config: dict, class_name: str) -> dict:
-    """A single file's text encoder without what its diffusers config leaves out: SD 2.x files hold all 24 of
-    OpenCLIP ViT-H's layers and its text projection, of which SD 2.x reads 23 layers (the penultimate layer's
-    output) and no projection (a CLIPTextModel), as diffusers' converter drops them."""
-    n = config.get("num_hidden_layers")
-    if n is None:
-        return state
-    if class_name == "CLIPTextModel":
-        state = {k: v for k, v in state.items() if k != "text_projection.weight"}
-    return {k: v for k, v in state.items() if not ((m := re.search(r"encoder\.layers\.(\d+)\.", k)) and int(m[1]) >= n)}
-
-
 def _read_index(folder: Path) -> dict:
     index = folder / "model_index.json"
     if not index.exists():
@@ -288,11 +442,29 @@ def _read_index(folder: Path) -> dict:
     return json.loads(index.read_text())
 
 
-def _tokenizers(folder: Path, index: dict) -> dict:
+def _tokenizers(folder: Path, index: dict, names) -> dict:
     from transformers import AutoTokenizer
 
-    return {name: AutoTokenizer.from_pretrained(folder / name) for name, spec in index.items()
-            if name.startswith("tokenizer") and isinstance(spec, list) and spec[0] is not None}
+    return {name: AutoTokenizer.from_pretrained(folder / name) for name in names
+            if isinstance(index.get(name), list) and index[name][0] is not None}
+
+
+def _checkpoint(path: Path, config, refiner, allow_pickle: bool):
+    """(path, the folder of configs, the single file's parts or None, refiner) of what `load` was given."""
+    from sdlearn.convert import files, original
+
+    if path.is_dir() and not (path / "model_index.json").exists() and (path / "base").is_dir():
+        refiner = path / "refiner" if (path / "refiner").is_dir() and refiner is None else refiner
+        path = path / "base"
+    if path.is_dir():
+        return path, path, None, refiner
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected a diffusers folder or a .safetensors file")
+    if config is None:
+        raise ValueError(f"{path} is a single-file checkpoint, which holds weights but no configs or tokenizers: "
+                         f"pass config=<a diffusers folder of the same model> (only its *.json and tokenizer files "
+                         f"are read)")
+    return path, Path(config), original.split(files.read(path, allow_pickle=allow_pickle)), refiner
 
 
 def load(path, config=None, refiner=None, refiner_config=None, device: str | torch.device = "cpu",
@@ -311,50 +483,31 @@ def load(path, config=None, refiner=None, refiner_config=None, device: str | tor
     skip: optional parts not to load: ["text_encoder_3"] runs SD3 without T5 (zeros in its place), saving its
         4.8 B parameters.
     """
-    from sdlearn.convert import files, original
+    from sdlearn.convert import files
 
-    path = Path(path)
-    if path.is_dir() and not (path / "model_index.json").exists() and (path / "base").is_dir():
-        refiner = path / "refiner" if (path / "refiner").is_dir() and refiner is None else refiner
-        path = path / "base"
-    if path.is_dir():
-        folder, single = path, None
-    elif path.is_file():
-        if config is None:
-            raise ValueError(f"{path} is a single-file checkpoint, which holds weights but no configs or tokenizers: "
-                             f"pass config=<a diffusers folder of the same model> (only its *.json and tokenizer files "
-                             f"are read)")
-        folder = Path(config)
-        single = original.split(files.read(path, allow_pickle=allow_pickle))
-    else:
-        raise FileNotFoundError(f"no checkpoint at {path}: expected a diffusers folder or a .safetensors file")
+    path, folder, single, refiner = _checkpoint(Path(path), config, refiner, allow_pickle)
     index = _read_index(folder)
     family = _family(index.get("_class_name", "?"), f"{folder}/model_index.json's pipeline")
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    prediction = schedule_from_diffusers(scheduler)[1]
-    parts = {}
-    for name in PARTS[family]:
+
+    def read(name):
         spec = index.get(name)
-        if spec is None or spec[0] is None or name in skip or (single is not None and name not in single):
-            if name in OPTIONAL:
-                continue
-            raise ValueError(f"the {family} checkpoint at {path} has no {name}, which sdlearn's {family} pipeline "
-                             f"needs" + (" (it cannot be skipped)" if name in skip else ""))
+        if spec is None or spec[0] is None or (single is not None and name not in single):
+            return None
         cfg = json.loads((folder / name / "config.json").read_text())
         if single is not None:
-            state = _fit_text_config(single.pop(name), cfg, spec[1])
-        else:
-            state = {}
-            for f in _weights_file(folder / name, variant):
-                state.update(files.read(f, allow_pickle=allow_pickle, device=device))
-        part = build_part(spec[1], cfg, state, f"{path}:{name}",
-                          pooled_dim=_pooled_dim(parts) if name == "unet" else None, prediction=prediction)
-        del state  # the part holds the tensors now; as each part moves, the file's copy of it goes
-        parts[name] = _place(part, name, cfg, device, dtype)
-    denoiser_cfg = json.loads((folder / ("transformer" if family == "sd3" else "unet") / "config.json").read_text())
+            return spec[1], cfg, _converter(spec[1]).single_file(single.pop(name), cfg)
+        state = {}
+        for f in _weights_file(folder / name, variant):
+            state.update(files.read(f, allow_pickle=allow_pickle, device=device))
+        return spec[1], cfg, state
+
+    parts = _build_parts(family, read, lambda part, class_name, cfg: _place(part, class_name, cfg, device, dtype),
+                         schedule_from_diffusers(scheduler)[1], f"the {family.name} checkpoint at {path}", skip)
+    denoiser_cfg = json.loads((folder / family.denoiser / "config.json").read_text())
     options = {**{k: v for k, v in index.items() if not isinstance(v, list)},
                "sample_size": denoiser_cfg["sample_size"], "max_sequence_length": max_sequence_length}
-    pipe = assemble(family, parts, _tokenizers(folder, index), scheduler, options)
+    pipe = assemble(family, parts, _tokenizers(folder, index, family.tokenizers), scheduler, options)
     if refiner is None:
         return pipe
     return SDXLPipeline(pipe, load(refiner, config=refiner_config, device=device, dtype=dtype, variant=variant,
@@ -374,6 +527,17 @@ def _tokenizer(t, what: str):
     return t.tokenizer
 
 
+def _writer(pipe: TextToImage) -> Family:
+    """The first row, in table order, whose conditioner class `pipe` has, whose required parts it holds and whose
+    `accepts` takes it."""
+    for family in FAMILIES:
+        if (isinstance(pipe.conditioner, family.conditioner) and family.accepts(pipe)
+                and all(_at(pipe, p.at) is not None for p in family.parts if not p.optional)):
+            return family
+    raise ValueError(f"no diffusers pipeline for a {type(pipe.conditioner).__name__}; sdlearn writes "
+                     f"{', '.join(f'{f.pipeline} ({f.conditioner.__name__})' for f in FAMILIES)}")
+
+
 def to_diffusers(pipe):
     """The diffusers pipeline equivalent to an sdlearn TextToImage (SDXLPipeline: a (base, refiner) pair)."""
     import diffusers
@@ -384,35 +548,15 @@ def to_diffusers(pipe):
         return to_diffusers(pipe.base), to_diffusers(pipe.refiner)
     if not isinstance(pipe, TextToImage):
         raise TypeError(f"expected an sdlearn TextToImage or SDXLPipeline, got {type(pipe).__name__}")
-    c, scheduler = pipe.conditioner, schedule_to_diffusers(pipe.schedule, pipe.prediction)
-    common = dict(vae=convert.to_diffusers(pipe.vae), scheduler=scheduler)
-    if isinstance(c, TextConditioner):
-        out = diffusers.StableDiffusionPipeline(
-            **common, text_encoder=convert.to_diffusers(c.text_encoder), tokenizer=_tokenizer(c.tokenizer, "tokenizer"),
-            unet=convert.to_diffusers(pipe.denoiser), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-    elif isinstance(c, SDXLConditioner):
-        encoders = dict(text_encoder_2=convert.to_diffusers(c.text_encoder_2),
-                        tokenizer_2=_tokenizer(c.tokenizer_2, "tokenizer_2"), unet=convert.to_diffusers(pipe.denoiser),
-                        force_zeros_for_empty_prompt=c.zero_negative, add_watermarker=False)
-        if c.text_encoder is None:
-            out = diffusers.StableDiffusionXLImg2ImgPipeline(
-                **common, **encoders, text_encoder=None, tokenizer=None, requires_aesthetics_score=c.refiner)
-        else:
-            out = diffusers.StableDiffusionXLPipeline(
-                **common, **encoders, text_encoder=convert.to_diffusers(c.text_encoder),
-                tokenizer=_tokenizer(c.tokenizer, "tokenizer"))
-    elif isinstance(c, SD3Conditioner):
-        encoders = {}
-        for i, (enc, tok) in enumerate(zip(c.encoders, c.tokenizers, strict=True)):
-            suffix = f"_{i + 1}" if i else ""
-            encoders[f"text_encoder{suffix}"] = convert.to_diffusers(enc) if enc is not None else None
-            encoders[f"tokenizer{suffix}"] = _tokenizer(tok, f"tokenizer{suffix}")
-        out = diffusers.StableDiffusion3Pipeline(**common, **encoders, transformer=convert.to_diffusers(pipe.denoiser))
-    else:
-        raise ValueError(f"no diffusers pipeline for a {type(c).__name__}")
-    denoiser = out.transformer if isinstance(c, SD3Conditioner) else out.unet
-    denoiser.register_to_config(sample_size=pipe.image_size // pipe.vae.downsampling_factor)
+    family = _writer(pipe)
+    components = {**family.fixed, "scheduler": schedule_to_diffusers(pipe.schedule, pipe.prediction)}
+    for p in family.parts:
+        module = _at(pipe, p.at)
+        components[p.name] = convert.to_diffusers(module) if module is not None else None
+    components.update({name: _tokenizer(_at(pipe, at), name) for name, at in family.tokenizers.items()})
+    components.update({name: _at(pipe, at) for name, at in family.options.items()})
+    out = getattr(diffusers, family.pipeline)(**components)
+    getattr(out, family.denoiser).register_to_config(sample_size=pipe.image_size // pipe.vae.downsampling_factor)
     return out
 
 
