@@ -50,8 +50,9 @@ def main():
         print(json.dumps(row), flush=True)
 
     every = max(1, args.steps // args.points)
-    t2i.train(steps=args.steps, batch_size=args.batch_size, width=args.width, prediction=args.prediction,
-              schedule=args.schedule, snr_gamma=args.snr_gamma, progress=False, callback=judge, callback_every=every)
+    t2i.train(t2i.T2IRecipe(steps=args.steps, batch_size=args.batch_size, width=args.width, prediction=args.prediction,
+                            schedule=args.schedule, snr_gamma=args.snr_gamma),
+              progress=False, callback=judge, callback_every=every)
     name = args.name or (f"latent_diffusion_{args.prediction}_{args.schedule}_snr{args.snr_gamma:g}"
                          f"_b{args.batch_size}_{args.steps}" + (f"_w{args.width}" if args.width != 64 else ""))
     out = Path(__file__).parent / "results" / f"{name}.json"

@@ -27,7 +27,8 @@ from sdlearn.metrics import eval_prompts, evaluate, prompt_adherence
 from sdlearn.mmdit import MMDiT
 from sdlearn.pipeline import Conditioner, TextToImage, training_loss
 from sdlearn.recipes import mmdit as recipe
-from sdlearn.recipes.t2i import encode_pool, fit_denoiser, unet_config
+from sdlearn.recipes.mmdit import MMDiTRecipe
+from sdlearn.recipes.t2i import T2IRecipe, encode_pool, fit_denoiser, unet_config
 from sdlearn.sd3 import without_third
 from sdlearn.unet import UNet
 
@@ -78,19 +79,22 @@ def main():
     unet_conds = {"context": conds["context"]}
     C = latents.shape[1]
 
-    def train_unet(steps):
+    def train_unet(steps):  # notebook 06's recipe: v-prediction, cosine schedule, min-SNR-5, lr 2e-3
         seed_everything(0)
-        return fit_denoiser(UNet(unet_config(C, sd3.dims["context"], 64, 1)), context_only, vae, latents, unet_conds,
-                            32, NoiseSchedule("cosine"), steps, args.batch_size, 2e-3, 0.1, 0, training_loss,
-                            {"prediction": "v", "snr_gamma": 5.0}, "cpu", None, 0, None, 0, False, "unet")
+        r = T2IRecipe(steps=steps, batch_size=args.batch_size)
+        unet = UNet(unet_config(C, sd3.dims["context"], r.width, r.layers, prediction=r.prediction))
+        return fit_denoiser(unet, context_only, vae, latents, unet_conds, NoiseSchedule(r.schedule), r, training_loss,
+                            {"snr_gamma": r.snr_gamma}, progress=False, desc="unet")
 
-    def train_mmdit(steps):
+    def train_mmdit(steps):  # notebook 08's recipe: flow, logit-normal times, QK RMSNorm, lr 1e-3
         seed_everything(0)
-        config = recipe.mmdit_config(C, latents.shape[-1], sd3)
-        return fit_denoiser(MMDiT(config), sd3, vae, latents, conds, 32, FlowSchedule(1.0), steps,
-                            args.batch_size, 1e-3, 0.1, 0, recipe.loss_with_third_dropped,
-                            {"cond_model": sd3, "p_drop_third": 0.3, "density": "logit_normal"}, "cpu", None, 0,
-                            None, 0, False, "mmdit")
+        r = MMDiTRecipe(steps=steps, batch_size=args.batch_size)
+        config = recipe.mmdit_config(C, latents.shape[-1], sd3, r.width, r.depth, r.heads, r.patch_size,
+                                     bool(r.qk_norm), r.dual)
+        return fit_denoiser(MMDiT(config), sd3, vae, latents, conds, FlowSchedule(r.shift), r,
+                            recipe.loss_with_third_dropped,
+                            {"cond_model": sd3, "p_drop_third": r.p_drop_third, "density": r.density},
+                            progress=False, desc="mmdit")
 
     results, sweep_captions = {}, eval_prompts(args.n // 2, 32)[0]
     sweep_steps = [2, 4, 8, 16, 32, 50]

@@ -1,4 +1,6 @@
 """sdlearn.recipes: the released models' recipes, their command lines, resuming, and the releases themselves."""
+import dataclasses
+import importlib
 import subprocess
 import sys
 import time
@@ -10,10 +12,13 @@ from safetensors.torch import load_file
 from sdlearn import pretrained
 from sdlearn import train as train_module
 from sdlearn.__main__ import main as cli
-from sdlearn.pipeline import TextToImage, training_loss
-from sdlearn.recipes import RECIPES, clip, command, mmdit, sdxl, t2i, vae
-from sdlearn.text import Tokenizer
-from sdlearn.vae import AutoencoderKL
+from sdlearn.diffusion import NoiseSchedule
+from sdlearn.flow import FlowSchedule
+from sdlearn.pipeline import TextConditioner, TextToImage, training_loss
+from sdlearn.recipes import RECIPES, clip, command, command_line_options, mmdit, parse, sdxl, settings, t2i, vae
+from sdlearn.text import TextConfig, TextEncoder, Tokenizer
+from sdlearn.unet import UNet
+from sdlearn.vae import AutoencoderKL, VAEConfig
 
 TINY_VAE = dict(channels=(8, 16, 16), layers_per_block=1, norm_groups=4)
 NEEDS_T2I_PARTS = pytest.mark.skipif(not {"shapes-vae-32", "shapes-clip-32"} <= set(pretrained.available()),
@@ -33,7 +38,50 @@ def test_train_help_lists_the_models_and_each_recipe_its_defaults(capsys):
     with pytest.raises(SystemExit):
         cli(["train", "t2i", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "training steps (default: 2000)" in out and "(default: cosine)" in out  # read from t2i.train's signature
+    assert "training steps (default: 2000)" in out and "(default: cosine)" in out  # read from T2IRecipe's fields
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_help_shows_every_settings_field_with_its_help_and_default(name, capsys, monkeypatch):
+    """Every field of the recipe's settings and of the options around it is an --option, with its help and its
+    default (a subclass that changes only a default keeps the help of the base); objects only Python passes
+    (a model's configuration) are not options."""
+    module = importlib.import_module(RECIPES[name])
+    recipe, run = settings(module.command_line().parse_args(["train"]))
+    assert recipe == type(recipe)() and run == type(run)()  # the command line's defaults are the dataclasses'
+    monkeypatch.setenv("COLUMNS", "1000")  # one line an option: argparse wraps long help at hyphens too
+    with pytest.raises(SystemExit):
+        cli(["train", name, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for cls in (type(recipe), type(run)):
+        options = command_line_options(cls)
+        for f, help in options:
+            flag = "--" + f.name.replace("_", "-")
+            assert f"{flag} " in out and f"{help} (default: {f.default})" in out, (flag, help)
+        not_options = {f.name for f in dataclasses.fields(cls)} - {f.name for f, _ in options}
+        assert all(f"--{n}" not in out for n in not_options)
+    assert {"--steps", "--batch-size", "--lr", "--checkpoint-dir", "--release", "--out", "--threads"} <= set(
+        out.split())
+
+
+def test_a_release_command_parses_to_the_settings_it_names():
+    assert parse(t2i.RELEASE) == (t2i.T2IRecipe(steps=4000), t2i.JudgedRelease(threads=2, release=True))
+    assert parse(sdxl.RELEASE["refiner"]) == (sdxl.SDXLRecipe(part="refiner", steps=2000, lr=1e-3),
+                                              t2i.JudgedRelease(threads=1, release=True))
+    assert parse(vae.RELEASE_SD3) == (vae.VAERecipe(latent_channels=16, layout="sd3", size=32, steps=1200),
+                                      vae.VAERelease(name="shapes-vae-sd3", threads=1, release=True))
+    assert parse(clip.RELEASE_BIDIR)[0] == clip.CLIPRecipe(width=128, layers=4, heads=8, activation="gelu",
+                                                           attention="bidirectional", steps=3000, pool=30000)
+    assert parse("python -m sdlearn train t2i --eval 0 --guidance 5 --out x.safetensors")[1] \
+        == t2i.JudgedRelease(eval=0, guidance=5.0, out="x.safetensors")
+    for name in pretrained.available():  # what each release stored: it parses, to the steps it recorded
+        meta = pretrained.metadata(*name.rsplit("-", 1))
+        recipe, _ = parse(meta["command"])
+        assert "steps" not in meta or recipe.steps == int(meta["steps"]), name
+    with pytest.raises(ValueError, match="not a recipe's command"):
+        parse("python -m sdlearn generate 'a red circle'")
+    with pytest.raises(ValueError, match="part must be 'base' or 'refiner'"):
+        parse("python -m sdlearn train sdxl --part middle")
 
 
 def test_unknown_model_is_a_clear_error(capsys):
@@ -60,7 +108,8 @@ def test_release_commands_are_the_recipes():
 
 
 def test_vae_recipe_trains_and_sets_the_latent_scale():
-    model, hist = vae.train(size=16, steps=3, batch_size=4, config=TINY_VAE, progress=False, scale_images=16)
+    model, hist = vae.train(vae.VAERecipe(size=16, steps=3, batch_size=4, architecture=TINY_VAE, scale_images=16),
+                            progress=False)
     assert len(hist.losses) == 3 and not model.training
     assert model.config.scaling_factor > 0 and model.config.scaling_factor != 0.18215
 
@@ -73,7 +122,8 @@ def test_vae_recipe_takes_a_learners_loss():
         x_rec, _ = model(images)
         return ((x_rec - images) ** 2).mean()
 
-    vae.train(size=16, steps=2, batch_size=3, config=TINY_VAE, loss_fn=loss_fn, progress=False, scale_images=4)
+    vae.train(vae.VAERecipe(size=16, steps=2, batch_size=3, architecture=TINY_VAE, scale_images=4), loss_fn=loss_fn,
+              progress=False)
     assert calls == [(3, 3, 16, 16)] * 2
 
 
@@ -107,9 +157,33 @@ def test_clip_recipe_takes_a_learners_loss_and_reports_retrieval():
         seen.append(len(batch[0]))
         return model.loss(batch)[0]
 
-    model, tok, hist, acc = clip.train(size=32, steps=2, batch_size=4, pool=16, eval_n=8, loss_fn=loss_fn,
-                                       progress=False)
+    model, tok, hist, acc = clip.train(clip.CLIPRecipe(size=32, steps=2, batch_size=4, pool=16, eval_n=8),
+                                       loss_fn=loss_fn, progress=False)
     assert seen == [4, 4] and len(hist.losses) == 2 and set(acc) >= {"t2i", "i2t"}
+
+
+def test_fit_denoiser_trains_what_the_denoiser_predicts():
+    """The prediction type the loss gets is the denoiser's own; one its schedule cannot sample is refused before any
+    step is taken."""
+    torch.manual_seed(0)
+    conditioner = TextConditioner(TextEncoder(TextConfig(width=16, layers=1, heads=2)).requires_grad_(False))
+    autoencoder = AutoencoderKL(VAEConfig(**TINY_VAE))                    # 16 px images -> 4x4x4 latents
+    latents, conds = torch.randn(8, 4, 4, 4), conditioner(["a red circle on the left"] * 8)
+    recipe = t2i.T2IRecipe(size=16, steps=2, batch_size=4)
+    seen = []
+
+    def loss_fn(model, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma):
+        seen.append(prediction)
+        return training_loss(model, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma)
+
+    unet = UNet(t2i.unet_config(4, 16, width=8, prediction="x0"))
+    pipe, hist = t2i.fit_denoiser(unet, conditioner, autoencoder, latents, conds, NoiseSchedule("cosine"), recipe,
+                                  loss_fn, {"snr_gamma": None}, progress=False)
+    assert seen == ["x0", "x0"] and len(hist.losses) == 2 and pipe.prediction == "x0"
+    with pytest.raises(ValueError, match="velocity"):
+        t2i.fit_denoiser(unet, conditioner, autoencoder, latents, conds, FlowSchedule(), recipe, loss_fn, {},
+                         progress=False)
+    assert seen == ["x0", "x0"]
 
 
 @NEEDS_T2I_PARTS
@@ -232,7 +306,8 @@ def test_sdxl_recipe_trains_each_part_with_its_conditions(part):
         seen.append((sorted(cond), sorted(uncond), kw))
         return training_loss(model, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma, **kw)
 
-    pipe, hist = sdxl.train(part, steps=2, batch_size=4, pool=8, width=16, loss_fn=loss_fn, progress=False)
+    pipe, hist = sdxl.train(sdxl.SDXLRecipe(part=part, steps=2, batch_size=4, pool=8, width=16), loss_fn=loss_fn,
+                            progress=False)
     assert len(hist.losses) == 2 and isinstance(pipe, TextToImage)
     keys, dropped, kw = seen[0]
     assert keys == ["context", "pooled", "time_ids"] and dropped == ["context", "pooled"]  # ids are never dropped
@@ -257,7 +332,7 @@ def test_the_sdxl_vae_keeps_what_the_micro_conditions_describe():
     if not {"shapes-vae-32", "shapes-vae-xl-32"} <= set(pretrained.available()):
         pytest.skip("needs the released shapes-vae-32 and shapes-vae-xl-32")
     from sdlearn.data import ShapesDataset, degrade_image, render_pool
-    from sdlearn.sdxl import palette_distance
+    from sdlearn.metrics import palette_distance
     from sdlearn.vae import reconstruct
 
     clean, _ = render_pool(ShapesDataset(32, length=64, seed=3), 64, progress=False)

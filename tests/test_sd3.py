@@ -102,8 +102,8 @@ def test_mmdit_recipe_trains_with_a_learners_loss():
         seen.append(sorted(options))
         return mmdit.loss_with_third_dropped(model, schedule, z0, cond, uncond, p_uncond, **options)
 
-    pipe, hist = mmdit.train(steps=2, batch_size=4, pool=8, width=16, depth=2, heads=2, loss_fn=loss_fn,
-                             progress=False)
-    assert len(hist.losses) == 2 and seen[0] == ["cond_model", "density", "p_drop_third"]
+    pipe, hist = mmdit.train(mmdit.MMDiTRecipe(steps=2, batch_size=4, pool=8, width=16, depth=2, heads=2),
+                             loss_fn=loss_fn, progress=False)
+    assert len(hist.losses) == 2 and seen[0] == ["cond_model", "density", "p_drop_third", "prediction"]
     assert pipe.denoiser.config.in_channels == 16 and pipe.denoiser.config.qk_norm
     assert pipe.generate(["a red circle"], steps=2, progress=False).shape == (1, 3, 32, 32)

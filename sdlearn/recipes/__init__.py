@@ -5,19 +5,25 @@
     python -m sdlearn train t2i --checkpoint-dir runs/t2i  # interrupted? run the same command again: it resumes
     python -m sdlearn eval t2i                             # judge the released model
 
-A recipe module holds the training data it renders, its `train` function (whose defaults are the command line's:
-`add_options` reads them from its signature), how the release is judged, and `RELEASE`, the exact command that
-made the shipped weights. The notebooks call the same `train` with a smaller budget, so what a notebook prints and
+A recipe module holds the training data it renders, its settings (a frozen dataclass such as `T2IRecipe`, whose
+fields carry their defaults and help), its `train(settings, *, loss_fn, callback, ...)`, how the release is judged,
+and `RELEASE`, the exact command that made the shipped weights. The command line is made from the dataclasses'
+fields (`add_options`), so its options and the settings cannot drift, and `parse` turns a stored command back into
+the settings it ran with. The notebooks call the same `train` with a smaller budget, so what a notebook prints and
 what ships come from one code path. Model modules (sdlearn.vae, sdlearn.unet, ...) hold only what their notebook
 teaches.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
+import dataclasses
+import importlib
+import shlex
 import sys
 import time
-from collections.abc import Callable
+from dataclasses import MISSING, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,57 +34,102 @@ RECIPES = {"clip": "sdlearn.recipes.clip", "vae": "sdlearn.recipes.vae", "t2i": 
            "sdxl": "sdlearn.recipes.sdxl", "mmdit": "sdlearn.recipes.mmdit"}
 
 
-def parser(name: str, doc: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The command line of recipe `name`: (parser, its `train` subparser, its `eval` subparser). The train
-    subparser already has the options every recipe shares (threads, checkpoints, release)."""
+def option(default: Any, help: str, *, command_line: bool = True) -> Any:
+    """A field of a settings dataclass: its default and the help of its --option (command_line=False: a setting only
+    Python passes, such as a model's configuration object). A subclass that gives a field another default with a
+    plain `steps: int = 1200` keeps the help written here."""
+    return dataclasses.field(default=default, metadata={"help": help, "command_line": command_line})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """The settings every recipe has; each recipe's dataclass adds its own and gives steps, batch_size and lr their
+    defaults."""
+
+    steps: int = option(MISSING, "training steps")
+    batch_size: int = option(MISSING, "training batch")
+    lr: float = option(MISSING, "AdamW peak learning rate (warm-up, then cosine decay)")
+    seed: int = option(0, "seed of the weights, the data and the batches")
+    device: str | torch.device = option("cpu", "cpu, cuda, ...")
+    checkpoint_dir: str | Path | None = option(
+        None, "save checkpoints here; run the same command again to resume from the latest")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: only at the end)")
+
+    # the values a field may take, with what each means (or ""): {field: {value: meaning}}, checked on creation
+    CHOICES: ClassVar[dict[str, dict[str, str]]] = {}
+
+    def __post_init__(self):
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                said = [repr(c) + (f" ({meaning})" if meaning else "") for c, meaning in choices.items()]
+                raise ValueError(f"{name} must be {' or '.join(said)}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Release:
+    """The options of `train` on the command line around the recipe: threads, and where the release goes."""
+
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    release: bool = option(False, "write the release into sdlearn/weights/")
+    out: str | None = option(None, "write the release file here instead")
+
+
+def _declared(cls: type, name: str) -> dataclasses.Field:
+    """Field `name` as first declared with option() along cls's bases (a subclass may change only its default)."""
+    for base in cls.__mro__:
+        f = getattr(base, "__dataclass_fields__", {}).get(name)
+        if f is not None and "help" in f.metadata:
+            return f
+    raise TypeError(f"{cls.__name__}.{name} has no help: declare it with sdlearn.recipes.option")
+
+
+def command_line_options(cls: type) -> list[tuple[dataclasses.Field, str]]:
+    """The fields of a settings dataclass that are --options, each with its help."""
+    declared = [(f, _declared(cls, f.name).metadata) for f in dataclasses.fields(cls)]
+    return [(f, meta["help"]) for f, meta in declared if meta["command_line"]]
+
+
+def add_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """One --option per field of the settings dataclass cls: its name with dashes, its default, the type of its
+    default (str for None) and its help; a bool that defaults to False is a flag."""
+    for f, help in command_line_options(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is False:
+            p.add_argument(flag, action="store_true", help=help)
+        else:
+            p.add_argument(flag, type=str if f.default is None else type(f.default), default=f.default, help=help)
+
+
+def parser(name: str, doc: str, recipe: type[Recipe],
+           release: type[Release]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command line of recipe `name`: (parser, its `eval` subparser, for the recipe to fill). The `train`
+    subparser has an option per field of `recipe` and of `release`; `settings(args)` reads them back."""
     p = argparse.ArgumentParser(prog=f"python -m sdlearn.recipes.{name}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     train = sub.add_parser("train", help=f"train the shapes {name} model", formatter_class=fmt)
-    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    train.add_argument("--release", action="store_true", help="write the release into sdlearn/weights/")
-    train.add_argument("--out", default=None, help="write the release file here instead")
+    for cls in (recipe, release):
+        add_options(train, cls)
+    train.set_defaults(settings_classes=(recipe, release))
     evaluate = sub.add_parser("eval", help=f"judge the released shapes {name} model", formatter_class=fmt)
-    return p, train, evaluate
+    return p, evaluate
 
 
-# the options every recipe's train() has
-COMMON_HELP = {
-    "steps": "training steps",
-    "batch_size": "training batch",
-    "lr": "AdamW peak learning rate (warm-up, then cosine decay)",
-    "seed": "seed of the weights, the data and the batches",
-    "device": "cpu, cuda, ...",
-    "checkpoint_dir": "save checkpoints here; run the same command again to resume from the latest",
-    "checkpoint_every": "steps between checkpoints (0: only at the end)",
-}
-# and the latent diffusion recipes' (t2i, sdxl)
-LATENT_HELP = {
-    "size": "image size (the released VAE of this size is used)",
-    "pool": "training images rendered and encoded once",
-    "width": "channels of the UNet's first level (the second has twice)",
-    "layers": "ResBlocks per level",
-    "prediction": "what the UNet predicts: eps, v or x0",
-    "schedule": "noise schedule: linear, scaled_linear or cosine",
-    "snr_gamma": "min-SNR-gamma loss weighting (0: a plain mean)",
-    "p_uncond": "probability of training with the text dropped (for classifier-free guidance)",
-}
+def settings(args: argparse.Namespace) -> tuple[Recipe, Release]:
+    """A parsed `train` command line -> (the settings the recipe's train takes, the options around it)."""
+    return tuple(cls(**{f.name: getattr(args, f.name) for f, _ in command_line_options(cls)})
+                 for cls in args.settings_classes)
 
 
-def add_options(p: argparse.ArgumentParser, fn: Callable, helps: dict[str, str]) -> None:
-    """One --option per parameter of fn named in helps or COMMON_HELP, with fn's default (so the two cannot
-    drift) and its type."""
-    params = inspect.signature(fn).parameters
-    for name, help in {**COMMON_HELP, **helps}.items():
-        default = params[name].default
-        p.add_argument("--" + name.replace("_", "-"), type=str if default is None else type(default),
-                       default=default, help=help)
-
-
-def options(args: argparse.Namespace, helps: dict[str, str]) -> dict:
-    """The values of the options `add_options` made, as keyword arguments."""
-    return {name: getattr(args, name) for name in {**COMMON_HELP, **helps}}
+def parse(command: str) -> tuple[Recipe, Release]:
+    """A command as `command()` records it in a release (`python -m sdlearn train t2i --steps 4000 ...`) -> the
+    settings it ran with: (the recipe's, the options around it)."""
+    words = shlex.split(command)
+    if words[:4] != ["python", "-m", "sdlearn", "train"] or len(words) < 5 or words[4] not in RECIPES:
+        raise ValueError(f"not a recipe's command (python -m sdlearn train <{'|'.join(RECIPES)}> ...): {command!r}")
+    module = importlib.import_module(RECIPES[words[4]])
+    return settings(module.command_line().parse_args(["train", *words[5:]]))
 
 
 def reproduce(name: str, size: int, start: float) -> None:
@@ -91,9 +142,9 @@ def exact_figures(scores: dict[str, dict[str, float]]) -> dict[str, str]:
     return {f"exact_{k.replace(' ', '_').replace(',', '')}": f"{s['exact']:.3f}" for k, s in scores.items()}
 
 
-def set_threads(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def set_threads(run: Release) -> None:
+    if run.threads:
+        torch.set_num_threads(run.threads)
 
 
 def command(name: str, argv: list[str] | None) -> str:

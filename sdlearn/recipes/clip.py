@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from sdlearn import pretrained
 from sdlearn.clip import CLIP, ImageEncoder, ImageEncoderConfig, retrieval
 from sdlearn.course import seed_everything
 from sdlearn.data import ShapesDataset, render_pool
-from sdlearn.recipes import add_options, command, options, parser, reproduce, set_threads
+from sdlearn.recipes import Recipe, Release, command, option, parser, reproduce, set_threads, settings
 from sdlearn.text import TextConfig, TextEncoder, Tokenizer
 from sdlearn.train import History, TrainConfig, fit
 
@@ -33,6 +34,39 @@ RELEASE_BIDIR = ("python -m sdlearn train clip --name shapes-clip-bidir --width 
                  "--release")
 RELEASE_G = ("python -m sdlearn train clip --name shapes-clip-g --width 128 --layers 4 --heads 8 --activation gelu "
              "--size 32 --steps 4000 --pool 30000 --threads 1 --release")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CLIPRecipe(Recipe):
+    """The settings of notebook 02's CLIP: its text encoder is `text`, or TextConfig(width, layers, heads,
+    activation) with a projection as wide as it (the released shapes-clip: 64 wide, 3 layers; shapes-clip-g, SDXL's
+    second and larger encoder: 128 wide, 4 layers, GELU like OpenCLIP bigG; shapes-clip-bidir, in SD3's T5 role in
+    notebook 08: as wide, and bidirectional); its image encoder `image`, or the default ImageEncoderConfig."""
+
+    CHOICES = {"attention": {"causal": "CLIP", "bidirectional": "T5's encoder"}}
+
+    size: int = option(32, "image size of the image encoder")
+    steps: int = 1500
+    batch_size: int = option(128, "training batch (no caption twice in a batch)")
+    lr: float = 2e-3
+    pool: int = option(10000, "training images rendered once and reused")
+    eval_n: int = option(1000, "held-out images to measure retrieval on; 0: none")
+    width: int = option(64, "the text encoder's width (and its projection's)")
+    layers: int = option(3, "the text encoder's transformer blocks")
+    heads: int = option(4, "attention heads per block")
+    activation: str = option("quick_gelu", "the MLP's activation: quick_gelu (OpenAI CLIP) or gelu (OpenCLIP)")
+    attention: str = option("causal", "causal (CLIP's text encoders) or bidirectional (T5's encoder; SD3's third "
+                                      "encoder's role)")
+    text: TextConfig | None = option(None, "the text encoder's whole configuration, instead of width, layers, heads, "
+                                           "activation and attention", command_line=False)
+    image: ImageEncoderConfig | None = option(None, "the image encoder's configuration", command_line=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CLIPRelease(Release):
+    """The command line's options around the CLIP recipe: the release's name."""
+
+    name: str = option("shapes-clip", "release name (its image partner: <name>-image)")
 
 
 def unique_caption_batches(images: torch.Tensor, captions: list[str], tokenizer: Tokenizer, batch_size: int,
@@ -61,63 +95,43 @@ def clip_step(model: CLIP, batch) -> tuple[torch.Tensor, dict]:
     return model.loss(batch)
 
 
-def train(size: int = 32, steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, pool: int = 10000,
-          eval_n: int = 1000, seed: int = 0, width: int = 64, layers: int = 3, heads: int = 4,
-          activation: str = "quick_gelu", attention: str = "causal", text: TextConfig | None = None,
-          image: ImageEncoderConfig | None = None,
-          loss_fn: Callable = clip_step, device: str | torch.device = "cpu",
-          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
-          callback: Callable | None = None, callback_every: int = 0,
-          progress: bool = True) -> tuple[CLIP, Tokenizer, History, dict[str, float]]:
-    """Train a CLIP on `pool` rendered shapes images -> (clip, tokenizer, History, held-out retrieval of eval_n).
-
-    The text encoder: `text`, or TextConfig(width, layers, heads, activation) with a projection as wide as it (the
-    released shapes-clip: 64 wide, 3 layers; shapes-clip-g, SDXL's second and larger encoder: 128 wide, 4 layers,
-    GELU like OpenCLIP bigG; shapes-clip-bidir, in SD3's T5 role in notebook 08: as wide, and bidirectional).
+def train(recipe: CLIPRecipe, *, loss_fn: Callable = clip_step, callback: Callable | None = None,
+          callback_every: int = 0, progress: bool = True) -> tuple[CLIP, Tokenizer, History, dict[str, float]]:
+    """Train a CLIP on `recipe.pool` rendered shapes images -> (clip, tokenizer, History, held-out retrieval of
+    recipe.eval_n).
 
     loss_fn(clip, (images, tokens)) -> loss or (loss, logs): CLIP.loss, or a learner's (notebook 02).
-    callback(step, clip, None) every `callback_every` steps. With checkpoint_dir, a stopped run resumes."""
-    seed_everything(seed)
-    if attention not in ("causal", "bidirectional"):
-        raise ValueError(f"attention must be 'causal' (CLIP) or 'bidirectional' (T5's encoder), got {attention!r}")
-    text = text or TextConfig(width=width, layers=layers, heads=heads, projection_dim=width, activation=activation,
-                              causal=attention == "causal")
-    image = image or ImageEncoderConfig(image_size=size, embed_dim=text.pooled_dim)
+    callback(step, clip, None) every `callback_every` steps. With recipe.checkpoint_dir, a stopped run resumes."""
+    r = recipe
+    seed_everything(r.seed)
+    text = r.text or TextConfig(width=r.width, layers=r.layers, heads=r.heads, projection_dim=r.width,
+                                activation=r.activation, causal=r.attention == "causal")
+    image = r.image or ImageEncoderConfig(image_size=r.size, embed_dim=text.pooled_dim)
     tok = Tokenizer(context_length=text.max_positions, vocab=text.vocab)
-    clip = CLIP(TextEncoder(text), ImageEncoder(image)).to(device)
-    images, captions = render_pool(ShapesDataset(size=size, split="train", seed=seed), pool, progress)
-    batches = ((x.to(device), t.to(device)) for x, t in unique_caption_batches(images, captions, tok, batch_size, seed))
+    clip = CLIP(TextEncoder(text), ImageEncoder(image)).to(r.device)
+    images, captions = render_pool(ShapesDataset(size=r.size, split="train", seed=r.seed), r.pool, progress)
+    batches = ((x.to(r.device), t.to(r.device))
+               for x, t in unique_caption_batches(images, captions, tok, r.batch_size, r.seed))
     hist = fit(clip, loss_fn, batches,
-               TrainConfig(steps=steps, lr=lr, warmup=100, callback_every=callback_every,
-                           checkpoint_every=checkpoint_every, desc="clip"),
-               callback=callback, progress=progress, checkpoint_dir=checkpoint_dir)
-    if not eval_n:
+               TrainConfig(steps=r.steps, lr=r.lr, warmup=100, callback_every=callback_every,
+                           checkpoint_every=r.checkpoint_every, desc="clip"),
+               callback=callback, progress=progress, checkpoint_dir=r.checkpoint_dir)
+    if not r.eval_n:
         return clip, tok, hist, {}
-    h_images, h_captions = render_pool(ShapesDataset(size=size, split="heldout", seed=seed), eval_n, progress)
+    h_images, h_captions = render_pool(ShapesDataset(size=r.size, split="heldout", seed=r.seed), r.eval_n, progress)
     return clip, tok, hist, retrieval(clip, tok, h_images, h_captions)
 
 
-HELP = {
-    "size": "image size of the image encoder",
-    "batch_size": "training batch (no caption twice in a batch)",
-    "pool": "training images rendered once and reused",
-    "eval_n": "held-out images to measure retrieval on; 0: none",
-    "width": "the text encoder's width (and its projection's)",
-    "layers": "the text encoder's transformer blocks",
-    "heads": "attention heads per block",
-    "activation": "the MLP's activation: quick_gelu (OpenAI CLIP) or gelu (OpenCLIP)",
-    "attention": "causal (CLIP's text encoders) or bidirectional (T5's encoder; SD3's third encoder's role)",
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p, t, e = parser("clip", __doc__)
-    add_options(t, train, HELP)
-    t.add_argument("--name", default="shapes-clip", help="release name (its image partner: <name>-image)")
+def command_line():
+    p, e = parser("clip", __doc__, CLIPRecipe, CLIPRelease)
     e.add_argument("--size", type=int, default=32)
     e.add_argument("--n", type=int, default=1000, help="held-out images")
     e.add_argument("--name", default="shapes-clip", help="the release to measure (shapes-clip or shapes-clip-g)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_line().parse_args(argv)
     start = time.perf_counter()
     if args.cmd == "eval":
         text = pretrained.load(args.name, args.size)
@@ -127,17 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"held-out top-1 retrieval among {args.n}:", {k: round(v, 3) for k, v in acc.items()})
         reproduce(args.name, args.size, start)
         return 0
-    set_threads(args)
-    clip, tok, hist, acc = train(**options(args, HELP))
+    r, run = settings(args)
+    set_threads(run)
+    clip, tok, hist, acc = train(r)
     clip = clip.cpu()
-    print(f"trained {args.steps} steps in {hist.seconds / 60:.1f} min ({(time.perf_counter() - start) / 60:.1f} min "
+    print(f"trained {r.steps} steps in {hist.seconds / 60:.1f} min ({(time.perf_counter() - start) / 60:.1f} min "
           f"with rendering and evaluation); final loss {sum(hist.losses[-50:]) / len(hist.losses[-50:]):.3f}")
     print("held-out top-1 retrieval:", {k: round(v, 3) for k, v in acc.items()})
-    if args.release or args.out:
+    if run.release or run.out:
         extra = {f"heldout_{k}": f"{v:.4f}" for k, v in acc.items()}
-        for model, name in ((clip.text, args.name), (clip.image, f"{args.name}-image")):
-            dest = Path(args.out).with_name(f"{name}-{args.size}.safetensors") if args.out else None
-            print("wrote", pretrained.save(model, name, args.size, command("clip", argv), dest, **extra))
+        for model, name in ((clip.text, run.name), (clip.image, f"{run.name}-image")):
+            dest = Path(run.out).with_name(f"{name}-{r.size}.safetensors") if run.out else None
+            print("wrote", pretrained.save(model, name, r.size, command("clip", argv), dest, **extra))
     return 0
 
 

@@ -12,7 +12,7 @@ encoder dropped on its own in a fraction of the samples, so that sampling may le
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -22,12 +22,34 @@ from sdlearn.data import ShapesDataset, render_pool
 from sdlearn.flow import FlowSchedule
 from sdlearn.mmdit import MMDiT, MMDiTConfig
 from sdlearn.pipeline import TextToImage
-from sdlearn.recipes.t2i import encode_pool, fit_denoiser, text_to_image_main
+from sdlearn.recipes import option
+from sdlearn.recipes.t2i import LatentRecipe, encode_pool, fit_denoiser, judged_parser, text_to_image_main
 from sdlearn.sd3 import SD3Conditioner
 from sdlearn.train import History
 
 RELEASE = "python -m sdlearn train mmdit --steps 4000 --threads 2 --release"
 TEXT_ENCODERS = ("shapes-clip-32", "shapes-clip-g-32", "shapes-clip-bidir-32")   # CLIP-L's, bigG's and T5's roles
+
+
+@dataclass(frozen=True, kw_only=True)
+class MMDiTRecipe(LatentRecipe):
+    """The settings of notebook 08's shapes MMDiT with rectified flow (the release: steps=4000)."""
+
+    lr: float = 1e-3
+    width: int = option(128, "the transformer's width (heads x head_dim)")
+    depth: int = option(4, "joint blocks")
+    heads: int = option(4, "attention heads")
+    patch_size: int = option(2, "latent pixels per patch side (SD3: 2)")
+    dual: int = option(0, "how many leading blocks are MMDiT-X (a second, image-only attention; SD3.5-medium: 13 "
+                          "of 24)")
+    qk_norm: int = option(1, "1: RMSNorm on each head's queries and keys (SD3.5); 0: none (SD3)")
+    vae: str = option("shapes-vae-sd3", "the released VAE whose latents the MMDiT learns (shapes-vae-sd3: 16 "
+                                        "channels, as SD3's)")
+    shift: float = option(1.0, "the flow schedule's timestep shift (SD3: 3.0 at 1024 px; 1.0: none, for small "
+                               "latents)")
+    density: str = option("logit_normal", "training-time density: logit_normal (SD3), uniform or mode")
+    p_drop_third: float = option(0.3, "probability of zeroing the third encoder's tokens alone (so sampling may "
+                                      "leave it out)")
 
 
 def conditioner(device: str | torch.device = "cpu") -> SD3Conditioner:
@@ -49,55 +71,40 @@ def mmdit_config(latent_channels: int, latent_size: int, cond: SD3Conditioner, w
 
 
 def loss_with_third_dropped(model, schedule, z0, cond, uncond, p_uncond, cond_model: SD3Conditioner,
-                            p_drop_third: float, density: str = "logit_normal"):
-    """flow.training_loss after zeroing the third encoder's tokens in a fraction p_drop_third of the samples."""
+                            p_drop_third: float, density: str = "logit_normal", prediction: str = "v"):
+    """flow.training_loss after zeroing the third encoder's tokens in a fraction p_drop_third of the samples.
+    prediction: the denoiser's, which fit_denoiser passes to every loss; on the flow schedule it is "v"."""
     return flow.training_loss(model, schedule, z0, cond_model.drop_third(cond, p_drop_third), uncond, p_uncond,
                               density)
 
 
-def train(size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, pool: int = 10000,
-          width: int = 128, depth: int = 4, heads: int = 4, patch_size: int = 2, dual: int = 0,
-          qk_norm: int = 1, vae: str = "shapes-vae-sd3", shift: float = 1.0, density: str = "logit_normal",
-          p_uncond: float = 0.1, p_drop_third: float = 0.3, seed: int = 0,
-          loss_fn: Callable = loss_with_third_dropped, device: str | torch.device = "cpu",
-          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+def train(recipe: MMDiTRecipe, *, loss_fn: Callable = loss_with_third_dropped,
           callback: Callable[[int, TextToImage], None] | None = None, callback_every: int = 0,
           progress: bool = True) -> tuple[TextToImage, History]:
-    """Train the shapes MMDiT with rectified flow on `pool` shapes images -> (TextToImage with the EMA weights,
-    History). loss_fn(model, schedule, z0, cond, uncond, p_uncond, cond_model, p_drop_third, density) -> loss."""
-    seed_everything(seed)
-    autoencoder = pretrained.load(vae, size, device).requires_grad_(False)
-    cond_model = conditioner(device)
-    images, captions = render_pool(ShapesDataset(size=size, split="train", seed=seed), pool, progress)
+    """Train the shapes MMDiT with rectified flow on `recipe.pool` shapes images -> (TextToImage with the EMA weights,
+    History). loss_fn(model, schedule, z0, cond, uncond, p_uncond, cond_model, p_drop_third, density, prediction)
+    -> loss."""
+    r = recipe
+    seed_everything(r.seed)
+    autoencoder = pretrained.load(r.vae, r.size, r.device).requires_grad_(False)
+    cond_model = conditioner(r.device)
+    images, captions = render_pool(ShapesDataset(size=r.size, split="train", seed=r.seed), r.pool, progress)
     latents, conds = encode_pool(autoencoder, cond_model, images, captions)
-    config = mmdit_config(latents.shape[1], latents.shape[-1], cond_model, width, depth, heads, patch_size,
-                          bool(qk_norm), dual)
-    options = {"cond_model": cond_model, "p_drop_third": p_drop_third, "density": density}
-    return fit_denoiser(MMDiT(config), cond_model, autoencoder, latents, conds, size, FlowSchedule(shift),
-                        steps, batch_size, lr, p_uncond, seed, loss_fn, options, device, checkpoint_dir,
-                        checkpoint_every, callback, callback_every, progress, f"mmdit {size}px")
+    config = mmdit_config(latents.shape[1], latents.shape[-1], cond_model, r.width, r.depth, r.heads, r.patch_size,
+                          bool(r.qk_norm), r.dual)
+    options = {"cond_model": cond_model, "p_drop_third": r.p_drop_third, "density": r.density}
+    return fit_denoiser(MMDiT(config), cond_model, autoencoder, latents, conds, FlowSchedule(r.shift), r, loss_fn,
+                        options, callback=callback, callback_every=callback_every, progress=progress,
+                        desc=f"mmdit {r.size}px")
 
 
-HELP = {
-    "size": "image size (the released VAE of this size is used)",
-    "pool": "training images rendered and encoded once",
-    "width": "the transformer's width (heads x head_dim)",
-    "depth": "joint blocks",
-    "heads": "attention heads",
-    "patch_size": "latent pixels per patch side (SD3: 2)",
-    "dual": "how many leading blocks are MMDiT-X (a second, image-only attention; SD3.5-medium: 13 of 24)",
-    "qk_norm": "1: RMSNorm on each head's queries and keys (SD3.5); 0: none (SD3)",
-    "vae": "the released VAE whose latents the MMDiT learns (shapes-vae-sd3: 16 channels, as SD3's)",
-    "shift": "the flow schedule's timestep shift (SD3: 3.0 at 1024 px; 1.0: none, for small latents)",
-    "density": "training-time density: logit_normal (SD3), uniform or mode",
-    "p_uncond": "probability of training with the text dropped (for classifier-free guidance)",
-    "p_drop_third": "probability of zeroing the third encoder's tokens alone (so sampling may leave it out)",
-}
+def command_line():
+    return judged_parser("mmdit", __doc__, MMDiTRecipe)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
-    return text_to_image_main("mmdit", "shapes-mmdit", __doc__, train, HELP, lambda args: {
-        "vae": f"{args.vae}-{args.size}",
+    return text_to_image_main("mmdit", "shapes-mmdit", command_line(), train, lambda r: {
+        "vae": f"{r.vae}-{r.size}",
         **{f"conditioner.text_encoder{suffix}": name for suffix, name in zip(("", "_2", "_3"), TEXT_ENCODERS,
                                                                              strict=True)}}, argv)
 

@@ -14,10 +14,9 @@ Both are notebook 06's latent recipe (sdlearn.recipes.t2i.fit_denoiser) with SDX
 """
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -27,12 +26,14 @@ from sdlearn.data import ShapesDataset, render_samples
 from sdlearn.diffusion import NoiseSchedule
 from sdlearn.metrics import evaluate
 from sdlearn.pipeline import TextToImage, training_loss
-from sdlearn.recipes import LATENT_HELP, add_options, command, exact_figures, parser
+from sdlearn.recipes import command, option, settings
 from sdlearn.recipes.t2i import (
-    add_judge_options,
+    T2IRecipe,
     encode_pool,
     fit_denoiser,
+    judged_parser,
     print_scores,
+    save_release,
     train_from_command_line,
     unet_config,
 )
@@ -44,6 +45,25 @@ RELEASE = {"base": "python -m sdlearn train sdxl --part base --steps 4000 --thre
            "refiner": "python -m sdlearn train sdxl --part refiner --steps 2000 --threads 1 --release"}
 TEXT_ENCODERS = ("shapes-clip-32", "shapes-clip-g-32")  # CLIP ViT-L's and OpenCLIP bigG's roles
 REFINER_T_MAX = 200  # the refiner learns t < 200 of 1000 (SDXL sec. 2.5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SDXLRecipe(T2IRecipe):
+    """The settings of notebook 07's base or refiner: notebook 06's (T2IRecipe) with SDXL's data and conditioning.
+
+    The learning rate is half notebook 06's: the penultimate states SDXL reads are not normalised (shapes-clip-g's
+    have a standard deviation near 5), and at 2e-3 a base run diverged at step 740 of 4000 (loss 0.04 -> 0.4)."""
+
+    CHOICES = {"part": {"base": "", "refiner": ""}}
+
+    part: str = option("base", "base or refiner")
+    lr: float = 1e-3
+    time_id_dim: int = option(32, "sinusoid channels per size / crop / quality id (SDXL: 256)")
+    augment: float = option(0.5, "fraction of the images rendered at a random original size and randomly cropped")
+    degrade: float = option(0.5, "refiner: fraction of the images degraded (blur, noise, JPEG), labelled with a lower "
+                                 "quality")
+    vae: str = option("shapes-vae-xl", "the released VAE whose latents the UNet learns (shapes-vae-xl: trained on "
+                                       "SDXL-style and degraded images)")
 
 
 def sdxl_unet(latent_channels: int, conditioner: SDXLConditioner, width: int = 64, layers: int = 1,
@@ -85,53 +105,51 @@ def training_samples(part: str, size: int, n: int, seed: int = 0, augment: float
     return torch.stack([s.image for s in samples]), [s.caption for s in samples], conditions
 
 
-def train(part: str = "base", size: int = 32, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
-          pool: int = 10000, width: int = 64, layers: int = 1, time_id_dim: int = 32, augment: float = 0.5,
-          degrade: float = 0.5, vae: str = "shapes-vae-xl", prediction: str = "v", schedule: str = "cosine",
-          snr_gamma: float = 5.0,
-          p_uncond: float = 0.1, seed: int = 0, loss_fn: Callable = training_loss,
-          device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+def train(recipe: SDXLRecipe, *, loss_fn: Callable = training_loss,
           callback: Callable[[int, TextToImage], None] | None = None, callback_every: int = 0,
           progress: bool = True) -> tuple[TextToImage, History]:
-    """Train SDXL's base or refiner UNet on `pool` shapes images -> (TextToImage with the EMA weights, History).
+    """Train SDXL's base or refiner UNet (recipe.part) on `recipe.pool` shapes images -> (TextToImage with the EMA
+    weights, History).
 
     loss_fn(unet, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma, t_max=...) -> loss: sdlearn.pipeline's
     training_loss, or a learner's; the refiner's is called with t_max=200. Caption dropout zeroes the text
-    (context and pooled), never the ids. The learning rate is half notebook 06's: the penultimate states SDXL reads
-    are not normalised (shapes-clip-g's have a standard deviation near 5), and at 2e-3 a base run diverged at step
-    740 of 4000 (loss 0.04 -> 0.4)."""
-    if part not in ("base", "refiner"):
-        raise ValueError(f"part must be 'base' or 'refiner', got {part!r}")
-    seed_everything(seed)
-    autoencoder = pretrained.load(vae, size, device).requires_grad_(False)
-    cond_model = conditioner(part, size, device)
-    images, captions, conditions = training_samples(part, size, pool, seed, augment, degrade, progress)
+    (context and pooled), never the ids."""
+    r = recipe
+    seed_everything(r.seed)
+    autoencoder = pretrained.load(r.vae, r.size, r.device).requires_grad_(False)
+    cond_model = conditioner(r.part, r.size, r.device)
+    images, captions, conditions = training_samples(r.part, r.size, r.pool, r.seed, r.augment, r.degrade, progress)
     latents, conds = encode_pool(autoencoder, cond_model, images, captions, conditions)
-    denoiser = sdxl_unet(autoencoder.config.latent_channels, cond_model, width, layers, time_id_dim, prediction)
-    if part == "refiner":
-        loss_fn = functools.partial(loss_fn, t_max=REFINER_T_MAX)
-    loss_options = {"prediction": prediction, "snr_gamma": snr_gamma or None}
-    return fit_denoiser(denoiser, cond_model, autoencoder, latents, conds, size, NoiseSchedule(schedule, 1000), steps,
-                        batch_size, lr, p_uncond, seed, loss_fn, loss_options, device, checkpoint_dir,
-                        checkpoint_every, callback, callback_every, progress, f"sdxl {part} {size}px")
+    denoiser = sdxl_unet(autoencoder.config.latent_channels, cond_model, r.width, r.layers, r.time_id_dim,
+                         r.prediction)
+    loss_options = {"snr_gamma": r.snr_gamma or None, **({"t_max": REFINER_T_MAX} if r.part == "refiner" else {})}
+    return fit_denoiser(denoiser, cond_model, autoencoder, latents, conds, NoiseSchedule(r.schedule, 1000), r, loss_fn,
+                        loss_options, callback=callback, callback_every=callback_every, progress=progress,
+                        desc=f"sdxl {r.part} {r.size}px")
 
 
-HELP = {
-    "part": "base or refiner",
-    **LATENT_HELP,
-    "time_id_dim": "sinusoid channels per size / crop / quality id (SDXL: 256)",
-    "augment": "fraction of the images rendered at a random original size and randomly cropped",
-    "degrade": "refiner: fraction of the images degraded (blur, noise, JPEG), labelled with a lower quality",
-    "vae": "the released VAE whose latents the UNet learns (shapes-vae-xl: trained on SDXL-style and degraded images)",
-}
+def judged_pipeline(pipe: TextToImage, recipe: SDXLRecipe):
+    """What the judge scores after training: the base alone, or the refiner with the released base if that shares
+    the refiner's VAE (else None, said)."""
+    if recipe.part == "base":
+        return pipe
+    name = f"shapes-sdxl-base-{recipe.size}"
+    base = pretrained.load("shapes-sdxl-base", recipe.size) if name in pretrained.available() else None
+    if base is not None and vae_difference(base.vae, pipe.vae) == "":
+        return SDXLPipeline(base, pipe)
+    print(f"not judged: the refiner is judged with a released base over the same VAE ({recipe.vae}), and {name} is "
+          f"missing or was trained over another")
+    return None
+
+
+def command_line():
+    p, e = judged_parser("sdxl", __doc__, SDXLRecipe)
+    e.add_argument("--switch", type=float, default=0.8, help="where the refiner takes over; 1: the base alone")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p, t, e = parser("sdxl", __doc__)
-    add_options(t, train, HELP)
-    add_judge_options(t, e)
-    e.add_argument("--switch", type=float, default=0.8, help="where the refiner takes over; 1: the base alone")
-    args = p.parse_args(argv)
+    args = command_line().parse_args(argv)
     start = time.perf_counter()
     if args.cmd == "eval":
         base, refiner = (pretrained.load(f"shapes-sdxl-{part}", args.size) for part in ("base", "refiner"))
@@ -139,27 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         print_scores(evaluate(pipe, args.n, args.steps, args.guidance)[0])
         print(f"({time.perf_counter() - start:.1f} s); reproduce with:", RELEASE["base"], "and", RELEASE["refiner"])
         return 0
-    pipe, hist = train_from_command_line(train, args, HELP, start)
-    scores, judged = {}, pipe
-    if args.eval and args.part == "refiner":  # judged with the released base, if it shares the refiner's VAE
-        has_base = f"shapes-sdxl-base-{args.size}" in pretrained.available()
-        base = pretrained.load("shapes-sdxl-base", args.size) if has_base else None
-        judged = SDXLPipeline(base, pipe) if base is not None and vae_difference(base.vae, pipe.vae) == "" else None
-        if judged is None:
-            print(f"not judged: the refiner is judged with a released base over the same VAE ({args.vae}), and "
-                  f"shapes-sdxl-base-{args.size} is missing or was trained over another")
-    if args.eval and judged is not None:
-        scores = evaluate(judged, args.eval, guidance_scale=args.guidance)[0]
-        print_scores(scores)
-    if args.release or args.out:
-        figures = exact_figures(scores)
-        released = {"vae": f"{args.vae}-{args.size}", "conditioner.text_encoder_2": TEXT_ENCODERS[1],
-                    **({"conditioner.text_encoder": TEXT_ENCODERS[0]} if args.part == "base" else {})}
-        dest = pretrained.save(pipe, f"shapes-sdxl-{args.part}", args.size, command("sdxl", argv),
-                               Path(args.out) if args.out else None, released=released, dtype=torch.float16,
-                               steps=str(args.steps), train_minutes=f"{hist.seconds / 60:.1f}",
-                               guidance_scale=str(args.guidance), **figures)
-        print("wrote", dest)
+    r, run = settings(args)
+    pipe, hist = train_from_command_line(train, r, run, start)
+    judged = judged_pipeline(pipe, r) if run.eval else None
+    scores = evaluate(judged, run.eval, guidance_scale=run.guidance)[0] if judged is not None else {}
+    print_scores(scores)
+    if run.release or run.out:
+        released = {"vae": f"{r.vae}-{r.size}", "conditioner.text_encoder_2": TEXT_ENCODERS[1],
+                    **({"conditioner.text_encoder": TEXT_ENCODERS[0]} if r.part == "base" else {})}
+        save_release(pipe, f"shapes-sdxl-{r.part}", r, run, hist, command("sdxl", argv), released, scores)
     return 0
 
 

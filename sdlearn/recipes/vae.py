@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from sdlearn import pretrained
 from sdlearn.course import seed_everything
 from sdlearn.data import ShapesDataset, render_pool
 from sdlearn.metrics import prompt_adherence
-from sdlearn.recipes import add_options, command, options, parser, reproduce, set_threads
+from sdlearn.recipes import Recipe, Release, command, option, parser, reproduce, set_threads, settings
 from sdlearn.train import History, TrainConfig, fit
 from sdlearn.vae import AutoencoderKL, VAEConfig, latent_scale, psnr, reconstruct, vae_loss
 
@@ -36,6 +37,42 @@ RELEASE = {32: "python -m sdlearn train vae --size 32 --steps 1200 --threads 1 -
 
 # the released shapes VAEs: 32 px -> 8x8x4, 64 px -> 16x16x4 latents (downsampling factor 4)
 SHAPES_CONFIG = dict(channels=(32, 64, 64), layers_per_block=1, norm_groups=8, latent_channels=4)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAERecipe(Recipe):
+    """The settings of notebook 03's AutoencoderKL (the releases: RELEASE, RELEASE_XL, RELEASE_SD3).
+
+    augment, degrade: the fractions of training images rendered SDXL-style (random original size and crop) and
+    degraded (blur, noise, JPEG): shapes-vae-xl sees them, so that SDXL's size and quality conditions have latents to
+    act on (SDXL, too, shipped its own VAE). latent_channels: 4 (SD 1.x - SDXL) or 16 (SD3); layout "sd3": no
+    quant convs, and latents shifted by their mean before scaling, (z - shift) * scale, as SD3's VAE."""
+
+    CHOICES = {"layout": {"sd": "quant convs, latents scaled", "sd3": "none, latents shifted and scaled"}}
+
+    size: int = option(32, "image size")
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 2e-3
+    kl_weight: float = option(1e-4, "weight of the KL term")
+    recon: str = option("l2", "reconstruction loss: l2 or l1")
+    l1_weight: float = option(0.0, "weight of an extra per-image L1 term")
+    augment: float = option(0.0, "fraction of the images rendered at a random original size and cropped (SDXL's data)")
+    degrade: float = option(0.0, "fraction of the images blurred, noised or JPEG-compressed")
+    latent_channels: int = option(4, "channels of the latent (SD 1.x - SDXL: 4, SD3: 16)")
+    layout: str = option("sd", "sd: quant convs, latents scaled; sd3: no quant convs, latents shifted and scaled")
+    scale_images: int = option(512, "other training images whose latents' standard deviation sets the scaling "
+                                    "factor (1 / it)")
+    architecture: dict | None = option(None, "VAEConfig fields over SHAPES_CONFIG, the latent channels and the layout",
+                                       command_line=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAERelease(Release):
+    """The command line's options around the VAE recipe: the release's name and the held-out score."""
+
+    name: str = option("shapes-vae", "release name (SDXL's: shapes-vae-xl)")
+    eval: int = option(1000, "held-out images to score; 0: none")
 
 
 def training_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, recon: str = "l2",
@@ -63,62 +100,42 @@ def evaluate(vae: AutoencoderKL, size: int, n: int = 500, split: str = "heldout"
     return {"psnr": psnr(rec, images).mean().item(), **prompt_adherence(rec, captions)}
 
 
-def train(size: int = 32, steps: int = 1200, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-4,
-          recon: str = "l2", l1_weight: float = 0.0, augment: float = 0.0, degrade: float = 0.0,
-          latent_channels: int = 4, layout: str = "sd", seed: int = 0, config: dict | None = None,
-          loss_fn: Callable | None = None, device: str | torch.device = "cpu",
-          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, scale_images: int = 512,
+def train(recipe: VAERecipe, *, loss_fn: Callable | None = None,
           progress: bool = True) -> tuple[AutoencoderKL, History]:
-    """Train an AutoencoderKL (config: SHAPES_CONFIG) on the shapes training split and set its latent scale.
+    """Train an AutoencoderKL (SHAPES_CONFIG, with recipe.architecture over it) on the shapes training split and set
+    its latent scale -> (vae, History).
 
-    -> (vae, History). Fresh images every step (the dataset is a pure function of the index). loss_fn(vae,
-    images [B,3,H,W]) -> loss or (loss, logs): training_loss with kl_weight, recon and l1_weight, or a learner's
-    (notebook 03). The scaling factor is 1 / std of the latents of `scale_images` other training images.
-    augment, degrade: the fractions of training images rendered SDXL-style (random original size and crop) and
-    degraded (blur, noise, JPEG): shapes-vae-xl sees them, so that SDXL's size and quality conditions have latents to
-    act on (SDXL, too, shipped its own VAE). latent_channels: 4 (SD 1.x - SDXL) or 16 (SD3); layout "sd3": no
-    quant convs, and latents shifted by their mean before scaling, (z - shift) * scale, as SD3's VAE."""
-    if layout not in ("sd", "sd3"):
-        raise ValueError(f"layout must be 'sd' (quant convs, latents scaled) or 'sd3' (none, latents shifted and "
-                         f"scaled), got {layout!r}")
-    seed_everything(seed)
+    Fresh images every step (the dataset is a pure function of the index). loss_fn(vae, images [B,3,H,W]) -> loss or
+    (loss, logs): training_loss with kl_weight, recon and l1_weight, or a learner's (notebook 03). The scaling factor
+    is 1 / std of the latents of `recipe.scale_images` other training images."""
+    r = recipe
+    seed_everything(r.seed)
     fmt = torch.channels_last  # on CPU, convolutions train several times faster in NHWC
-    sd3 = layout == "sd3"
-    config = {**SHAPES_CONFIG, "latent_channels": latent_channels, "use_quant_conv": not sd3,
-              "use_post_quant_conv": not sd3, **(config or {})}
-    vae = AutoencoderKL(VAEConfig(**config)).to(device, memory_format=fmt)
-    ds = ShapesDataset(size=size, split="train", seed=seed, length=steps * batch_size, degrade=degrade)
-    varied = ShapesDataset(size=size, split="train", seed=seed, length=steps * batch_size, augment=True,
-                           degrade=degrade)
+    sd3 = r.layout == "sd3"
+    config = {**SHAPES_CONFIG, "latent_channels": r.latent_channels, "use_quant_conv": not sd3,
+              "use_post_quant_conv": not sd3, **(r.architecture or {})}
+    vae = AutoencoderKL(VAEConfig(**config)).to(r.device, memory_format=fmt)
+    ds = ShapesDataset(size=r.size, split="train", seed=r.seed, length=r.steps * r.batch_size, degrade=r.degrade)
+    varied = ShapesDataset(size=r.size, split="train", seed=r.seed, length=r.steps * r.batch_size, augment=True,
+                           degrade=r.degrade)
 
     def image(i):  # a fraction `augment` of the indices, spread evenly, from the SDXL-style renders
-        return (varied if (i * augment) % 1 + augment >= 1 else ds)[i][0]
+        return (varied if (i * r.augment) % 1 + r.augment >= 1 else ds)[i][0]
 
-    loss_fn = loss_fn or functools.partial(training_loss, kl_weight=kl_weight, recon=recon, l1_weight=l1_weight)
+    loss_fn = loss_fn or functools.partial(training_loss, kl_weight=r.kl_weight, recon=r.recon, l1_weight=r.l1_weight)
 
     def batch(step):  # a pure function of the step: a resumed run sees the same images
-        x = torch.stack([image(i) for i in range(step * batch_size, (step + 1) * batch_size)])  # [B,3,size,size]
-        return x.to(device, memory_format=fmt)
+        x = torch.stack([image(i) for i in range(step * r.batch_size, (step + 1) * r.batch_size)])  # [B,3,size,size]
+        return x.to(r.device, memory_format=fmt)
 
     hist = fit(vae, loss_fn, batch,
-               TrainConfig(steps=steps, lr=lr, warmup=100, checkpoint_every=checkpoint_every, desc=f"vae {size}px"),
-               progress=progress, checkpoint_dir=checkpoint_dir)
+               TrainConfig(steps=r.steps, lr=r.lr, warmup=100, checkpoint_every=r.checkpoint_every,
+                           desc=f"vae {r.size}px"),
+               progress=progress, checkpoint_dir=r.checkpoint_dir)
     vae = vae.to(memory_format=torch.contiguous_format)
-    scale, shift = latent_scale(vae, shapes_images(size, scale_images, "train", seed=seed + 1)[0], shift=sd3)
+    scale, shift = latent_scale(vae, shapes_images(r.size, r.scale_images, "train", seed=r.seed + 1)[0], shift=sd3)
     vae.config.scaling_factor, vae.config.shift_factor = scale, shift
     return vae.eval(), hist
-
-
-HELP = {
-    "size": "image size",
-    "kl_weight": "weight of the KL term",
-    "recon": "reconstruction loss: l2 or l1",
-    "l1_weight": "weight of an extra per-image L1 term",
-    "augment": "fraction of the images rendered at a random original size and cropped (SDXL's data)",
-    "degrade": "fraction of the images blurred, noised or JPEG-compressed",
-    "latent_channels": "channels of the latent (SD 1.x - SDXL: 4, SD3: 16)",
-    "layout": "sd: quant convs, latents scaled; sd3: no quant convs, latents shifted and scaled",
-}
 
 
 def _print_scores(what: str, scores: dict) -> None:
@@ -126,34 +143,36 @@ def _print_scores(what: str, scores: dict) -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "psnr"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p, t, e = parser("vae", __doc__)
-    add_options(t, train, HELP)
-    t.add_argument("--name", default="shapes-vae", help="release name (SDXL's: shapes-vae-xl)")
+def command_line():
+    p, e = parser("vae", __doc__, VAERecipe, VAERelease)
     e.add_argument("--name", default="shapes-vae", help="the release to measure")
-    t.add_argument("--eval", type=int, default=1000, help="held-out images to score; 0: none")
     e.add_argument("--size", type=int, default=32)
     e.add_argument("--n", type=int, default=1000, help="held-out images to score")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_line().parse_args(argv)
     start = time.perf_counter()
     if args.cmd == "eval":
         scores = evaluate(pretrained.load(args.name, size=args.size), args.size, args.n)
         _print_scores(f"{args.name}-{args.size} on {args.n} held-out images", scores)
         reproduce(args.name, args.size, start)
         return 0
-    set_threads(args)
-    vae, hist = train(**options(args, HELP))
+    r, run = settings(args)
+    set_threads(run)
+    vae, hist = train(r)
     vae = vae.cpu()
     minutes = (time.perf_counter() - start) / 60
-    print(f"trained {args.steps} steps in {minutes:.1f} min ({hist.steps_per_second:.2f} steps/s, "
+    print(f"trained {r.steps} steps in {minutes:.1f} min ({hist.steps_per_second:.2f} steps/s, "
           f"{torch.get_num_threads()} threads); scaling_factor {vae.config.scaling_factor:.4f}")
-    scores = evaluate(vae, args.size, args.eval) if args.eval else {}
+    scores = evaluate(vae, r.size, run.eval) if run.eval else {}
     if scores:
-        _print_scores(f"held-out ({args.eval} images)", scores)
-    if args.release or args.out:
+        _print_scores(f"held-out ({run.eval} images)", scores)
+    if run.release or run.out:
         figures = {"heldout_psnr": f"{scores['psnr']:.2f}", "heldout_exact": f"{scores['exact']:.3f}"} if scores else {}
-        dest = pretrained.save(vae, args.name, args.size, command("vae", argv), Path(args.out) if args.out else None,
-                               steps=str(args.steps), train_minutes=f"{minutes:.1f}", **figures)
+        dest = pretrained.save(vae, run.name, r.size, command("vae", argv), Path(run.out) if run.out else None,
+                               steps=str(r.steps), train_minutes=f"{minutes:.1f}", **figures)
         print("wrote", dest)
     return 0
 
