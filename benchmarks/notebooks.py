@@ -27,6 +27,12 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+# Seconds one notebook's dry run may take, here and in tests/test_gpu_profile.py (tools/gpu_validate.sh --dry-run
+# runs this file). A dry run proves shapes and released files, not amounts of work: each notebook's takes well under
+# a minute on 2 CPU cores (the longest, 06 and 07, about 30 s in the test suite on 2026-12-05), about 2 minutes is
+# the design limit, and the rest is room for a slow hour on a shared machine.
+DRY_RUN_TIMEOUT = 180
+TIMEOUT = 1800  # seconds per notebook in a profile's full run (the cpu profile's training notebooks take minutes)
 
 
 def _gpu_memory_mib() -> float | None:
@@ -53,8 +59,10 @@ def _tree_rss_mib(proc: psutil.Process) -> dict[int, float]:
 
 
 def run_one(path: Path, profile: str, dry_run: bool = False, device: str | None = None,
-            timeout: int = 1800) -> dict:
-    """Run one notebook under `pytest --nbval-lax` in `profile`; its record (passed, wall_s, peak memory)."""
+            timeout: int | None = None) -> dict:
+    """Run one notebook under `pytest --nbval-lax` in `profile`; its record (passed, wall_s, peak memory).
+    timeout: seconds (default DRY_RUN_TIMEOUT for a dry run, else TIMEOUT)."""
+    timeout = timeout or (DRY_RUN_TIMEOUT if dry_run else TIMEOUT)
     env = dict(os.environ, SDLEARN_PROFILE=profile, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
     env.pop("SDLEARN_DRY_RUN", None)
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))  # else the repository's conftest.py sets 1 (for xdist)
@@ -112,7 +120,7 @@ def machine() -> str:
 
 
 def validate(profile: str, notebooks: list[str] | None = None, dry_run: bool = False, device: str | None = None,
-             out: Path | None = None, timeout: int = 1800) -> dict:
+             out: Path | None = None, timeout: int | None = None) -> dict:
     """Run the chosen solutions notebooks (all by default) and merge their records into `out`."""
     paths = sorted((ROOT / "solutions").glob("*.ipynb"))
     if notebooks:
@@ -146,7 +154,8 @@ def main(argv=None):
     ap.add_argument("--notebooks", nargs="*", help="number prefixes (default: all)")
     ap.add_argument("--dry-run", action="store_true", help="the profile's shapes, the smoke profile's amounts of work")
     ap.add_argument("--device", help="SDLEARN_DEVICE for the notebooks (default: cuda when available)")
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per notebook")
+    ap.add_argument("--timeout", type=int, help=f"seconds per notebook (default {TIMEOUT}; a dry run's: "
+                                                 f"{DRY_RUN_TIMEOUT})")
     ap.add_argument("--out", type=Path, help="results file (default results/notebooks_<profile>[_dry_run].json)")
     args = ap.parse_args(argv)
     result = validate(args.profile, args.notebooks, args.dry_run, args.device, args.out, args.timeout)

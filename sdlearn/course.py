@@ -57,20 +57,24 @@ def batch(smoke, cpu, gpu):
 class Profile:
     """The sizes notebooks use. One line per knob: (smoke, cpu, gpu).
 
-    smoke: CI, every notebook well under a minute on 2 CPU cores (proves it runs).
+    smoke: CI, every notebook well under a minute on 2 CPU cores (proves it runs). Its amounts of work are the least
+           that runs every code path (3 training steps prove what 10 prove): CI runs each notebook four times, three
+           in nbgrader's grading round and once in a dry run of the gpu profile.
     cpu:   a laptop, each training notebook about 10 minutes on 2 cores, results a person recognises.
     gpu:   Colab / a datacentre GPU, the whole course in minutes, the best results.
 
     A dry run (SDLEARN_DRY_RUN=1) keeps a profile's shapes (`knob`: image sizes, widths, depths) and takes the
     smoke profile's amounts of work (`budget`: steps, samples, pools) and batch sizes (`batch`): every shape but the
-    batch axis and every released file of the gpu profile, exercised on a CPU in minutes.
+    batch axis and every released file of the gpu profile, exercised on a CPU in well under a minute per notebook
+    (a step at the gpu profile's shapes costs up to 100x a smoke step on a CPU, so a notebook sizes every loop and
+    sweep from a `budget`, never from a literal).
     """
 
     name: str = knob("smoke", "cpu", "gpu")
     # shared
     image_size: int = knob(32, 32, 64)            # shapes images, pixels per side
     batch_size: int = batch(16, 64, 128)          # training batch
-    num_eval: int = budget(32, 200, 400)          # prompts scored by the judge
+    num_eval: int = budget(8, 200, 400)           # prompts scored by the judge
     num_workers: int = knob(0, 0, 2)              # DataLoader workers
     # 01 self-attention
     attn_max_tokens: int = budget(1024, 4096, 16384)  # largest HW in the attention cost sweep
@@ -82,39 +86,41 @@ class Profile:
     probe_steps: int = budget(20, 400, 1000)      # cross-attention probe (denoiser) steps
     probe_draws: int = budget(2, 8, 16)           # noise draws averaged per attention map
     # 03 VAE
-    vae_steps: int = budget(10, 600, 2000)        # the notebook's own VAE (the released one trained longer)
+    vae_steps: int = budget(3, 600, 2000)         # the notebook's own VAE (the released one trained longer)
     vae_batch: int = batch(4, 32, 64)             # its training batch
     vae_sweep_steps: int = budget(2, 30, 200)     # fine-tuning steps per point of the KL-weight sweep
     vae_sweep_batch: int = batch(2, 16, 32)       # and their batch
+    vae_scale_images: int = budget(64, 512, 512)  # training images whose latents set its scaling factor
     # 04 DDPM noising
-    sample_steps: int = budget(10, 50, 50)        # reverse-process steps when sampling
+    sample_steps: int = budget(2, 50, 50)         # reverse-process steps when sampling
     toy_steps: int = budget(100, 1000, 1000)      # most reverse steps on the 2-D toy (DDPM's run, the step sweep)
     toy_samples: int = budget(500, 2000, 10000)   # points sampled on the 2-D toy
     forward_samples: int = budget(64, 500, 2000)  # noised copies of one image: closed form vs iterating
     # 05 UNet (pixel-space DDPM)
-    pixel_steps: int = budget(10, 1200, 3000)     # the pixel-space UNet's training steps
+    pixel_steps: int = budget(4, 1200, 3000)      # the pixel-space UNet's training steps
     pixel_size: int = knob(16, 16, 32)            # pixel-space images: 32 px costs 4x per step (measured)
     pixel_width: int = knob(16, 32, 64)           # channels of the UNet's first level (the second has twice)
-    pixel_pool: int = budget(64, 2000, 5000)      # training images, rendered once
-    pixel_batch: int = batch(16, 32, 128)         # its training batch (cpu: more, smaller steps beat fewer big ones)
+    pixel_pool: int = budget(16, 2000, 5000)      # training images, rendered once
+    pixel_batch: int = batch(4, 32, 128)          # its training batch (cpu: more, smaller steps beat fewer big ones)
     # 06 latent diffusion
-    ldm_steps: int = budget(10, 1800, 6000)       # latent UNet training steps (cpu: ~9 minutes on 2 cores)
-    ldm_batch: int = batch(16, 64, 128)           # its batch
-    ldm_pool: int = budget(256, 10000, 30000)     # training images, rendered and encoded once
+    ldm_steps: int = budget(3, 1800, 6000)        # latent UNet training steps (cpu: ~9 minutes on 2 cores)
+    ldm_batch: int = batch(4, 64, 128)            # its batch
+    ldm_pool: int = budget(32, 10000, 30000)      # training images, rendered and encoded once
     ldm_width: int = knob(16, 64, 96)             # channels of the latent UNet's first level
-    sweep_prompts: int = budget(8, 100, 200)      # judge prompts per point of the guidance / step-count sweeps
+    sweep_prompts: int = budget(4, 100, 200)      # judge prompts per point of the guidance / step-count sweeps
+    step_repeats: int = budget(0, 3, 3)           # steps timed after a warm-up, in the cost-per-step comparison
     # 07 SDXL refiner
     sdxl_size: int = knob(32, 32, 32)             # shapes-vae-xl, SDXL's VAE, is released at 32 px only
-    sdxl_steps: int = budget(10, 900, 6000)       # the base UNet's training steps (cpu: ~7.7 min; released: 4000)
-    refiner_steps: int = budget(10, 300, 3000)    # the refiner's (t < 200 only; cpu: ~2.2 min; released: 2000)
-    sdxl_pool: int = budget(256, 8000, 30000)     # training images, rendered and encoded once, for each
+    sdxl_steps: int = budget(3, 900, 6000)        # the base UNet's training steps (cpu: ~7.7 min; released: 4000)
+    refiner_steps: int = budget(3, 300, 3000)     # the refiner's (t < 200 only; cpu: ~2.2 min; released: 2000)
+    sdxl_pool: int = budget(32, 8000, 30000)      # training images, rendered and encoded once, for each
     # 08 MMDiT
     mmdit_size: int = knob(32, 32, 32)            # shapes-vae-sd3, SD3's 16-channel VAE, is released at 32 px only
-    mmdit_steps: int = budget(10, 2000, 8000)     # the MMDiT's training steps (the released one: 4000)
+    mmdit_steps: int = budget(3, 2000, 8000)      # the MMDiT's training steps (the released one: 4000)
     mmdit_width: int = knob(32, 128, 192)         # its width (heads of 32 channels)
     mmdit_depth: int = knob(2, 4, 6)              # its joint blocks
-    mmdit_pool: int = budget(256, 10000, 30000)   # training images, rendered and encoded once
-    qk_steps: int = budget(20, 200, 600)          # the high-learning-rate runs with and without QK RMSNorm
+    mmdit_pool: int = budget(64, 10000, 30000)    # training images, rendered and encoded once
+    qk_steps: int = budget(5, 200, 600)           # the high-learning-rate runs with and without QK RMSNorm
 
     @classmethod
     def named(cls, name: str, dry_run: bool = False) -> Profile:

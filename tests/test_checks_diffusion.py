@@ -95,11 +95,11 @@ def test_posterior_checker(capsys):
             check.posterior_mean_variance(fn)
 
 
-def _ddim(s, eps, x_t, t, t_prev, eta=0.0, noise=None, *, prev_from=None, ignore_eta=False, no_shrink=False,
+def _ddim(s, eps, x_t, t, t_next, eta=0.0, noise=None, *, prev_from=None, ignore_eta=False, no_shrink=False,
           table=None, sq=True):
     table = s.alphas_cumprod if table is None else table
     a_t = table[t].item()
-    tp = t_prev if prev_from is None else prev_from(t, t_prev)
+    tp = t_next if prev_from is None else prev_from(t, t_next)
     a_p = table[tp].item() if tp >= 0 else 1.0
     x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
     eta = 0.0 if ignore_eta else eta
@@ -111,12 +111,12 @@ def _ddim(s, eps, x_t, t, t_prev, eta=0.0, noise=None, *, prev_from=None, ignore
 
 def test_ddim_checker(capsys):
     check.ddim_step(_ddim)
-    check.ddim_step(lambda s, eps, x_t, t, t_prev, eta=0.0, noise=None: D.ddim_step(s, eps, x_t, t, t_prev, eta=eta,
+    check.ddim_step(lambda s, eps, x_t, t, t_next, eta=0.0, noise=None: D.ddim_step(s, eps, x_t, t, t_next, eta=eta,
                                                                                      noise=noise))
     assert "ddim_step: correct" in capsys.readouterr().out
     wrong = {
         "LAST entry": lambda *a: _ddim(*a, prev_from=lambda t, tp: tp if tp >= 0 else len(a[0]) - 1),
-        "goes to t_prev, not t - 1": lambda *a: _ddim(*a, prev_from=lambda t, tp: t - 1),
+        "goes to t_next, not t - 1": lambda *a: _ddim(*a, prev_from=lambda t, tp: t - 1),
         "eta was ignored": lambda *a: _ddim(*a, ignore_eta=True),
         r"subtract sigma\^2": lambda *a: _ddim(*a, no_shrink=True),
         "used alpha": lambda *a: _ddim(*a, table=a[0].alphas),

@@ -77,10 +77,10 @@ def loop_with(mistake=None):
         c, u = pipe.encode_prompts(prompts)["context"], pipe.encode_prompts([""] * len(prompts))["context"]
         ts = pipe.schedule.timesteps(steps).tolist()
         for i, t in enumerate(ts):
-            t_prev = t - 1 if mistake == "t-1" else (ts[i + 1] if i + 1 < len(ts) else -1)
+            t_next = t - 1 if mistake == "t-1" else (ts[i + 1] if i + 1 < len(ts) else -1)
             tt = torch.full((len(z),), t)
             out = cfg(pipe.denoiser(z, tt, u), pipe.denoiser(z, tt, c), 1.0 if mistake == "no-guidance" else w)
-            z = ddim_step(pipe.schedule, out, z, t, t_prev)
+            z = ddim_step(pipe.schedule, out, z, t, t_next)
         return (pipe.vae.decode(z) if mistake == "no-scale" else pipe.vae.from_latent(z)).clamp(-1, 1)
     return fn
 

@@ -38,7 +38,7 @@ def test_a_dry_run_keeps_the_shapes_and_cuts_the_work(monkeypatch):
 
 def _dry_run_test(path: Path):
     def test_the_solutions_notebook_runs_in_a_dry_run_of_the_gpu_profile(self):
-        record = runner.run_one(path, "gpu", dry_run=True, device="cpu", timeout=900)
+        record = runner.run_one(path, "gpu", dry_run=True, device="cpu", timeout=runner.DRY_RUN_TIMEOUT)
         assert record["passed"], f"{path.name} failed in a dry run of the gpu profile:\n{record.get('output_tail')}"
         assert record["peak_kernel_rss_mib"] > 50  # the memory watcher saw the kernel
 

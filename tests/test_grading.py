@@ -1,13 +1,25 @@
 """An instructor's path, with nbgrader itself and the configuration in grading/: make the course folder, release
 every notebook, collect three submissions, autograde, read the gradebook, hand back feedback.
 
-    solved    every exercise filled in with the solution: full marks on every notebook
-    unsolved  the released notebooks as they are: zero on every graded cell, and the grading still finishes
+    solved    every exercise filled in with the solution: full marks on every notebook, and no cell fails
+              (this is the solutions notebook run in the smoke profile: nbval's proof, see below)
+    unsolved  the released notebooks as they are: zero on every graded cell, and the grading still finishes;
+              they are the student notebooks of notebooks/, and each runs clean up to its first exercise
     partly    one known mistake per notebook: the marks of the other exercises, and feedback naming the mistake
+
+Each submission is one full run of its notebook in the smoke profile, so the grading round also proves what a
+separate run would: the solved submission is the solutions notebook (solution markers aside), so every solutions
+notebook running under nbval (`pytest --nbval-lax solutions/`, no longer in the default run) is the same proof as
+`test_a_solved_submission_runs_every_cell_without_an_error`; the unsolved submission is the student notebook, so
+`test_the_student_notebooks_run_to_their_first_exercise` is what running notebooks/ to its first exercise proved.
+
+The notebooks are graded in ROUNDS course folders of their own (notebook i in round i % ROUNDS), one test class
+each: `--dist loadscope` keeps a class on one worker, so the rounds spread over the xdist workers.
 """
 import copy
 import html
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +32,7 @@ from sdlearn.course import points
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
 ASSIGNMENTS = [p.stem for p in SOLUTIONS]
+ROUNDS = 2  # one per xdist worker on 2 cores: each round costs four start-ups (make-course and three nbgrader apps)
 
 # notebook: (its exercise with a mistake, the code replaced, the mistake, what the checker's message says)
 MISTAKES = {
@@ -39,6 +52,7 @@ MISTAKES = {
 }
 STUDENTS = ("solved", "unsolved", "partly")
 MARKERS = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n", re.M)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _nbgrader(course: Path, *args: str) -> str:
@@ -71,76 +85,142 @@ def _submission(released, name: str, student: str):
     return nb
 
 
-@pytest.fixture(scope="module")
-def course(tmp_path_factory):
-    course = tmp_path_factory.mktemp("course")
-    r = subprocess.run([sys.executable, "-m", "sdlearn.course", "make-course", str(course)], capture_output=True,
-                       text=True)
-    assert r.returncode == 0, r.stderr
-    logs = {"generate_assignment": _nbgrader(course, "generate_assignment", "*")}
-    for name in ASSIGNMENTS:
-        released = nbformat.read(course / "release" / name / f"{name}.ipynb", as_version=4)
-        for student in STUDENTS:
-            folder = course / "submitted" / student / name
-            folder.mkdir(parents=True)
-            nbformat.write(_submission(released, name, student), folder / f"{name}.ipynb")
-    logs["autograde"] = _nbgrader(course, "autograde", "*")
-    logs["generate_feedback"] = _nbgrader(course, "generate_feedback", "*", "--student=partly")
-    return course, logs
+def _autograded(course: Path, student: str, name: str):
+    return nbformat.read(course / "autograded" / student / name / f"{name}.ipynb", as_version=4)
 
 
-def _grades(course: Path, student: str) -> dict[str, dict[str, tuple[float, float]]]:
-    """assignment -> {grade cell: (score, max score)}, from nbgrader's gradebook."""
-    from nbgrader.api import Gradebook
-
-    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
-        return {name: {g.name: (g.score, g.max_score) for nb in gb.find_submission(name, student).notebooks
-                       for g in nb.grades} for name in ASSIGNMENTS}
+def _errors(nb) -> list[tuple[int, object]]:
+    """(cell index, error output) for every cell that raised, in order."""
+    return [(i, o) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+            for o in c.get("outputs", []) if o.output_type == "error"]
 
 
-def test_the_configuration_is_read_and_nothing_warns_about_a_setting(course):
-    _, logs = course
-    for app, log in logs.items():
-        for bad in ("No nbgrader_config.py", "not recognized", "Config option", "deprecated"):
-            assert bad not in log, f"nbgrader {app}: {bad!r} in its log:\n{log[-2000:]}"
+def _first(nb, key):
+    return next((i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get(key)), None)
 
 
-def test_a_solved_submission_gets_full_marks_on_every_notebook(course):
-    for name, grades in _grades(course[0], "solved").items():
-        lost = {g: s for g, s in grades.items() if s[0] != s[1]}
-        assert not lost, f"{name}: a solved submission lost marks on {lost}"
-        nb = nbformat.read(ROOT / "solutions" / f"{name}.ipynb", as_version=4)
-        assert sum(m for _, m in grades.values()) == points(nb)
+class _GradingRound:
+    """The instructor's path for the notebooks of one round (NOTEBOOKS, set by each subclass below)."""
+
+    NOTEBOOKS: list[str] = []
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def course(cls, tmp_path_factory):
+        names = cls.NOTEBOOKS
+        course = tmp_path_factory.mktemp("course")
+        r = subprocess.run([sys.executable, "-m", "sdlearn.course", "make-course", str(course)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        for other in set(ASSIGNMENTS) - set(names):  # the other rounds grade these
+            shutil.rmtree(course / "source" / other)
+        logs = {"generate_assignment": _nbgrader(course, "generate_assignment", "*")}
+        for name in names:
+            released = nbformat.read(course / "release" / name / f"{name}.ipynb", as_version=4)
+            for student in STUDENTS:
+                folder = course / "submitted" / student / name
+                folder.mkdir(parents=True)
+                nbformat.write(_submission(released, name, student), folder / f"{name}.ipynb")
+        logs["autograde"] = _nbgrader(course, "autograde", "*")
+        logs["generate_feedback"] = _nbgrader(course, "generate_feedback", "*", "--student=partly")
+        return course, logs
+
+    def _grades(self, course: Path, student: str) -> dict[str, dict[str, tuple[float, float]]]:
+        """assignment -> {grade cell: (score, max score)}, from nbgrader's gradebook."""
+        from nbgrader.api import Gradebook
+
+        with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+            return {name: {g.name: (g.score, g.max_score) for nb in gb.find_submission(name, student).notebooks
+                           for g in nb.grades} for name in self.NOTEBOOKS}
+
+    def test_the_configuration_is_read_and_nothing_warns_about_a_setting(self, course):
+        _, logs = course
+        for app, log in logs.items():
+            for bad in ("No nbgrader_config.py", "not recognized", "Config option", "deprecated"):
+                assert bad not in log, f"nbgrader {app}: {bad!r} in its log:\n{log[-2000:]}"
+
+    def test_a_solved_submission_gets_full_marks_on_every_notebook(self, course):
+        for name, grades in self._grades(course[0], "solved").items():
+            lost = {g: s for g, s in grades.items() if s[0] != s[1]}
+            assert not lost, f"{name}: a solved submission lost marks on {lost}"
+            nb = nbformat.read(ROOT / "solutions" / f"{name}.ipynb", as_version=4)
+            assert sum(m for _, m in grades.values()) == points(nb)
+
+    def test_a_solved_submission_runs_every_cell_without_an_error(self, course):
+        """What `pytest --nbval-lax solutions/` proves: every cell of every solutions notebook runs clean in the
+        smoke profile (the solved submission is that notebook, hidden tests included)."""
+        for name in self.NOTEBOOKS:
+            graded = _autograded(course[0], "solved", name)
+            solutions = nbformat.read(ROOT / "solutions" / f"{name}.ipynb", as_version=4)
+            assert [MARKERS.sub("", c.source) for c in graded.cells if c.cell_type == "code"] == [
+                MARKERS.sub("", c.source) for c in solutions.cells if c.cell_type == "code"], (
+                f"{name}: the solved submission is not the solutions notebook")
+            for i, error in _errors(graded)[:1]:
+                trace = ANSI.sub("", "\n".join(error.traceback))
+                pytest.fail(f"solutions/{name}.ipynb, cell {i}, raised {error.ename} in the smoke profile:\n"
+                            f"{graded.cells[i].source}\n{trace[-3000:]}")
+
+    def test_an_unsolved_submission_gets_zero_on_every_graded_cell(self, course):
+        for name, grades in self._grades(course[0], "unsolved").items():
+            assert grades and all(s == 0 for s, _ in grades.values()), f"{name}: {grades}"
+
+    def test_the_student_notebooks_run_to_their_first_exercise(self, course):
+        """The unsolved submission is notebooks/<name>.ipynb as shipped; it runs clean until its first exercise,
+        which raises NotImplementedError (a learner meets their first task, not a crash)."""
+        for name in self.NOTEBOOKS:
+            student = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+            released = nbformat.read(course[0] / "release" / name / f"{name}.ipynb", as_version=4)
+            code = [[c.source for c in nb.cells if c.cell_type == "code"] for nb in (student, released)]
+            assert code[0] == code[1], f"notebooks/{name}.ipynb differs from what nbgrader releases"
+            graded = _autograded(course[0], "unsolved", name)
+            assert len(graded.cells) == len(student.cells), f"{name}: autograde added or dropped cells"
+            first_solution, first_check = _first(student, "solution"), _first(student, "grade")
+            errors = _errors(graded)
+            if first_solution is None:
+                assert not errors, f"{name} has no exercise and must run clean: {errors[0][1].ename} in cell " \
+                                   f"{errors[0][0]}"
+                continue
+            assert errors, f"{name}: no cell stopped the unsolved notebook"
+            stopped_at, error = errors[0]
+            assert error.ename == "NotImplementedError", f"{name} failed with {error.ename} before its exercise"
+            assert first_solution <= stopped_at <= first_check, (
+                f"{name}.ipynb stopped at cell {stopped_at}, expected between its first exercise ({first_solution}) "
+                f"and that exercise's check ({first_check})")
+
+    def test_a_partly_wrong_submission_gets_the_marks_of_its_right_exercises_only(self, course):
+        for name, grades in self._grades(course[0], "partly").items():
+            wrong = f"{name}-check-{MISTAKES[name][0]}"
+            assert grades[wrong][0] == 0, f"{name}: the wrong exercise scored {grades[wrong]}"
+            others = {g: s for g, s in grades.items() if g != wrong and s[0] != s[1]}
+            assert not others, f"{name}: the right exercises lost marks: {others}"
+
+    def test_the_feedback_names_the_mistake(self, course):
+        course, _ = course
+        for name in self.NOTEBOOKS:
+            page = course / "feedback" / "partly" / name / f"{name}.html"
+            text = html.unescape(re.sub(r"<[^>]+>", "", page.read_text()))
+            assert "CheckFailed" in text and MISTAKES[name][3] in text, f"{page.name}: the checker's message is missing"
+
+    def test_every_notebook_has_hidden_tests_that_the_release_does_not_show(self, course):
+        course, _ = course
+        for name in self.NOTEBOOKS:
+            source = (ROOT / "solutions" / f"{name}.ipynb").read_text()
+            released = (course / "release" / name / f"{name}.ipynb").read_text()
+            assert "### BEGIN HIDDEN TESTS" in source, f"{name}: no graded cell has hidden tests"
+            assert "HIDDEN TESTS" not in released and "HIDDEN TESTS" not in (ROOT / "notebooks" / f"{name}.ipynb"
+                                                                           ).read_text()
+            graded = (course / "autograded" / "solved" / name / f"{name}.ipynb").read_text()
+            assert "### BEGIN HIDDEN TESTS" in graded, f"{name}: autograde did not restore the hidden tests"
 
 
-def test_an_unsolved_submission_gets_zero_on_every_graded_cell(course):
-    for name, grades in _grades(course[0], "unsolved").items():
-        assert grades and all(s == 0 for s, _ in grades.values()), f"{name}: {grades}"
+def test_every_notebook_is_graded_in_one_round():
+    rounds = [ASSIGNMENTS[i::ROUNDS] for i in range(ROUNDS)]
+    assert sorted(n for r in rounds for n in r) == ASSIGNMENTS
+    assert set(MISTAKES) == set(ASSIGNMENTS), "each notebook needs its known mistake for the partly submission"
 
 
-def test_a_partly_wrong_submission_gets_the_marks_of_its_right_exercises_only(course):
-    for name, grades in _grades(course[0], "partly").items():
-        wrong = f"{name}-check-{MISTAKES[name][0]}"
-        assert grades[wrong][0] == 0, f"{name}: the wrong exercise scored {grades[wrong]}"
-        others = {g: s for g, s in grades.items() if g != wrong and s[0] != s[1]}
-        assert not others, f"{name}: the right exercises lost marks: {others}"
-
-
-def test_the_feedback_names_the_mistake(course):
-    course, _ = course
-    for name in ASSIGNMENTS:
-        page = course / "feedback" / "partly" / name / f"{name}.html"
-        text = html.unescape(re.sub(r"<[^>]+>", "", page.read_text()))
-        assert "CheckFailed" in text and MISTAKES[name][3] in text, f"{page.name}: the checker's message is missing"
-
-
-def test_every_notebook_has_hidden_tests_that_the_release_does_not_show(course):
-    course, _ = course
-    for name in ASSIGNMENTS:
-        source = (ROOT / "solutions" / f"{name}.ipynb").read_text()
-        released = (course / "release" / name / f"{name}.ipynb").read_text()
-        assert "### BEGIN HIDDEN TESTS" in source, f"{name}: no graded cell has hidden tests"
-        assert "HIDDEN TESTS" not in released and "HIDDEN TESTS" not in (ROOT / "notebooks" / f"{name}.ipynb"
-                                                                       ).read_text()
-        graded = (course / "autograded" / "solved" / name / f"{name}.ipynb").read_text()
-        assert "### BEGIN HIDDEN TESTS" in graded, f"{name}: autograde did not restore the hidden tests"
+for _i in range(ROUNDS):
+    _names = ASSIGNMENTS[_i::ROUNDS]
+    if _names:
+        _cls = type(f"TestGrading_{'_'.join(n[:2] for n in _names)}", (_GradingRound,), {"NOTEBOOKS": _names})
+        globals()[_cls.__name__] = _cls

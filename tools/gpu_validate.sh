@@ -11,8 +11,11 @@ args=(--profile gpu)
 out=benchmarks/results/gpu_validate.json
 if [[ "${1:-}" == "--dry-run" ]]; then
     shift
+    # the dry run's time limit is benchmarks/notebooks.py's DRY_RUN_TIMEOUT, the one tests/test_gpu_profile.py uses
     args+=(--dry-run)
     out=benchmarks/results/notebooks_gpu_dry_run.json
+else
+    args+=(--timeout 600)  # seconds per notebook in the gpu profile
 fi
 if [[ -d .whl ]] && compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -22,6 +25,6 @@ fi
 python3 -c "import torch; print('torch', torch.__version__, '| cuda:', torch.cuda.is_available() and torch.cuda.get_device_name())"
 [[ $# -gt 0 ]] && args+=(--notebooks "$@")
 # results go to $OUT too when the device tool runs this (what is written under $OUT comes back)
-python3 benchmarks/notebooks.py "${args[@]}" --out "$out" --timeout 600 && status=0 || status=$?
+python3 benchmarks/notebooks.py "${args[@]}" --out "$out" && status=0 || status=$?
 [[ -n "${OUT:-}" ]] && cp "$out" "$OUT/" || true
 exit $status

@@ -163,20 +163,20 @@ def _posterior_variance_mistakes(s, t: int, exp_var: torch.Tensor) -> list:
 
 
 def ddim_step(fn) -> None:
-    """fn(schedule, eps, x_t, t, t_prev, eta=0.0, noise=None) -> x_{t_prev} (Song et al. eq. 12)."""
+    """fn(schedule, eps, x_t, t, t_next, eta=0.0, noise=None) -> x_{t_next} (Song et al. eq. 12)."""
     name = "ddim_step"
     s = _schedule()
     g = torch.Generator().manual_seed(2)
     shape = (3, 2, 4, 5)
     abar = s.alphas_cumprod.double()
-    for t, t_prev, eta in [(19, 14, 0.0), (9, 4, 0.0), (4, -1, 0.0), (10, 9, 0.0), (14, 9, 0.7), (9, 4, 1.0),
+    for t, t_next, eta in [(19, 14, 0.0), (9, 4, 0.0), (4, -1, 0.0), (10, 9, 0.0), (14, 9, 0.7), (9, 4, 1.0),
                            (4, -1, 0.5)]:
         eps, x_t, noise = (torch.randn(shape, generator=g) for _ in range(3))
-        where = f"t={t} -> t_prev={t_prev}, eta={eta}"
-        got = call(name, fn, s, eps.clone(), x_t.clone(), t, t_prev, eta, noise.clone() if eta > 0 else None,
+        where = f"t={t} -> t_next={t_next}, eta={eta}"
+        got = call(name, fn, s, eps.clone(), x_t.clone(), t, t_next, eta, noise.clone() if eta > 0 else None,
                    on=f"eps, x_t of shape {shape}, {where}")
-        expect_tensor(name, got, shape, "x_prev")
-        expected = _ddim_step(s, eps, x_t, t, t_prev, eta=eta, noise=noise)
+        expect_tensor(name, got, shape, "x_next")
+        expected = _ddim_step(s, eps, x_t, t, t_next, eta=eta, noise=noise)
 
         def step(a_t, a_p, eta=eta, sq=True, sq_x0=True, direction_sigma=True, x0_sqrt=True, z=noise,
                  x_t=x_t, eps=eps):
@@ -187,30 +187,30 @@ def ddim_step(fn) -> None:
             d = max(1 - a_p - (sigma**2 if direction_sigma else 0), 0.0)
             return r(a_p) * x0 + r(d) * eps + sigma * z
 
-        a_t, a_p = abar[t].item(), (abar[t_prev].item() if t_prev >= 0 else 1.0)
+        a_t, a_p = abar[t].item(), (abar[t_next].item() if t_next >= 0 else 1.0)
         mistakes = [
-            ("at t_prev = -1 (the last step) abar_prev = 1: alphas_cumprod[-1] is python's LAST entry, not abar_{-1}",
+            ("at t_next = -1 (the last step) abar_next = 1: alphas_cumprod[-1] is python's LAST entry, not abar_{-1}",
              step(a_t, abar[-1].item())),
-            ("the step goes to t_prev, not t - 1: abar_prev = alphas_cumprod[t_prev]",
+            ("the step goes to t_next, not t - 1: abar_next = alphas_cumprod[t_next]",
              step(a_t, abar[t - 1].item())),
-            ("forgot the square roots: sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps",
+            ("forgot the square roots: sqrt(abar_next) x0_hat + sqrt(1 - abar_next - sigma^2) eps",
              step(a_t, a_p, sq=False)),
             ("forgot the square roots: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), "
-             "x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps",
+             "x_next = sqrt(abar_next) x0_hat + sqrt(1 - abar_next - sigma^2) eps",
              step(a_t, a_p, sq=False, sq_x0=False)),
             ("x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the division needs the square root",
              step(a_t, a_p, x0_sqrt=False)),
             ("used alpha (one step, schedule.alphas) where DDIM needs abar = schedule.alphas_cumprod",
-             step(s.alphas[t].item(), s.alphas[t_prev].item() if t_prev >= 0 else 1.0)),
+             step(s.alphas[t].item(), s.alphas[t_next].item() if t_next >= 0 else 1.0)),
         ]
         if eta > 0:
             mistakes += [
-                ("eta was ignored: with eta > 0 add sigma * noise, sigma = eta sqrt((1-abar_prev)/(1-abar_t)) "
-                 "sqrt(1 - abar_t/abar_prev)", step(a_t, a_p, eta=0.0)),
-                ("the direction term is sqrt(1 - abar_prev - sigma^2) eps: subtract sigma^2 when adding noise",
+                ("eta was ignored: with eta > 0 add sigma * noise, sigma = eta sqrt((1-abar_next)/(1-abar_t)) "
+                 "sqrt(1 - abar_t/abar_next)", step(a_t, a_p, eta=0.0)),
+                ("the direction term is sqrt(1 - abar_next - sigma^2) eps: subtract sigma^2 when adding noise",
                  step(a_t, a_p, direction_sigma=False)),
                 ("sigma is multiplied by eta (eta = 1 is DDPM's posterior std, eta = 0 no noise)",
                  step(a_t, a_p, eta=1.0) if eta != 1.0 else step(a_t, a_p, eta=0.0)),
             ]
-        diagnose(name, got, expected, mistakes, on=where, atol=ATOL, rtol=RTOL, what="x_prev", advice=ADVICE)
+        diagnose(name, got, expected, mistakes, on=where, atol=ATOL, rtol=RTOL, what="x_next", advice=ADVICE)
     passed(name)
