@@ -10,8 +10,6 @@ folder of image + .txt pairs into the same (image [3,size,size] in [-1,1], capti
 """
 from __future__ import annotations
 
-import io
-import math
 import operator
 import re
 from collections.abc import Sequence
@@ -173,8 +171,8 @@ def shape_mask(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown shape {shape!r}, expected one of {SHAPES}")
 
 
-def _draw(placements: Sequence[Placement], size: int, supersample: int = SUPERSAMPLE) -> torch.Tensor:
-    """Placements -> [3,size,size] in [-1,1]. No size check (augmentation renders small originals)."""
+def draw(placements: Sequence[Placement], size: int, supersample: int = SUPERSAMPLE) -> torch.Tensor:
+    """Placements -> [3,size,size] in [-1,1]. No size check (SDXL's augmentation renders small originals)."""
     n = size * supersample
     u = (torch.arange(n, dtype=torch.float32) + 0.5) / n  # pixel centres in unit coordinates
     y, x = torch.meshgrid(u, u, indexing="ij")  # [n,n] each
@@ -199,7 +197,7 @@ def render(objects: Sequence[ShapeObject | Placement], size: int, rng: np.random
         objects = layout(objects, rng, margin=1 / size)
     elif not all(isinstance(o, Placement) for o in objects):
         raise TypeError("objects must be all ShapeObjects or all Placements")
-    return _draw(objects, size, supersample)
+    return draw(objects, size, supersample)
 
 
 # -----------------------------------------------------------------------------
@@ -208,37 +206,11 @@ def render(objects: Sequence[ShapeObject | Placement], size: int, rng: np.random
 _TRAIN_PAIRS = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]  # 20 pairs
 
 
-QUALITY_CLEAN, QUALITY_WORST = 6.0, 2.0  # the quality label of a clean render and of the most degraded one
-DEGRADATIONS = ("blur", "noise", "jpeg")
-
-
-def degrade_image(image: torch.Tensor, kind: str, severity: float) -> torch.Tensor:
-    """An image [3,H,W] in [-1,1] made worse, by `severity` in [0, 1]: a Gaussian blur (sigma 0.4 to 1.5 px),
-    Gaussian noise (std 0.05 to 0.3) or JPEG compression (quality 60 down to 5)."""
-    if kind == "blur":
-        sigma = 0.4 + 1.1 * severity
-        return TF.gaussian_blur(image[None], kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)[0].clamp(-1, 1)
-    if kind == "noise":
-        g = torch.Generator().manual_seed(int(severity * 1e6))
-        return (image + (0.05 + 0.25 * severity) * torch.randn(image.shape, generator=g)).clamp(-1, 1)
-    if kind == "jpeg":
-        pixels = ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # [H,W,3]
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=round(60 - 55 * severity))
-        back = torch.from_numpy(np.array(Image.open(buffer).convert("RGB"))).permute(2, 0, 1)  # [3,H,W]
-        return back.float() / 127.5 - 1
-    raise ValueError(f"unknown degradation {kind!r}, expected one of {DEGRADATIONS}")
-
-
 @dataclass
 class ShapesSample:
     image: torch.Tensor  # [3,H,W] float32 in [-1,1]
     caption: str
     objects: tuple[ShapeObject, ...]
-    original_size: tuple[int, int]  # (h, w) the scene was rendered at
-    crop_top_left: tuple[int, int]  # (top, left) of the crop, in rescaled pixels
-    target_size: tuple[int, int]  # (h, w) of image
-    quality: float = QUALITY_CLEAN  # SDXL's aesthetic-score analogue: 6 clean, down to 2 for the worst degradation
 
 
 class ShapesDataset(Dataset):
@@ -246,13 +218,10 @@ class ShapesDataset(Dataset):
 
     Item i is a pure function of (seed, split, i). split="train" never shows a HELDOUT_PAIRS object;
     split="heldout" shows exactly one per image (the other object, if any, is a training pair).
-    augment=True: SDXL-style random original size + rescale + crop, recorded in ds.item(i).
-    degrade=p: a fraction p of the images blurred, noised or JPEG-compressed (degrade_image), with a quality label
-    from QUALITY_CLEAN down to QUALITY_WORST by severity (ds.item(i).quality): the refiner's aesthetic score.
     """
 
     def __init__(self, size: int = 32, split: str = "train", seed: int = 0, max_objects: int = 2,
-                 length: int | None = None, augment: bool = False, degrade: float = 0.0):
+                 length: int | None = None):
         _check_size(size)
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
@@ -262,10 +231,8 @@ class ShapesDataset(Dataset):
             length = 50_000 if split == "train" else 1_000
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int or None, got {length!r}")
-        if not 0 <= degrade <= 1:
-            raise ValueError(f"degrade is the fraction of degraded images, in [0, 1], got {degrade!r}")
         self.size, self.split, self.seed = int(size), split, int(seed)
-        self.max_objects, self.length, self.augment, self.degrade = max_objects, length, augment, degrade
+        self.max_objects, self.length = max_objects, length
 
     def __len__(self) -> int:
         return self.length
@@ -283,33 +250,22 @@ class ShapesDataset(Dataset):
             pairs[int(rng.integers(n))] = HELDOUT_PAIRS[int(rng.integers(len(HELDOUT_PAIRS)))]
         return [ShapeObject(c, s, p) for (c, s), p in zip(pairs, positions)]
 
-    def item(self, i: int) -> ShapesSample:
+    def rng(self, i: int, stream: int = 0) -> np.random.Generator:
+        """Item i's random numbers (stream 0: the scene; others for what later notebooks draw on top of it)."""
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), i, *([stream] if stream else [])])
+
+    def scene(self, i: int) -> tuple[list[ShapeObject], list[Placement], np.random.Generator]:
+        """Item i's objects and where they sit, and its random stream after drawing them (to draw more from)."""
         i = operator.index(i)
         if not -self.length <= i < self.length:
             raise IndexError(f"index {i} out of range for a dataset of length {self.length}")
-        i %= self.length
-        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
+        rng = self.rng(i % self.length)
         objects = self.sample_objects(rng)
-        size = self.size
-        placements = layout(objects, rng, margin=1 / size)
-        if not self.augment:
-            sample = ShapesSample(_draw(placements, size), caption(objects), tuple(objects), (size, size), (0, 0),
-                                  (size, size))
-        else:  # SDXL-style: a really smaller/larger original, rescaled to [1, 1.25] x size, then a random crop
-            o = int(rng.integers(size // 2, 2 * size + 1))
-            side = round(size * rng.uniform(1.0, 1.25))
-            top, left = (int(v) for v in rng.integers(0, side - size + 1, size=2))
-            image = _draw(placements, o)[None]  # [1,3,o,o]
-            image = F.interpolate(image, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-            image = image[0, :, top:top + size, left:left + size].clamp(-1, 1).contiguous()  # [3,size,size]
-            sample = ShapesSample(image, caption(objects), tuple(objects), (o, o), (top, left), (size, size))
-        if self.degrade:  # its own random stream: the scene does not depend on `degrade`
-            rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i, 1])
-            if rng.random() < self.degrade:
-                severity = float(rng.uniform())
-                sample.image = degrade_image(sample.image, DEGRADATIONS[int(rng.integers(3))], severity)
-                sample.quality = QUALITY_CLEAN - (QUALITY_CLEAN - QUALITY_WORST) * severity
-        return sample
+        return objects, layout(objects, rng, margin=1 / self.size), rng
+
+    def item(self, i: int) -> ShapesSample:
+        objects, placements, _ = self.scene(i)
+        return ShapesSample(draw(placements, self.size), caption(objects), tuple(objects))
 
 
 def render_samples(dataset: ShapesDataset, n: int, progress: bool = True) -> list[ShapesSample]:

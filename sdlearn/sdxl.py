@@ -26,15 +26,103 @@ What SDXL adds to latent diffusion, each a few lines here:
 """
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from einops import rearrange
+from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 
+from sdlearn.data import ShapesDataset, ShapesSample, caption, draw
 from sdlearn.pipeline import Conditioner, TextToImage
 from sdlearn.text import TextEncoder, Tokenizer
 from sdlearn.unet import UNet, timestep_embedding
+
+# -----------------------------------------------------------------------------
+# SDXL's data: images of every size and crop, told apart by their ids (sec. 2.2); and a quality label
+
+
+QUALITY_CLEAN, QUALITY_WORST = 6.0, 2.0  # the quality label of a clean render and of the most degraded one
+DEGRADATIONS = ("blur", "noise", "jpeg")
+
+
+def degrade_image(image: torch.Tensor, kind: str, severity: float) -> torch.Tensor:
+    """An image [3,H,W] in [-1,1] made worse, by `severity` in [0, 1]: a Gaussian blur (sigma 0.4 to 1.5 px),
+    Gaussian noise (std 0.05 to 0.3) or JPEG compression (quality 60 down to 5)."""
+    if kind == "blur":
+        sigma = 0.4 + 1.1 * severity
+        return TF.gaussian_blur(image[None], kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)[0].clamp(-1, 1)
+    if kind == "noise":
+        g = torch.Generator().manual_seed(int(severity * 1e6))
+        return (image + (0.05 + 0.25 * severity) * torch.randn(image.shape, generator=g)).clamp(-1, 1)
+    if kind == "jpeg":
+        pixels = ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # [H,W,3]
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=round(60 - 55 * severity))
+        back = torch.from_numpy(np.array(Image.open(buffer).convert("RGB"))).permute(2, 0, 1)  # [3,H,W]
+        return back.float() / 127.5 - 1
+    raise ValueError(f"unknown degradation {kind!r}, expected one of {DEGRADATIONS}")
+
+
+@dataclass
+class SDXLSample(ShapesSample):
+    original_size: tuple[int, int] = (32, 32)  # (h, w) the scene was rendered at
+    crop_top_left: tuple[int, int] = (0, 0)    # (top, left) of the crop, in rescaled pixels
+    target_size: tuple[int, int] = (32, 32)    # (h, w) of image
+    quality: float = QUALITY_CLEAN             # the aesthetic score's analogue: 6 clean, down to 2 for the worst
+
+
+class SDXLShapes(Dataset):
+    """The shapes scenes of `dataset` rendered as SDXL's training data; ds.item(i) -> SDXLSample.
+
+    augment=True: each scene at a random original size (half to twice the image size), rescaled to 1 to 1.25 times
+    the image size and randomly cropped, with those numbers recorded (SDXL sec. 2.2: train on every image, small or
+    cropped, and tell the model which). degrade=p: a fraction p of the images blurred, noised or JPEG-compressed
+    (degrade_image), labelled from QUALITY_CLEAN down to QUALITY_WORST by severity: the refiner's aesthetic score."""
+
+    def __init__(self, dataset: ShapesDataset, augment: bool = False, degrade: float = 0.0):
+        if not 0 <= degrade <= 1:
+            raise ValueError(f"degrade is the fraction of degraded images, in [0, 1], got {degrade!r}")
+        self.dataset, self.augment, self.degrade = dataset, augment, degrade
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        sample = self.item(i)
+        return sample.image, sample.caption
+
+    def item(self, i: int) -> SDXLSample:
+        objects, placements, rng = self.dataset.scene(i)
+        size = self.dataset.size
+        sample = SDXLSample(draw(placements, size), caption(objects), tuple(objects), (size, size), (0, 0),
+                            (size, size))
+        if self.augment:  # a really smaller/larger original, rescaled to [1, 1.25] x size, then a random crop
+            o = int(rng.integers(size // 2, 2 * size + 1))
+            side = round(size * rng.uniform(1.0, 1.25))
+            top, left = (int(v) for v in rng.integers(0, side - size + 1, size=2))
+            image = F.interpolate(draw(placements, o)[None], size=(side, side), mode="bilinear", antialias=True,
+                                  align_corners=False)                                     # [1,3,side,side]
+            sample.image = image[0, :, top:top + size, left:left + size].clamp(-1, 1).contiguous()  # [3,size,size]
+            sample.original_size, sample.crop_top_left = (o, o), (top, left)
+        if self.degrade:  # its own random stream: the scene does not depend on `degrade`
+            rng = self.dataset.rng(i % len(self), stream=1)
+            if rng.random() < self.degrade:
+                severity = float(rng.uniform())
+                sample.image = degrade_image(sample.image, DEGRADATIONS[int(rng.integers(3))], severity)
+                sample.quality = QUALITY_CLEAN - (QUALITY_CLEAN - QUALITY_WORST) * severity
+        return sample
+
+
+# -----------------------------------------------------------------------------
+# micro-conditioning, and the UNet that reads it
 
 
 def _pairs(name: str, value) -> torch.Tensor:

@@ -23,6 +23,7 @@ NOTEBOOK = {
     "sdlearn.checks.diffusion": 4, "sdlearn.checks.unet": 5, "sdlearn.checks.pipeline": 6, "sdlearn.checks.sdxl": 7,
     "sdlearn.checks.mmdit": 8,
     "sdlearn.recipes.clip": 2, "sdlearn.recipes.vae": 3, "sdlearn.recipes.t2i": 6, "sdlearn.recipes.sdxl": 7,
+    "sdlearn.recipes.vae_xl": 7,
     "sdlearn.recipes.mmdit": 8,
 }
 # used by every notebook; they import one another only

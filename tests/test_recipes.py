@@ -15,7 +15,7 @@ from sdlearn.__main__ import main as cli
 from sdlearn.diffusion import NoiseSchedule
 from sdlearn.flow import FlowSchedule
 from sdlearn.pipeline import TextConditioner, TextToImage, training_loss
-from sdlearn.recipes import RECIPES, clip, command, command_line_options, mmdit, parse, sdxl, settings, t2i, vae
+from sdlearn.recipes import RECIPES, clip, command, command_line_options, mmdit, parse, sdxl, settings, t2i, vae, vae_xl
 from sdlearn.text import TextConfig, TextEncoder, Tokenizer
 from sdlearn.unet import UNet
 from sdlearn.vae import AutoencoderKL, VAEConfig
@@ -86,7 +86,7 @@ def test_a_release_command_parses_to_the_settings_it_names():
 
 def test_unknown_model_is_a_clear_error(capsys):
     assert cli(["train", "unet"]) == 2
-    assert "model must be one of clip, vae, t2i, sdxl, mmdit, got 'unet'" in capsys.readouterr().err
+    assert "model must be one of clip, vae, t2i, vae-xl, sdxl, mmdit, got 'unet'" in capsys.readouterr().err
 
 
 def test_release_commands_are_the_recipes():
@@ -94,7 +94,7 @@ def test_release_commands_are_the_recipes():
                 ("shapes-vae", 64, vae.RELEASE[64]), ("shapes-clip", 32, clip.RELEASE),
                 ("shapes-clip-image", 32, clip.RELEASE),
                 ("shapes-clip-g", 32, clip.RELEASE_G), ("shapes-clip-g-image", 32, clip.RELEASE_G),
-                ("shapes-vae-xl", 32, vae.RELEASE_XL), ("shapes-vae-sd3", 32, vae.RELEASE_SD3),
+                ("shapes-vae-xl", 32, vae_xl.RELEASE), ("shapes-vae-sd3", 32, vae.RELEASE_SD3),
                 ("shapes-clip-bidir", 32, clip.RELEASE_BIDIR), ("shapes-clip-bidir-image", 32, clip.RELEASE_BIDIR),
                 ("shapes-mmdit", 32, mmdit.RELEASE),
                 ("shapes-sdxl-base", 32, sdxl.RELEASE["base"]), ("shapes-sdxl-refiner", 32, sdxl.RELEASE["refiner"])]
@@ -331,8 +331,9 @@ def test_the_sdxl_vae_keeps_what_the_micro_conditions_describe():
     where shapes-vae (clean renders only) cleans it up, leaving SDXL's size and quality ids nothing to act on."""
     if not {"shapes-vae-32", "shapes-vae-xl-32"} <= set(pretrained.available()):
         pytest.skip("needs the released shapes-vae-32 and shapes-vae-xl-32")
-    from sdlearn.data import ShapesDataset, degrade_image, render_pool
+    from sdlearn.data import ShapesDataset, render_pool
     from sdlearn.metrics import palette_distance
+    from sdlearn.sdxl import degrade_image
     from sdlearn.vae import reconstruct
 
     clean, _ = render_pool(ShapesDataset(32, length=64, seed=3), 64, progress=False)

@@ -371,8 +371,9 @@ def test_a_base_and_refiner_with_different_vaes_are_refused(xl):
 
 
 def test_detail_measures_tell_clean_renders_from_degraded_ones():
-    from sdlearn.data import DEGRADATIONS, ShapesDataset, degrade_image, render_pool
+    from sdlearn.data import ShapesDataset, render_pool
     from sdlearn.metrics import inside_frame, palette_distance, sharpness
+    from sdlearn.sdxl import DEGRADATIONS, degrade_image
 
     clean, _ = render_pool(ShapesDataset(32, length=16), 16, progress=False)
     for kind in DEGRADATIONS:

@@ -31,7 +31,7 @@ from sdlearn import pretrained
 
 # model name on the command line -> the recipe module
 RECIPES = {"clip": "sdlearn.recipes.clip", "vae": "sdlearn.recipes.vae", "t2i": "sdlearn.recipes.t2i",
-           "sdxl": "sdlearn.recipes.sdxl", "mmdit": "sdlearn.recipes.mmdit"}
+           "vae-xl": "sdlearn.recipes.vae_xl", "sdxl": "sdlearn.recipes.sdxl", "mmdit": "sdlearn.recipes.mmdit"}
 
 
 def option(default: Any, help: str, *, command_line: bool = True) -> Any:

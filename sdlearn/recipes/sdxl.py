@@ -37,7 +37,7 @@ from sdlearn.recipes.t2i import (
     train_from_command_line,
     unet_config,
 )
-from sdlearn.sdxl import SDXLConditioner, SDXLPipeline, SDXLUNet, vae_difference
+from sdlearn.sdxl import SDXLConditioner, SDXLPipeline, SDXLShapes, SDXLUNet, vae_difference
 from sdlearn.train import History
 from sdlearn.unet import UNet
 
@@ -91,10 +91,9 @@ def training_samples(part: str, size: int, n: int, seed: int = 0, augment: float
     rest plain; for the refiner a fraction `degrade` of all of them degraded with a quality label.
     -> (images [n,3,H,W], captions, micro-conditions {name: [n, ...]} for the conditioner)."""
     k = round(n * augment)
-    extra = {"degrade": degrade} if part == "refiner" else {}
-    samples = render_samples(ShapesDataset(size, "train", seed, augment=True, length=max(k, 1), **extra), k,
-                             progress)
-    samples += render_samples(ShapesDataset(size, "train", seed + 1, length=max(n - k, 1), **extra), n - k,
+    d = degrade if part == "refiner" else 0.0
+    samples = render_samples(SDXLShapes(ShapesDataset(size, "train", seed, length=max(k, 1)), True, d), k, progress)
+    samples += render_samples(SDXLShapes(ShapesDataset(size, "train", seed + 1, length=max(n - k, 1)), False, d), n - k,
                               progress)
     conditions = {"original_size": torch.tensor([s.original_size for s in samples], dtype=torch.float32),
                   "crop_top_left": torch.tensor([s.crop_top_left for s in samples], dtype=torch.float32)}

@@ -5,9 +5,8 @@ then given the latent scaling factor that makes its latents unit-variance.
     python -m sdlearn train vae --size 64 --steps 600 --threads 1 --release    # shapes-vae-64 (26 min)
     python -m sdlearn eval vae --size 32                                       # its PSNR and judge scores
 
-SDXL's (notebook 07) and SD3's (notebook 08) VAEs are the same recipe with other data or another latent: the
-commands RELEASE_XL (shapes-vae-xl-32: SDXL-style and degraded renders) and RELEASE_SD3 (shapes-vae-sd3-32:
-16 latent channels, no quant convs, shifted latents).
+SD3's VAE (notebook 08) is the same recipe with another latent: RELEASE_SD3 (shapes-vae-sd3-32: 16 latent channels,
+no quant convs, shifted latents); SDXL's (notebook 07) the same recipe on SDXL's data, sdlearn.recipes.vae_xl.
 """
 from __future__ import annotations
 
@@ -28,8 +27,6 @@ from sdlearn.recipes import Recipe, Release, command, option, parser, reproduce,
 from sdlearn.train import History, TrainConfig, fit
 from sdlearn.vae import AutoencoderKL, VAEConfig, latent_scale, psnr, reconstruct, vae_loss
 
-RELEASE_XL = ("python -m sdlearn train vae --name shapes-vae-xl --augment 0.5 --degrade 0.5 --size 32 --steps 2000 "
-              "--threads 1 --release")
 RELEASE_SD3 = ("python -m sdlearn train vae --name shapes-vae-sd3 --latent-channels 16 --layout sd3 --size 32 "
                "--steps 1200 --threads 1 --release")
 RELEASE = {32: "python -m sdlearn train vae --size 32 --steps 1200 --threads 1 --release",
@@ -41,12 +38,10 @@ SHAPES_CONFIG = dict(channels=(32, 64, 64), layers_per_block=1, norm_groups=8, l
 
 @dataclass(frozen=True, kw_only=True)
 class VAERecipe(Recipe):
-    """The settings of notebook 03's AutoencoderKL (the releases: RELEASE, RELEASE_XL, RELEASE_SD3).
+    """The settings of notebook 03's AutoencoderKL (the releases: RELEASE, RELEASE_SD3).
 
-    augment, degrade: the fractions of training images rendered SDXL-style (random original size and crop) and
-    degraded (blur, noise, JPEG): shapes-vae-xl sees them, so that SDXL's size and quality conditions have latents to
-    act on (SDXL, too, shipped its own VAE). latent_channels: 4 (SD 1.x - SDXL) or 16 (SD3); layout "sd3": no
-    quant convs, and latents shifted by their mean before scaling, (z - shift) * scale, as SD3's VAE."""
+    latent_channels: 4 (SD 1.x - SDXL) or 16 (SD3); layout "sd3": no quant convs, and latents shifted by their mean
+    before scaling, (z - shift) * scale, as SD3's VAE."""
 
     CHOICES = {"layout": {"sd": "quant convs, latents scaled", "sd3": "none, latents shifted and scaled"}}
 
@@ -57,8 +52,6 @@ class VAERecipe(Recipe):
     kl_weight: float = option(1e-4, "weight of the KL term")
     recon: str = option("l2", "reconstruction loss: l2 or l1")
     l1_weight: float = option(0.0, "weight of an extra per-image L1 term")
-    augment: float = option(0.0, "fraction of the images rendered at a random original size and cropped (SDXL's data)")
-    degrade: float = option(0.0, "fraction of the images blurred, noised or JPEG-compressed")
     latent_channels: int = option(4, "channels of the latent (SD 1.x - SDXL: 4, SD3: 16)")
     layout: str = option("sd", "sd: quant convs, latents scaled; sd3: no quant convs, latents shifted and scaled")
     scale_images: int = option(512, "other training images whose latents' standard deviation sets the scaling "
@@ -71,7 +64,7 @@ class VAERecipe(Recipe):
 class VAERelease(Release):
     """The command line's options around the VAE recipe: the release's name and the held-out score."""
 
-    name: str = option("shapes-vae", "release name (SDXL's: shapes-vae-xl)")
+    name: str = option("shapes-vae", "release name")
     eval: int = option(1000, "held-out images to score; 0: none")
 
 
@@ -100,14 +93,15 @@ def evaluate(vae: AutoencoderKL, size: int, n: int = 500, split: str = "heldout"
     return {"psnr": psnr(rec, images).mean().item(), **prompt_adherence(rec, captions)}
 
 
-def train(recipe: VAERecipe, *, loss_fn: Callable | None = None,
-          progress: bool = True) -> tuple[AutoencoderKL, History]:
+def train(recipe: VAERecipe, *, loss_fn: Callable | None = None, progress: bool = True,
+          images: Callable[[int], torch.Tensor] | None = None) -> tuple[AutoencoderKL, History]:
     """Train an AutoencoderKL (SHAPES_CONFIG, with recipe.architecture over it) on the shapes training split and set
     its latent scale -> (vae, History).
 
-    Fresh images every step (the dataset is a pure function of the index). loss_fn(vae, images [B,3,H,W]) -> loss or
-    (loss, logs): training_loss with kl_weight, recon and l1_weight, or a learner's (notebook 03). The scaling factor
-    is 1 / std of the latents of `recipe.scale_images` other training images."""
+    Fresh images every step: images(i) -> image i [3,H,W] (default: the shapes training split's; a pure function of
+    the index). loss_fn(vae, images [B,3,H,W]) -> loss or (loss, logs): training_loss with kl_weight, recon and
+    l1_weight, or a learner's (notebook 03). The scaling factor is 1 / std of the latents of `recipe.scale_images`
+    other training images."""
     r = recipe
     seed_everything(r.seed)
     fmt = torch.channels_last  # on CPU, convolutions train several times faster in NHWC
@@ -115,17 +109,13 @@ def train(recipe: VAERecipe, *, loss_fn: Callable | None = None,
     config = {**SHAPES_CONFIG, "latent_channels": r.latent_channels, "use_quant_conv": not sd3,
               "use_post_quant_conv": not sd3, **(r.architecture or {})}
     vae = AutoencoderKL(VAEConfig(**config)).to(r.device, memory_format=fmt)
-    ds = ShapesDataset(size=r.size, split="train", seed=r.seed, length=r.steps * r.batch_size, degrade=r.degrade)
-    varied = ShapesDataset(size=r.size, split="train", seed=r.seed, length=r.steps * r.batch_size, augment=True,
-                           degrade=r.degrade)
-
-    def image(i):  # a fraction `augment` of the indices, spread evenly, from the SDXL-style renders
-        return (varied if (i * r.augment) % 1 + r.augment >= 1 else ds)[i][0]
-
+    if images is None:
+        ds = ShapesDataset(size=r.size, split="train", seed=r.seed, length=r.steps * r.batch_size)
+        images = (lambda i: ds[i][0])  # noqa: E731
     loss_fn = loss_fn or functools.partial(training_loss, kl_weight=r.kl_weight, recon=r.recon, l1_weight=r.l1_weight)
 
     def batch(step):  # a pure function of the step: a resumed run sees the same images
-        x = torch.stack([image(i) for i in range(step * r.batch_size, (step + 1) * r.batch_size)])  # [B,3,size,size]
+        x = torch.stack([images(i) for i in range(step * r.batch_size, (step + 1) * r.batch_size)])  # [B,3,size,size]
         return x.to(r.device, memory_format=fmt)
 
     hist = fit(vae, loss_fn, batch,
@@ -143,15 +133,17 @@ def _print_scores(what: str, scores: dict) -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "psnr"))
 
 
-def command_line():
-    p, e = parser("vae", __doc__, VAERecipe, VAERelease)
-    e.add_argument("--name", default="shapes-vae", help="the release to measure")
+def command_line(name: str = "vae", doc: str = __doc__, recipe: type = VAERecipe, release: type = VAERelease):
+    """The command line of `python -m sdlearn train|eval <name>` (this recipe's, or a variant's: vae_xl)."""
+    p, e = parser(name, doc, recipe, release)
+    e.add_argument("--name", default=release.name, help="the release to measure")
     e.add_argument("--size", type=int, default=32)
     e.add_argument("--n", type=int, default=1000, help="held-out images to score")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command_line: Callable = command_line, train_fn: Callable = train,
+         name: str = "vae") -> int:
     args = command_line().parse_args(argv)
     start = time.perf_counter()
     if args.cmd == "eval":
@@ -161,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     r, run = settings(args)
     set_threads(run)
-    vae, hist = train(r)
+    vae, hist = train_fn(r)
     vae = vae.cpu()
     minutes = (time.perf_counter() - start) / 60
     print(f"trained {r.steps} steps in {minutes:.1f} min ({hist.steps_per_second:.2f} steps/s, "
@@ -171,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_scores(f"held-out ({run.eval} images)", scores)
     if run.release or run.out:
         figures = {"heldout_psnr": f"{scores['psnr']:.2f}", "heldout_exact": f"{scores['exact']:.3f}"} if scores else {}
-        dest = pretrained.save(vae, run.name, r.size, command("vae", argv), Path(run.out) if run.out else None,
+        dest = pretrained.save(vae, run.name, r.size, command(name, argv), Path(run.out) if run.out else None,
                                steps=str(r.steps), train_minutes=f"{minutes:.1f}", **figures)
         print("wrote", dest)
     return 0
