@@ -208,7 +208,7 @@ def test_cli_resumes_a_killed_run_to_the_same_weights(tmp_path):
     the same command is run again, and the weights equal those of a run that never stopped."""
     if not {"shapes-vae-32", "shapes-clip-32"} <= set(pretrained.available()):
         pytest.skip("needs the released shapes-vae-32 and shapes-clip-32")
-    steps = 40
+    steps = 12
     args = [sys.executable, "-m", "sdlearn", "train", "t2i", "--steps", str(steps), "--batch-size", "8", "--pool", "32",
             "--width", "16", "--eval", "0", "--threads", "1", "--checkpoint-every", "1", "--checkpoint-dir"]
 
