@@ -109,6 +109,9 @@ class Profile:
     ldm_width: int = knob(16, 64, 96)             # channels of the latent UNet's first level
     sweep_prompts: int = budget(4, 100, 200)      # judge prompts per point of the guidance / step-count sweeps
     step_repeats: int = budget(0, 3, 3)           # steps timed after a warm-up, in the cost-per-step comparison
+    # 06b samplers
+    sampler_prompts: int = budget(1, 6, 100)      # judge prompts per point of the adherence-against-steps curves
+    sampler_max_steps: int = budget(1, 8, 50)     # the most sampling steps on those curves (the toy's go to 50)
     # 07 SDXL refiner
     sdxl_size: int = knob(32, 32, 32)             # shapes-vae-xl, SDXL's VAE, is released at 32 px only
     sdxl_steps: int = budget(3, 900, 6000)        # the base UNet's training steps (cpu: ~7.7 min; released: 4000)

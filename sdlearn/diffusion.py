@@ -40,8 +40,9 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -53,6 +54,13 @@ PREDICTIONS = ("eps", "x0", "v")
 _PREDICTION_ALIASES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}  # diffusers' names
 
 SPACINGS = ("leading", "trailing", "linspace")
+FINALS = ("zero", "sigma_min")  # where the last step lands: sigma 0 (abar 1), or sigma_min (abar_0)
+SAMPLING_DEFAULTS = {"sampler": None, "karras": False, "final": "zero", "zero_snr": False, "clip_x0": None}
+# whose grid a schedule samples on, per default sampler: diffusers' schedulers disagree on "leading" and "linspace"
+# (DPMSolverMultistep spaces steps + 1 points and drops the last; EulerDiscrete does not round linspace) and on the
+# range Karras sigmas span (Euler: the timesteps' sigmas; DPM-Solver: the whole training range, timesteps rounded)
+GRIDS = {None: "ddim", "ddim": "ddim", "ddpm": "ddim", "euler": "euler", "euler_a": "euler", "dpmpp_2m": "dpm"}
+KARRAS_RHO = 7.0  # Karras et al. 2022 eq. 5
 
 
 def _prediction(kind: str) -> str:
@@ -81,11 +89,22 @@ class NoiseSchedule:
     sqrt(beta), 0.00085..0.012) or "cosine" (Nichol & Dhariwal 2021; diffusers' "squaredcos_cap_v2").
     spacing, offset: the sampling grid `timesteps` makes by default (diffusers' timestep_spacing, steps_offset;
     the released SD 1.x / 2.x / SDXL checkpoints sample on "leading" with offset 1).
-    Tensors (float32, CPU, as diffusers'): betas, alphas, alphas_cumprod, each [num_steps].
+    How a run samples (a checkpoint's scheduler config, `sdlearn.convert.schedule_from_diffusers`; all stored by
+    init_args, so a saved pipeline keeps them):
+      sampler: the default sampler of `sample` ("ddim" if None), and whose grid `trajectory` makes (GRIDS:
+        DDIMScheduler's, EulerDiscreteScheduler's or DPMSolverMultistepScheduler's set_timesteps);
+      karras: Karras et al. 2022 eq. 5 sigmas (rho = 7; diffusers' use_karras_sigmas): the points become
+        `Level(t, sigma)`, the timestep interpolated from log sigma (fractional; DPM-Solver's rounded);
+      final: where the last step lands, "zero" (sigma 0, abar 1: DDIM's set_alpha_to_one=True) or "sigma_min"
+        (abar_0: set_alpha_to_one=False, SD 1.5's published config; final_sigmas_type="sigma_min");
+      zero_snr: rescale the betas to zero terminal SNR (Lin et al. 2024 alg. 1; rescale_betas_zero_snr);
+      clip_x0: clamp every predicted x0 to [-clip_x0, clip_x0] (clip_sample with clip_sample_range).
+    Tensors (float32, CPU, as diffusers'): betas, alphas, alphas_cumprod, sigmas, each [num_steps].
     """
 
     def __init__(self, kind: str = "linear", num_steps: int = 1000, beta_start: float | None = None,
-                 beta_end: float | None = None, spacing: str = "leading", offset: int = 0):
+                 beta_end: float | None = None, spacing: str = "leading", offset: int = 0, sampler: str | None = None,
+                 karras: bool = False, final: str = "zero", zero_snr: bool = False, clip_x0: float | None = None):
         kind = _SCHEDULE_ALIASES.get(kind, kind)
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule kind {kind!r}, expected one of {SCHEDULES}")
@@ -112,9 +131,29 @@ class NoiseSchedule:
         self.kind, self.num_steps = kind, num_steps
         self.beta_start, self.beta_end = beta_start, beta_end
         self.spacing, self.offset = spacing, offset
-        self.betas = betas  # [T] float32
-        self.alphas = 1.0 - betas  # [T]
+        self._set_sampling(sampler, karras, final, zero_snr, clip_x0)
+        self.betas = rescale_zero_terminal_snr(betas) if zero_snr else betas  # [T] float32
+        self.alphas = 1.0 - self.betas  # [T]
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # [T], bit-identical to diffusers'
+        # sigma_t = sqrt((1 - abar_t) / abar_t) (Karras et al. 2022 eq. 4, s(t) = sqrt(abar)), float32 as diffusers';
+        # with zero terminal SNR the last abar is 2^-24 here (diffusers' Euler and DPM-Solver: "so sigma is not inf")
+        abar = self.alphas_cumprod.clone()
+        if zero_snr:
+            abar[-1] = 2.0**-24
+        self.sigmas = ((1 - abar) / abar) ** 0.5  # [T]
+
+    def _set_sampling(self, sampler, karras, final, zero_snr, clip_x0) -> None:
+        """Check and keep the sampling settings (see the class docstring)."""
+        if sampler is not None:
+            find_sampler(self, sampler)  # a name registered for NoiseSchedule, or a clear error listing them
+        for name, value in (("karras", karras), ("zero_snr", zero_snr)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        if final not in FINALS:
+            raise ValueError(f"final must be one of {FINALS} (diffusers' final_sigmas_type; DDIM's set_alpha_to_one="
+                             f"False is 'sigma_min'), got {final!r}")
+        _clip(torch.zeros(()), clip_x0)
+        self.sampler, self.karras, self.final, self.zero_snr, self.clip_x0 = sampler, karras, final, zero_snr, clip_x0
 
     def __len__(self) -> int:
         return self.num_steps
@@ -124,17 +163,28 @@ class NoiseSchedule:
         """A model's prediction type, checked: "eps", "x0" or "v" (diffusers' "epsilon", "sample", "v_prediction")."""
         return _prediction(kind)
 
+    def _settings(self) -> dict:
+        """The grid and sampling settings that differ from the defaults (a course schedule has none)."""
+        grid = {} if (self.spacing, self.offset) == ("leading", 0) else {"spacing": self.spacing, "offset": self.offset}
+        return {**grid, **{k: getattr(self, k) for k, default in SAMPLING_DEFAULTS.items()
+                           if getattr(self, k) != default}}
+
     def init_args(self) -> dict:
         """What rebuilds this schedule: NoiseSchedule(**init_args()) (a release stores it)."""
-        grid = {} if (self.spacing, self.offset) == ("leading", 0) else {"spacing": self.spacing, "offset": self.offset}
         return {"kind": self.kind, "num_steps": self.num_steps,
-                "beta_start": self.beta_start, "beta_end": self.beta_end, **grid}
+                "beta_start": self.beta_start, "beta_end": self.beta_end, **self._settings()}
+
+    def replace(self, **changes) -> NoiseSchedule:
+        """A copy with some settings changed, e.g. schedule.replace(karras=True, sampler="dpmpp_2m")."""
+        return NoiseSchedule(**{**self.init_args(), **changes})
 
     def __repr__(self) -> str:
         betas = "" if self.kind == "cosine" else f", beta_start={self.beta_start}, beta_end={self.beta_end}"
-        grid = "" if (self.spacing, self.offset) == ("leading", 0) else \
-            f", spacing={self.spacing!r}, offset={self.offset}"
-        return f"NoiseSchedule({self.kind!r}, num_steps={self.num_steps}{betas}{grid})"
+        settings = self._settings()
+        if "spacing" in settings:  # as before the sampling settings: spacing then offset
+            settings = {"spacing": self.spacing, "offset": self.offset, **settings}
+        return f"NoiseSchedule({self.kind!r}, num_steps={self.num_steps}{betas}" + \
+            "".join(f", {k}={v!r}" for k, v in settings.items()) + ")"
 
     # -- timesteps ---------------------------------------------------------------------------------------
 
@@ -156,7 +206,12 @@ class NoiseSchedule:
 
     def gather(self, values: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
         """values[t] shaped to broadcast over x: [B,1,...,1] (or [] for a scalar t), on x's device,
-        in x's compute dtype (float64 for a float64 x, else float32)."""
+        in x's compute dtype (float64 for a float64 x, else float32). At a Level (values must be alphas_cumprod),
+        abar = 1 / (1 + sigma^2)."""
+        if isinstance(t, Level):
+            if values is not self.alphas_cumprod:
+                raise TypeError("at a Level (t, sigma) only abar is defined: 1 / (1 + sigma^2)")
+            return torch.tensor(1 / (1 + t.sigma**2), dtype=compute_dtype(x), device=x.device)
         t = self.check_t(t, batch=x.shape[0] if x.ndim else None)
         v = values[t.cpu()].to(compute_dtype(x))  # [B] or []; cast on the CPU: some devices (mps) lack float64
         if t.ndim == 1:
@@ -191,34 +246,80 @@ class NoiseSchedule:
         self.check_t(ts)
         return ts
 
-    def trajectory(self, steps: int | Sequence[int], start: float = 0.0, end: float = 1.0,
-                   spacing: str | None = None) -> list[int]:
-        """The timesteps a sampler visits from fraction `start` to `end` of the way from noise to clean, followed
-        by the one its last step lands on (-1, the clean sample, when end = 1): [n + 1] descending ints, [] for n = 0.
+    def grid(self, steps: int) -> list:
+        """The `steps` points of a whole run, noisy first, as the sampler's diffusers scheduler makes them
+        (`sampler`, GRIDS): ints (the timesteps) or, with Karras sigmas or Euler's unrounded linspace, Levels."""
+        kind = GRIDS.get(self.sampler, "ddim")
+        if kind == "dpm" and self.spacing != "trailing":
+            ts = self._dpm_timesteps(steps)
+        else:
+            ts = self.timesteps(steps).numpy()
+            if kind == "euler" and self.spacing == "linspace":  # EulerDiscreteScheduler does not round linspace
+                ts = np.linspace(0, self.num_steps - 1, steps, dtype=np.float32)[::-1].copy()
+        if not self.karras and ts.dtype.kind == "i":
+            return [int(t) for t in ts]
+        table = self.sigmas.numpy()
+        sigmas = np.interp(ts, np.arange(self.num_steps), table)  # exact at ints; linear between (diffusers')
+        if self.karras:
+            s_max, s_min = (table[-1], table[0]) if kind == "dpm" else (sigmas[0], sigmas[-1])
+            sigmas = karras_sigmas(float(s_max), float(s_min), steps)
+            ts = _sigma_to_t(sigmas, np.log(table))
+            if kind == "dpm" and self.kind != "cosine":
+                ts = ts.round()  # DPMSolverMultistepScheduler feeds the model integer timesteps
+        return [Level(float(t), float(s)) for t, s in zip(ts.astype(np.float32), sigmas.astype(np.float32))]
 
-        steps: how many steps the whole trajectory has (`timesteps(steps, spacing)`) or an explicit descending
-        sequence of timesteps. The cut is diffusers' denoising_end / denoising_start: a step at t belongs to the
-        part before fraction f when t >= round(T (1 - f)). So a base run to end=0.8 and a refiner run from
-        start=0.8 share the trajectory: the base's last step lands where the refiner's first step starts.
+    def _dpm_timesteps(self, steps: int) -> np.ndarray:
+        """DPMSolverMultistepScheduler's "leading" and "linspace": steps + 1 points, the last (t = 0) dropped."""
+        self.timesteps(steps)  # the same checks of steps
+        T = self.num_steps
+        if self.spacing == "linspace":
+            return np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        return (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64) + self.offset
+
+    def sigma(self, t) -> float:
+        """The noise level sigma = sqrt((1 - abar) / abar) of trajectory point t: an int timestep, a Level, or -1,
+        the end of the trajectory (0, or sigma_min = sigmas[0] when final="sigma_min")."""
+        if isinstance(t, Level):
+            return t.sigma if t.t != -1 else self.sigma(-1)
+        t = int(t)
+        if t == -1:
+            return float(self.sigmas[0]) if self.final == "sigma_min" else 0.0
+        return float(self.sigmas[int(self.check_t(t))])
+
+    def trajectory(self, steps: int | Sequence[int], start: float = 0.0, end: float = 1.0,
+                   spacing: str | None = None) -> list:
+        """The points a sampler visits from fraction `start` to `end` of the way from noise to clean, followed
+        by the one its last step lands on (-1, the end of the trajectory, when end = 1): [n + 1] descending points
+        (ints, or Levels with Karras sigmas), [] for n = 0.
+
+        steps: how many steps the whole trajectory has (`grid(steps)`, or `timesteps(steps, spacing)` when a
+        spacing is given) or an explicit descending sequence of timesteps. The cut is diffusers' denoising_end /
+        denoising_start: a step at t belongs to the part before fraction f when t >= round(T (1 - f)). So a base
+        run to end=0.8 and a refiner run from start=0.8 share the trajectory: the base's last step lands where the
+        refiner's first step starts.
         """
         if not 0 <= start <= end <= 1:
             raise ValueError(f"start and end are fractions of the trajectory, 0 <= start <= end <= 1; got "
                              f"start={start}, end={end}")
         if isinstance(steps, int) and not isinstance(steps, bool):
-            full = self.timesteps(steps, spacing).tolist()
+            full = self.grid(steps) if spacing is None else self.timesteps(steps, spacing).tolist()
         else:
             full = self.check_t(torch.as_tensor(list(steps))).tolist()
             if len(full) == 0 or any(a <= b for a, b in zip(full, full[1:])):
                 raise ValueError(f"explicit timesteps must be a non-empty strictly decreasing sequence, got {full}")
         T = self.num_steps
-        keep = [i for i, t in enumerate(full)
+        keep = [i for i, t in enumerate(_timestep(p) for p in full)
                 if (start == 0 or t < round(T * (1 - start))) and (end == 1 or t >= round(T * (1 - end)))]
         if not keep:
             return []
-        return full[keep[0]:keep[-1] + 1] + (full + [-1])[keep[-1] + 1:keep[-1] + 2]
+        landing = Level(-1.0, self.sigma(-1)) if isinstance(full[0], Level) else -1  # a list of one kind: sortable
+        return full[keep[0]:keep[-1] + 1] + (full + [landing])[keep[-1] + 1:keep[-1] + 2]
 
-    def model_timesteps(self, t: int, x: torch.Tensor) -> torch.Tensor:
-        """What a denoiser reads at trajectory point t: the integer timestep, once per sample -> LongTensor [B]."""
+    def model_timesteps(self, t, x: torch.Tensor) -> torch.Tensor:
+        """What a denoiser reads at trajectory point t, once per sample: the integer timestep -> LongTensor [B];
+        a Level's (possibly fractional) timestep -> FloatTensor [B] (float32, as diffusers' Euler timesteps)."""
+        if isinstance(t, Level):
+            return torch.full((x.shape[0],), t.t, dtype=torch.float32, device=x.device)
         return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
     def snr(self, t) -> torch.Tensor:
@@ -280,14 +381,83 @@ class NoiseSchedule:
         return eps.to(x_t.dtype)
 
     def abar_pair(self, t, t_next, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(abar_t, abar_{t_next}) as 0-d tensors of `dtype` for one step t -> t_next, with abar_{-1} = 1."""
+        """(abar_t, abar_{t_next}) as 0-d tensors of `dtype` for one step t -> t_next; at the end of the trajectory
+        (t_next = -1) abar is 1, or abar_0 when final="sigma_min" (DDIM's set_alpha_to_one=False); at a Level,
+        1 / (1 + sigma^2)."""
+        if isinstance(t, Level) or isinstance(t_next, Level):
+            s, s_next = self.sigma(t), self.sigma(_point(t_next))
+            if not s_next <= s:
+                raise ValueError(f"a reverse step goes to a lower noise level, got sigma {s} -> {s_next}")
+            return (torch.tensor(1 / (1 + s**2), dtype=dtype), torch.tensor(1 / (1 + s_next**2), dtype=dtype))
         if isinstance(t_next, bool) or not isinstance(t_next, (numbers.Integral, torch.Tensor)):
-            raise TypeError(f"t_next must be an int, got {type(t_next).__name__}")
+            raise TypeError(f"t_next must be an int or a Level, got {type(t_next).__name__}")
         t, t_next = int(self.check_t(t)), int(t_next)
         if not -1 <= t_next < t:
             raise ValueError(f"a reverse step goes from t to an earlier t_next in [-1, t), got t={t}, t_next={t_next}")
         abar = self.alphas_cumprod.to(dtype)
-        return abar[t], abar[t_next] if t_next >= 0 else torch.ones((), dtype=dtype)
+        if t_next >= 0:
+            return abar[t], abar[t_next]
+        return abar[t], abar[0] if self.final == "sigma_min" else torch.ones((), dtype=dtype)
+
+
+class Level(NamedTuple):
+    """A point of a trajectory off the integer timesteps (Karras sigmas): t, what the model reads (fractional, the
+    timestep interpolated from log sigma as diffusers' _sigma_to_t), and sigma, its noise level, kept exact."""
+
+    t: float
+    sigma: float
+
+
+def with_karras(schedule, karras: bool = True):
+    """`schedule` with Karras sigmas on (NoiseSchedule.replace(karras=...)); any other schedule is a clear error."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"Karras sigmas (Karras et al. 2022 eq. 5) are a NoiseSchedule setting (they space a VP "
+                         f"schedule's sigma = sqrt((1 - abar) / abar)); a {type(schedule).__name__} samples on its own "
+                         f"grid: a FlowSchedule on SD3's shifted noise levels (its shift sets the spacing), or on "
+                         f"explicit noise levels passed as `steps`")
+    return schedule.replace(karras=karras)
+
+
+def _timestep(p) -> float:
+    return p.t if isinstance(p, Level) else p
+
+
+def _point(p):
+    """A trajectory point as given (int or Level), after checking its type."""
+    if isinstance(p, Level) or (isinstance(p, (numbers.Integral, torch.Tensor)) and not isinstance(p, bool)):
+        return p
+    raise TypeError(f"a trajectory point is an int timestep or a Level(t, sigma), got {type(p).__name__}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed") alg. 1: shift and scale
+    sqrt(abar) so that abar_{T-1} = 0 (zero terminal SNR) and abar_0 is unchanged -> betas [T] (diffusers'
+    rescale_zero_terminal_snr, same float32 arithmetic). A model must then predict v or x0: eps says nothing at
+    abar = 0."""
+    abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+def karras_sigmas(sigma_max: float, sigma_min: float, n: int) -> np.ndarray:
+    """Karras et al. 2022 eq. 5: sigma_i = (smax^(1/rho) + i / (n - 1) (smin^(1/rho) - smax^(1/rho)))^rho,
+    i = 0..n-1, rho = 7 -> float64 [n] (diffusers' _convert_to_karras). Dense near sigma_min, sparse near sigma_max."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+    return (hi + ramp * (lo - hi)) ** KARRAS_RHO
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
+    """The fractional timesteps of noise levels `sigmas`: t linear in log sigma between the training timesteps
+    (diffusers' _sigma_to_t, same arithmetic)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_table[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
+    w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -397,8 +567,7 @@ def posterior(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: i
     mean = sqrt(abar_next) b_t / (1 - abar_t) x0 + sqrt(a_t) (1 - abar_next) / (1 - abar_t) x_t,
     variance = (1 - abar_next) / (1 - abar_t) b_t   ("fixed_small", beta tilde). At t_next = -1: mean = x0, variance 0.
     """
-    t = int(t)
-    abar_t, abar_next = schedule.abar_pair(t, t - 1 if t_next is None else t_next, compute_dtype(x_t))
+    abar_t, abar_next = schedule.abar_pair(t, int(t) - 1 if t_next is None else t_next, compute_dtype(x_t))
     a_t = abar_t / abar_next  # alpha_t of the (possibly strided) step
     b_t = 1 - a_t  # beta_t
     c_x0 = abar_next**0.5 * b_t / (1 - abar_t)
@@ -432,22 +601,24 @@ def _clip(x0: torch.Tensor, clip_x0: float | None) -> torch.Tensor:
 @register("ddim", NoiseSchedule, options=("eta",))
 def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_next: int,
               prediction: str = "eps", noise: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, clip_x0: float | None = None,
+              generator: torch.Generator | None = None, clip_x0: float | None = None, state: dict | None = None,
               eta: float = 0.0) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_next} over any subset of timesteps (Song et al. 2021 eq. 12 and 16).
 
     x_next = sqrt(abar_next) x0_hat + sqrt(1 - abar_next - sigma^2) eps_hat + sigma z,
     sigma = eta sqrt((1 - abar_next) / (1 - abar_t)) sqrt(1 - abar_t / abar_next).
     eta = 0: deterministic (DDIM); eta = 1: the DDPM ancestral step. clip_x0=c clamps x0_hat to [-c, c]
-    (eps_hat is kept as predicted). Equals diffusers' DDIMScheduler.step (set_alpha_to_one=True; clip_sample=False,
-    or clip_sample=True with clip_sample_range=c when clip_x0=c).
+    (eps_hat is kept as predicted). Equals diffusers' DDIMScheduler.step (clip_sample=False, or clip_sample=True with
+    clip_sample_range=c when clip_x0=c; set_alpha_to_one=True, or False with the schedule's final="sigma_min").
+    At Levels (Karras sigmas) abar = 1 / (1 + sigma^2): deterministic DDIM is then Euler in sigma space (Karras
+    et al. 2022 sec. 3), up to the last step. state: unused (a single-step method).
     """
     _check_output(model_output, x)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     abar_t, abar_next = schedule.abar_pair(t, t_next, compute_dtype(x))
-    x0 = _clip(schedule.to_x0(prediction, model_output, x, int(t)), clip_x0)
-    eps = schedule.to_eps(prediction, model_output, x, int(t))
+    x0 = _clip(schedule.to_x0(prediction, model_output, x, t), clip_x0)
+    eps = schedule.to_eps(prediction, model_output, x, t)
     sigma = eta * ((1 - abar_next) / (1 - abar_t) * (1 - abar_t / abar_next)) ** 0.5  # eq. 16
     direction = (1 - abar_next - sigma**2).clamp_min(0) ** 0.5  # "direction pointing to x_t"
     x_next = float(abar_next**0.5) * x0 + float(direction) * eps
@@ -461,21 +632,130 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tens
 @register("ddpm", NoiseSchedule)
 def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: int, t_next: int,
               prediction: str = "eps", noise: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, clip_x0: float | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, clip_x0: float | None = None,
+              state: dict | None = None) -> torch.Tensor:
     """One ancestral step x_t -> x_{t_next} (Ho et al. algorithm 2, via eq. 6-7 with the predicted x0).
 
     x_next = posterior mean(x0_hat, x_t) + sqrt(posterior variance) z, z ~ N(0, I) (or `noise`), no noise at t = 0.
     clip_x0=c clamps x0_hat to [-c, c] first (Ho et al.'s pixel-space sampler, c = 1 for data in [-1, 1]).
     Equals diffusers' DDPMScheduler.step (variance_type="fixed_small"; clip_sample=False, or
-    clip_sample=True with clip_sample_range=c when clip_x0=c).
+    clip_sample=True with clip_sample_range=c when clip_x0=c). state: unused (a single-step method).
     """
     _check_output(model_output, x)
-    x0 = _clip(schedule.to_x0(prediction, model_output, x, int(t)), clip_x0)
+    x0 = _clip(schedule.to_x0(prediction, model_output, x, t), clip_x0)
     mean, variance = posterior(schedule, x0, x, t, t_next)
-    if int(t) > 0:  # diffusers draws noise for every t > 0 (variance is 0 only when t_next = -1)
+    if _timestep(t) > 0:  # diffusers draws noise for every t > 0 (variance is 0 only when t_next = -1)
         z = _randn(x, generator) if noise is None else noise
         mean = mean + variance**0.5 * z
     return mean
+
+
+# -----------------------------------------------------------------------------
+# sampling as solving an ODE: Euler in sigma space, Euler ancestral, DPM-Solver++(2M)
+#
+# In Karras et al.'s coordinates x_sigma = x / sqrt(abar) = x0 + sigma eps (sigma = sqrt((1 - abar) / abar)) the
+# probability-flow ODE is dx_sigma / dsigma = (x_sigma - x0_hat) / sigma (Karras et al. 2022 eq. 3 with s = 1).
+# The loop's x stays the sample the model reads, x_t = x_sigma / sqrt(sigma^2 + 1); each step converts.
+
+
+def _sigma_space(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t, prediction: str,
+                 clip_x0: float | None) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(sigma, x_sigma, x0_hat) at point t: x_sigma = x sqrt(sigma^2 + 1), and x0_hat from the prediction in sigma
+    terms as diffusers' Euler schedulers compute it (eps: x_sigma - sigma eps; v: x_sigma / (sigma^2 + 1) -
+    sigma / sqrt(sigma^2 + 1) v), clamped to [-clip_x0, clip_x0] if given."""
+    _check_output(model_output, x)
+    prediction, sigma = _prediction(prediction), schedule.sigma(t)
+    c = (sigma**2 + 1) ** 0.5
+    x_sigma = x * c
+    if prediction == "eps":
+        x0 = x_sigma - sigma * model_output
+    elif prediction == "v":
+        x0 = model_output * (-sigma / c) + x_sigma / c**2
+    else:
+        x0 = model_output
+    return sigma, x_sigma, _clip(x0, clip_x0)
+
+
+def _leave_sigma_space(schedule: NoiseSchedule, x_sigma: torch.Tensor, t_next) -> torch.Tensor:
+    """x_sigma at t_next back to the loop's x: / sqrt(sigma_next^2 + 1); at the end of the trajectory x_sigma itself
+    (x0 + sigma_min eps with final="sigma_min", as diffusers' Euler returns it; x0 when the last sigma is 0)."""
+    if _timestep(_point(t_next)) == -1:
+        return x_sigma
+    return x_sigma / (schedule.sigma(t_next) ** 2 + 1) ** 0.5
+
+
+@register("euler", NoiseSchedule)
+def euler_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t, t_next,
+               prediction: str = "eps", noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               clip_x0: float | None = None, state: dict | None = None) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE in sigma space (Karras et al. 2022 alg. 1 without churn; diffusers'
+    EulerDiscreteScheduler, SDXL's published sampler):
+
+        d = (x_sigma - x0_hat) / sigma,   x_sigma_next = x_sigma + (sigma_next - sigma) d.
+
+    On the training sigmas this is deterministic DDIM in other coordinates (Karras et al. sec. 3). t, t_next:
+    int timesteps or Levels; state: unused (a single-step method); noise, generator: unused (deterministic)."""
+    sigma, x_sigma, x0 = _sigma_space(schedule, model_output, x, t, prediction, clip_x0)
+    x_sigma = x_sigma + (x_sigma - x0) / sigma * (schedule.sigma(_point(t_next)) - sigma)
+    return _leave_sigma_space(schedule, x_sigma, t_next)
+
+
+@register("euler_a", NoiseSchedule)
+def euler_ancestral_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t, t_next,
+                         prediction: str = "eps", noise: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None, clip_x0: float | None = None,
+                         state: dict | None = None) -> torch.Tensor:
+    """One Euler ancestral step (k-diffusion's sample_euler_ancestral; diffusers' EulerAncestralDiscreteScheduler):
+    an Euler step down to sigma_down, then fresh noise up to sigma_next (Ho et al.'s ancestral step in sigma terms):
+
+        sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2),  sigma_down = sqrt(sigma_next^2 - sigma_up^2),
+        x_sigma_next = x_sigma + (sigma_down - sigma) (x_sigma - x0_hat) / sigma + sigma_up z.
+
+    z is drawn at every step, the last included (as diffusers, so a generator's draws match), or `noise`."""
+    sigma, x_sigma, x0 = _sigma_space(schedule, model_output, x, t, prediction, clip_x0)
+    s_next = schedule.sigma(_point(t_next))
+    up = (s_next**2 * (sigma**2 - s_next**2) / sigma**2) ** 0.5
+    down = (s_next**2 - up**2) ** 0.5
+    z = _randn(x, generator) if noise is None else noise
+    x_sigma = x_sigma + (x_sigma - x0) / sigma * (down - sigma) + z * up
+    return _leave_sigma_space(schedule, x_sigma, t_next)
+
+
+@register("dpmpp_2m", NoiseSchedule)
+def dpmpp_2m_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t, t_next,
+                  prediction: str = "eps", noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  clip_x0: float | None = None, state: dict | None = None) -> torch.Tensor:
+    """One DPM-Solver++(2M) step (Lu et al. 2022, alg. 2; diffusers' DPMSolverMultistepScheduler with
+    algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True).
+
+    With alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha, lambda = log(alpha / sigma_t) = -log sigma (half the
+    log-SNR) and h = lambda_next - lambda: x_next = (sigma_t_next / sigma_t) x - alpha_next (e^-h - 1) D, where
+    D = x0_hat on the first step (DPM-Solver++(1), which is DDIM) and on a lower-order final step (the last sigma 0,
+    or fewer than 15 steps), else D = x0_hat + (h / 2 h_prev) (x0_hat - x0_hat_prev) (eq. of alg. 2, r = h_prev / h).
+
+    A multistep method needs the previous step's data prediction: `state` is a dict the loop makes fresh for each
+    run and hands to every step (it holds "steps", the run's step count, and this sampler's "x0" and "lambda").
+    One dict per run keeps the one signature and the one loop, and runs cannot leak into each other; state=None
+    gives the first-order step."""
+    _check_output(model_output, x)
+    prediction, sigma = _prediction(prediction), schedule.sigma(t)
+    alpha = 1 / (sigma**2 + 1) ** 0.5  # x = alpha x0 + sigma alpha eps: diffusers' convert_model_output
+    x0 = {"eps": lambda: (x - sigma * alpha * model_output) / alpha, "x0": lambda: model_output,
+          "v": lambda: alpha * x - sigma * alpha * model_output}[prediction]()
+    x0 = _clip(x0, clip_x0)
+    s_next, state = schedule.sigma(_point(t_next)), {} if state is None else state
+    previous = state.get("x0"), state.get("lambda")
+    state["x0"], state["lambda"] = x0, -math.log(sigma)
+    if s_next == 0:  # h = inf: the first-order step lands on x0_hat
+        return x0
+    alpha_next = 1 / (s_next**2 + 1) ** 0.5
+    h = math.log(sigma) - math.log(s_next)
+    d = x0
+    final = _timestep(_point(t_next)) == -1 and state.get("steps", 0) < 15
+    if previous[0] is not None and not final:
+        h_prev = -math.log(sigma) - previous[1]
+        d = x0 + 0.5 * (h / h_prev) * (x0 - previous[0])
+    return (s_next * alpha_next) / (sigma * alpha) * x - alpha_next * math.expm1(-h) * d
 
 
 # -----------------------------------------------------------------------------
@@ -490,13 +770,29 @@ def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor,
     return pred_uncond + w * (pred_cond - pred_uncond)
 
 
-def guided(model: Callable, cond: dict, uncond: dict[str, torch.Tensor], w: float) -> Callable:
+def rescale_guidance(guided_pred: torch.Tensor, pred_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2024 sec. 3.4 (eq. 15-16): rescale the guided prediction to the conditional one's standard
+    deviation (per sample, over every axis but the batch), then mix: phi rescaled + (1 - phi) guided.
+    With zero terminal SNR, strong guidance over-exposes; phi = 0.7 is the paper's. diffusers' rescale_noise_cfg."""
+    if isinstance(phi, bool) or not isinstance(phi, numbers.Real) or not 0 <= phi <= 1:
+        raise ValueError(f"guidance_rescale must be a number in [0, 1] (0: off; Lin et al.: 0.7), got {phi!r}")
+    if phi == 0:
+        return guided_pred
+    axes = list(range(1, guided_pred.ndim))
+    rescaled = guided_pred * (pred_cond.std(dim=axes, keepdim=True) / guided_pred.std(dim=axes, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided_pred
+
+
+def guided(model: Callable, cond: dict, uncond: dict[str, torch.Tensor], w: float,
+           rescale: float = 0.0) -> Callable:
     """Wrap model(x, t, **cond) into a guided model(x, t) that runs uncond and cond as one batch of 2B.
 
     cond: {name: [B, ...]}, e.g. {"context": text states}; uncond: the unconditional twin of each entry
     ([B, ...] or a batch of one, [1, ...]). An entry with no twin in uncond (SDXL's size ids, a control image) is the
-    same in both halves; an entry that is not a tensor (a scale) is passed as it is.
+    same in both halves; an entry that is not a tensor (a scale) is passed as it is. rescale: `rescale_guidance`'s
+    phi (diffusers' guidance_rescale), 0 by default (off).
     """
+    rescale_guidance(torch.zeros(1), torch.zeros(1), rescale)  # a bad value fails before the first model call
     tensors = {k: v for k, v in cond.items() if isinstance(v, torch.Tensor)}
     sizes = {k: v.shape[0] for k, v in tensors.items()}
     if len(set(sizes.values())) > 1:
@@ -519,7 +815,7 @@ def guided(model: Callable, cond: dict, uncond: dict[str, torch.Tensor], w: floa
             raise ValueError(f"sample batch {x.shape[0]} != cond batch {next(iter(sizes.values()))}")
         pred = model(torch.cat([x, x]), torch.cat([t, t]), **_to_device(both, x.device))
         pred_uncond, pred_cond = pred.chunk(2)  # [B, ...] each
-        return classifier_free_guidance(pred_uncond, pred_cond, w)
+        return rescale_guidance(classifier_free_guidance(pred_uncond, pred_cond, w), pred_cond, rescale)
 
     return guided_model
 
@@ -537,7 +833,7 @@ def sample(model: Callable, x: torch.Tensor, schedule: Schedule, steps: int | Se
            sampler: str | None = None, cond: dict | None = None, uncond: dict[str, torch.Tensor] | None = None,
            guidance_scale: float = 1.0, start: float = 0.0, end: float = 1.0, prediction: str = "eps",
            generator: torch.Generator | None = None, clip_x0: float | None = None, progress: bool = True,
-           callback: Callable[[dict], None] | None = None, **options) -> torch.Tensor:
+           callback: Callable[[dict], None] | None = None, guidance_rescale: float = 0.0, **options) -> torch.Tensor:
     """The one sampling loop: run the reverse process on x from `start` to `end` of the trajectory; return x.
 
     model(x [B,...], t [B], **cond) -> its prediction (eps, x0 or v, per `prediction`) shaped like x; t is what
@@ -546,25 +842,30 @@ def sample(model: Callable, x: torch.Tensor, schedule: Schedule, steps: int | Se
     The schedule owns everything else: `schedule.trajectory(steps, start, end)` lists the points visited (start
     and end are fractions of the way from noise to clean, as diffusers' denoising_start / denoising_end: img2img
     starts part-way, SDXL's base stops at 0.8 and its refiner starts there), and `sampler` names a step function
-    registered for the schedule's class (default: its first; NoiseSchedule: "ddim" with option eta, or "ddpm"),
-    called as step(schedule, model_output, x, t, t_next, prediction=, generator=, clip_x0=, **options).
+    registered for the schedule's class (default: the schedule's `sampler` setting if it has one, else the class's
+    first; NoiseSchedule: "ddim" with option eta, "ddpm", "euler", "euler_a", "dpmpp_2m"), called as
+    step(schedule, model_output, x, t, t_next, prediction=, generator=, clip_x0=, state=, **options), where
+    state is one dict per run, {"steps": n} to begin with, that a multistep sampler keeps its history in.
     callback({"i", "t", "x", "denoised", "x_next"}) after every step, e.g. to record a trajectory.
-    clip_x0: clamp every predicted x0 to [-clip_x0, clip_x0] (1.0 for pixels in [-1, 1]; None, the default: off).
+    clip_x0: clamp every predicted x0 to [-clip_x0, clip_x0] (1.0 for pixels in [-1, 1]; None, the default: the
+    schedule's clip_x0 setting if it has one, else off). guidance_rescale: see `guided` (Lin et al. 2024 sec. 3.4).
     """
-    step = find_sampler(schedule, sampler, options)
+    step = find_sampler(schedule, getattr(schedule, "sampler", None) if sampler is None else sampler, options)
+    clip_x0 = getattr(schedule, "clip_x0", None) if clip_x0 is None else clip_x0
     _clip(torch.zeros(()), clip_x0)  # a bad clip_x0 fails before the first model call
     ts = schedule.trajectory(steps, start, end)  # [n + 1]: where each of the n steps starts, and where the last lands
     cond = cond or {}
     if uncond is not None and guidance_scale != 1:
-        denoiser = guided(model, cond, uncond, guidance_scale)
+        denoiser = guided(model, cond, uncond, guidance_scale, guidance_rescale)
     else:
         def denoiser(x, t):
             return model(x, t, **_to_device(cond, x.device))
+    state = {"steps": len(ts) - 1}  # this run's: a multistep sampler keeps its history here
     for i in tqdm(range(len(ts) - 1), desc=f"{step.name} sampling", disable=not progress, leave=False):
         t, t_next = ts[i], ts[i + 1]
         out = denoiser(x, schedule.model_timesteps(t, x))
         x_next = step.step(schedule, out, x, t, t_next, prediction=prediction, generator=generator, clip_x0=clip_x0,
-                           **options)
+                           state=state, **options)
         if callback is not None:
             denoised = _clip(schedule.to_x0(prediction, out, x, t), clip_x0)
             callback({"i": i, "t": t, "x": x, "denoised": denoised, "x_next": x_next})

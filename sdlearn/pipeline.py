@@ -58,17 +58,23 @@ def drop_conditions(cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tenso
 def training_loss(model: nn.Module, schedule: NoiseSchedule, z0: torch.Tensor, cond: dict[str, torch.Tensor],
                   uncond: dict[str, torch.Tensor], p_uncond: float = 0.1, prediction: str = "eps",
                   snr_gamma: float | None = None, generator: torch.Generator | None = None,
-                  t_max: int | None = None) -> torch.Tensor:
+                  t_max: int | None = None, timesteps: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """The latent-diffusion loss (LDM eq. 2) on scaled latents z0 [B,C,h,w] with conditions cond (e.g.
     {"context": [B,L,D]}), the model called as model(z_t, t, **cond).
 
     Conditions are dropped to their unconditional twins (`uncond`, [1,...] each) with probability p_uncond; t is
-    uniform over the schedule (or over [0, t_max): SDXL's refiner only learns the low-noise end); the target is
+    uniform over the schedule (or over [0, t_max): SDXL's refiner only learns the low-noise end; or drawn by
+    timesteps(B) -> [B] ints, e.g. a learner's refiner_timesteps, notebook 07); the target is
     eps (or v / x0, per `prediction`); with snr_gamma, each sample's squared error is weighted by min_snr_weight
     (else a plain mean)."""
     B = z0.shape[0]
     cond = drop_conditions(cond, uncond, p_uncond, generator)
-    t = torch.randint(0, t_max or len(schedule), (B,), device=z0.device, generator=generator)  # [B]
+    if timesteps is None:
+        t = torch.randint(0, t_max or len(schedule), (B,), device=z0.device, generator=generator)  # [B]
+    else:
+        t = timesteps(B).to(z0.device)                                              # [B]
+        if t.shape != (B,) or t.is_floating_point():
+            raise ValueError(f"timesteps({B}) must give {B} integer timesteps [B], got {t.dtype} {tuple(t.shape)}")
     noise = torch.randn(z0.shape, device=z0.device, generator=generator)            # [B,C,h,w]
     z_t = schedule.add_noise(z0, noise, t)                                          # sqrt(abar) z0 + sqrt(1-abar) eps
     err = (model(z_t, t, **cond).float() - schedule.target(prediction, z0, noise, t)) ** 2
@@ -208,11 +214,13 @@ class TextToImage(nn.Module):
     def denoise(self, z: torch.Tensor, cond: dict, steps: int = 50, guidance_scale: float = 3.0,
                 start: float = 0.0, end: float = 1.0, sampler: str | None = None, seed: int = 0,
                 progress: bool = True, callback: Callable[[dict], None] | None = None,
-                uncond: dict[str, torch.Tensor] | None = None, sampler_options: dict | None = None) -> torch.Tensor:
+                uncond: dict[str, torch.Tensor] | None = None, sampler_options: dict | None = None,
+                guidance_rescale: float = 0.0) -> torch.Tensor:
         """Latents z [B,C,h,w] at fraction `start` of the trajectory -> latents at fraction `end` (1: clean), by
         sdlearn.diffusion.sample with classifier-free guidance against `uncond` (default: the conditioner's
-        unconditional twin). seed seeds the fresh noise a stochastic sampler draws (DDPM, DDIM with eta > 0);
-        sampler_options go to the step function (DDIM: {"eta": 0.5})."""
+        unconditional twin). seed seeds the fresh noise a stochastic sampler draws (DDPM, DDIM with eta > 0,
+        euler_a); sampler_options go to the step function (DDIM: {"eta": 0.5}); guidance_rescale: Lin et al. 2024
+        sec. 3.4 (sdlearn.diffusion.rescale_guidance; 0: off)."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -221,7 +229,8 @@ class TextToImage(nn.Module):
         uncond = self.conditioner.unconditional(1) if uncond is None else uncond
         generator = torch.Generator(device=z.device).manual_seed(seed)
         return sample(self._model(), z, self.schedule, steps, sampler, cond, uncond, guidance_scale, start, end,
-                      self.prediction, generator, progress=progress, callback=callback, **(sampler_options or {}))
+                      self.prediction, generator, progress=progress, callback=callback,
+                      guidance_rescale=guidance_rescale, **(sampler_options or {}))
 
     def _model(self) -> Callable:
         """The denoiser as the sampling loop calls it. A half-precision denoiser (real checkpoints on a GPU) reads
@@ -250,14 +259,16 @@ class TextToImage(nn.Module):
                  sampler: str | None = None, batch_size: int = 256, progress: bool = True,
                  callback: Callable[[dict], None] | None = None, start: float = 0.0, end: float = 1.0,
                  latents: torch.Tensor | None = None, output: str = "image", sampler_options: dict | None = None,
-                 **conditions) -> torch.Tensor:
+                 guidance_rescale: float = 0.0, **conditions) -> torch.Tensor:
         """Text to images [N,3,H,W] in [-1,1] on the CPU, or (output="latent") to latents [N,C,h,w].
 
         By default from fresh noise over the whole trajectory; `end` < 1 stops part-way and `latents` with
         `start` > 0 continues latents already there (img2img; SDXL's base hands over to its refiner at 0.8).
         **conditions go to the conditioner, which encodes those it takes (SDXL: original_size, crop_top_left, ...)
         and passes the others to the denoiser (a control image [N or 1, ...]: the same in both halves of guidance).
-        sampler_options go to the step function (DDIM: {"eta": 0.5})."""
+        sampler: a name registered for the schedule (NoiseSchedule: ddim, ddpm, euler, euler_a, dpmpp_2m; default:
+        the schedule's, e.g. a checkpoint's scheduler class); sampler_options go to the step function (DDIM:
+        {"eta": 0.5}); guidance_rescale: Lin et al. 2024 sec. 3.4 (diffusers' argument of that name; 0: off)."""
         prompts = _check_prompts(prompts)
         if output not in ("image", "latent"):
             raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
@@ -277,7 +288,7 @@ class TextToImage(nn.Module):
                 latents[i:i + batch_size].to(self.device)                        # [b, C, h, w]
             part = {k: v[i:i + batch_size] if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
             z = self.denoise(z, part, steps, guidance_scale, start, end, sampler, seed + i, progress, callback,
-                             uncond, sampler_options)
+                             uncond, sampler_options, guidance_rescale)
             out.append((self.decode(z) if output == "image" else z).cpu())
         return torch.cat(out)
 

@@ -51,7 +51,7 @@ class GaussianMixture:
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
             weights: torch.Tensor | None = None) -> torch.Tensor:
         """The exact eps*(x_t, t) [B,D]; weights [K] or [B,K] (a per-sample condition) replace the mixture's."""
-        abar = schedule.gather(schedule.alphas_cumprod, t, x_t).double()  # [B,1]
+        abar = _abar(schedule, t, x_t)  # [B,1]
         x = x_t.double()  # [B,D]
         var = abar * self.std**2 + 1 - abar  # [B,1], variance of each noised component
         mu = abar.sqrt()[:, :, None] * self.means.to(x.device)[None]  # [B,K,D], the noised means
@@ -64,6 +64,19 @@ class GaussianMixture:
     def model(self, schedule: NoiseSchedule) -> Callable:
         """model(x, t) -> eps*, the perfect noise predictor, in the signature `sample` expects."""
         return lambda x, t: self.eps(x, t, schedule)
+
+
+def _abar(schedule: NoiseSchedule, t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """abar at timesteps t [B] -> [B,1] float64. A fractional t (a Karras sigma's timestep, notebook 06b) reads sigma
+    linear in log sigma between the training timesteps, the inverse of diffusers' _sigma_to_t, so abar = 1 / (1 +
+    sigma^2) is the level the sampler is at."""
+    if not (isinstance(t, torch.Tensor) and t.dtype.is_floating_point):
+        return schedule.gather(schedule.alphas_cumprod, t, x_t).double()
+    log_sigma = schedule.sigmas.double().log()  # [T]
+    low = t.detach().cpu().double().floor().clamp(0, len(log_sigma) - 2).long()  # [B]
+    w = (t.detach().cpu().double() - low).clamp(0, 1)
+    sigma = ((1 - w) * log_sigma[low] + w * log_sigma[low + 1]).exp()
+    return (1 / (1 + sigma**2)).view(-1, 1).to(x_t.device)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:

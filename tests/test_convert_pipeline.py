@@ -327,14 +327,14 @@ def test_a_part_that_does_not_fit_its_config_names_the_part(family, tmp_path):
 def test_an_sdlearn_schedule_and_scheduler_config_round_trip():
     from sdlearn.convert.pipeline import schedule_from_diffusers, schedule_to_diffusers
 
-    for config in (dict(_ddim().config), dict(_ddim("v_prediction").config)):
+    for config in (_ddim(), _ddim("v_prediction")):
         schedule, prediction = schedule_from_diffusers(config)
         assert (schedule.kind, schedule.spacing, schedule.offset) == ("scaled_linear", "leading", 1)
         back = schedule_to_diffusers(schedule, prediction)
         assert {k: back.config[k] for k in DDIM} == DDIM
-        assert back.config.prediction_type == config["prediction_type"]
+        assert back.config.prediction_type == config.config.prediction_type
     with pytest.raises(ValueError, match="trained_betas"):
-        schedule_from_diffusers({**DDIM, "trained_betas": [0.1, 0.2]})
+        schedule_from_diffusers({"_class_name": "DDIMScheduler", **DDIM, "trained_betas": [0.1, 0.2]})
 
 
 # -----------------------------------------------------------------------------

@@ -118,8 +118,8 @@ def test_bad_timesteps_are_clear_errors():
         D.ddim_step(s, x[:2], x, 10, 5)
     with pytest.raises(ValueError, match="unknown prediction type 'noise'"):
         s.target("noise", x, x, 3)
-    with pytest.raises(ValueError, match="unknown sampler 'euler' for a NoiseSchedule"):
-        D.sample(lambda x, t: x, x, s, 5, sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="unknown sampler 'heun' for a NoiseSchedule"):
+        D.sample(lambda x, t: x, x, s, 5, sampler="heun", progress=False)
     with pytest.raises(ValueError, match="strictly decreasing"):
         D.sample(lambda x, t: x, x, s, [5, 10], progress=False)
 

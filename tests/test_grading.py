@@ -47,6 +47,7 @@ MISTAKES = {
     "05_unet": (1, "[torch.cos(args), torch.sin(args)]", "[torch.sin(args), torch.cos(args)]",
                 "the halves are swapped"),
     "06_latent_diffusion": (1, "< p_uncond", "> p_uncond", "is the comparison the wrong way round?"),
+    "06b_samplers": (1, "x / (sigma**2 + 1) ** 0.5", "x", "forgot the input scaling"),
     "07_sdxl_refiner": (3, "t >= cutoff", "t > cutoff", "expected the base to get 40 timesteps"),
     "08_mmdit": (3, "x * (1 + scale[:, None])", "x * scale[:, None]", "the scale is 1 + scale"),
 }

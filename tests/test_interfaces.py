@@ -167,6 +167,11 @@ SCHEDULES = {
     **{f"noise-{kind}-{spacing}": (lambda kind=kind, spacing=spacing: NoiseSchedule(kind, spacing=spacing))
        for kind in ("linear", "scaled_linear", "cosine") for spacing in ("leading", "trailing", "linspace")},
     "noise-offset-1": lambda: NoiseSchedule("scaled_linear", offset=1),
+    # the grids of the published checkpoints' schedulers (sdlearn.diffusion.GRIDS): Levels off the integer timesteps
+    "noise-euler-karras": lambda: NoiseSchedule("scaled_linear", offset=1, sampler="euler", karras=True),
+    "noise-euler-linspace": lambda: NoiseSchedule("scaled_linear", spacing="linspace", sampler="euler_a"),
+    "noise-dpm-karras": lambda: NoiseSchedule("scaled_linear", spacing="trailing", sampler="dpmpp_2m", karras=True),
+    "noise-dpm-zero-snr": lambda: NoiseSchedule("scaled_linear", sampler="dpmpp_2m", zero_snr=True),
     "flow-shift-3": lambda: FlowSchedule(shift=3.0),
     "flow-shift-1": lambda: FlowSchedule(shift=1.0),
 }

@@ -5,8 +5,9 @@
 
 Never called by the tests or by a notebook's default path (it downloads gigabytes); the tests run `side_by_side`
 on a local folder, which any name may be. The two pipelines start from the same latents and step with the same
-sampler (sdlearn's DDIM and diffusers' DDIMScheduler with the checkpoint's betas, spacing and offset; SD3: Euler
-on the shifted flow schedule), one after the other so that only one is in GPU memory at a time.
+sampler, the checkpoint's own scheduler config (SDXL: Euler; SD3: Euler on the shifted flow schedule; SD 1.x's
+PNDM, which sdlearn does not implement: DDIM from that config on both sides), one after the other so that only one
+is in GPU memory at a time.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sdlearn.convert.pipeline import load
+from sdlearn.convert.scheduler import SAMPLERS
 
 # name -> where it is published, its fp16 weights' variant, image side, whether its licence must be accepted on
 # huggingface.co first (then log in: huggingface_hub.login()), and the memory its fp16 weights take
@@ -73,8 +75,8 @@ def _diffusers(folder: Path, dtype, device, variant, skip):
     absent = {k for k, v in index.items() if isinstance(v, list) and v[0] is None}  # e.g. SD3 saved without T5
     absent |= {name for k in skip for name in (k, k.replace("text_encoder", "tokenizer"))}
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, variant=variant, **dict.fromkeys(absent))
-    if not type(pipe).__name__.startswith("StableDiffusion3"):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True, clip_sample=False)
+    if type(pipe.scheduler).__name__ not in SAMPLERS and not type(pipe).__name__.startswith("StableDiffusion3"):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # sdlearn's FALLBACK
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -21,8 +21,14 @@ Two tables say everything family-specific; load, from_diffusers, assemble, to_di
     StableDiffusionXLPipeline         -> TextToImage(SDXLConditioner, UNet, ...)                        SDXL base
     StableDiffusionXLImg2ImgPipeline  -> TextToImage(SDXLConditioner without text_encoder, UNet, ...)  SDXL refiner
     StableDiffusion3Pipeline          -> TextToImage(SD3Conditioner, MMDiT, FlowSchedule, VAE)          SD3 / SD3.5
+    StableDiffusionControlNetPipeline -> TextToImage(ControlConditioner(TextConditioner),
+                                                     Controlled(UNet, ControlNet), ...)           SD 1.x + ControlNet
+    StableDiffusion3ControlNetPipeline -> TextToImage(ControlConditioner(SD3Conditioner, VAE),
+                                                      Controlled(MMDiT, SD3ControlNet), ...)      SD3 + ControlNet
   A row names its parts (`Part`: the component's name in diffusers, where it sits in the sdlearn pipeline, whether
-  it may be absent, what its converter needs from the parts built before it), its tokenizers, the conditioner it
+  it may be absent, what its converter needs from the parts built before it, the options it is written back with
+  and the sdlearn classes diffusers can hold there), its tokenizers (the course's word-level one is written as a
+  CLIP byte-pair vocabulary with the same ids: sdlearn.convert.text.tokenizer_to_transformers), the conditioner it
   builds (class, and a function of the parts, tokenizers and model_index.json's options), and what writing it
   back adds: model_index options read off the sdlearn pipeline and fixed keywords of the diffusers pipeline.
   The part at "denoiser" is what TextToImage samples with, `denoiser` names the denoising network (its config
@@ -32,15 +38,18 @@ Two tables say everything family-specific; load, from_diffusers, assemble, to_di
 Adding a family is adding a row (and, for a new kind of part, a converter):
 - SD 1.5 inpainting: the "sd" row with pipeline="StableDiffusionInpaintPipeline" (its 9-channel UNet converts as
   any UNet), and accepts=<a denoiser reading more channels than the VAE's latents>.
-- ControlNet: the "sd" row with pipeline="StableDiffusionControlNetPipeline", Part("unet", "denoiser.unet") and
-  Part("controlnet", "denoiser", needs=<the built UNet>), and a CONVERTERS entry for ControlNetModel (the sdlearn
-  class, config and state translation of its own converter module) whose finishing step wraps that UNet.
+- ControlNet (done: the "sd-controlnet" and "sd3-controlnet" rows): Part("unet", "denoiser.base") and
+  Part("controlnet", "denoiser", needs=<the built UNet>); the CONVERTERS entry for ControlNetModel
+  (sdlearn.convert.controlnet) finishes by wrapping that UNet (sdlearn.controlnet.Controlled), and the conditioner
+  is the family's, wrapped to take the control image (sdlearn.controlnet.ControlConditioner). `load(...,
+  controlnet=<folder or file>)` attaches a published ControlNet to any checkpoint it loads.
 to_diffusers writes an sdlearn pipeline with the first row, in table order, whose conditioner class it has, whose
 required parts it holds and whose `accepts` takes it: a special row goes before the general one it refines.
 
-Sampling: a NoiseSchedule gets the checkpoint's betas, prediction type, timestep spacing and offset, and samples
-with sdlearn's DDIM (diffusers' equivalent: DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True));
-a FlowSchedule gets the shift, and samples with Euler as FlowMatchEulerDiscreteScheduler does.
+Sampling (sdlearn.convert.scheduler): a NoiseSchedule gets the checkpoint's betas, prediction type, timestep
+spacing and offset, zero-SNR rescaling, Karras sigmas, final sigma / set_alpha_to_one and clipping, and samples with
+the sampler of its scheduler class (DDIM, DDPM, Euler, Euler ancestral, DPM-Solver++(2M); PNDM falls back to DDIM,
+with a warning); a FlowSchedule gets the shift, and samples with Euler as FlowMatchEulerDiscreteScheduler does.
 """
 from __future__ import annotations
 
@@ -51,6 +60,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -58,18 +68,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdlearn.controlnet import ControlConditioner, ControlNet, SD3ControlNet, attach
+from sdlearn.convert import controlnet as control
 from sdlearn.convert import mmdit, t5, text, unet, vae
 from sdlearn.convert.keys import rename
-from sdlearn.diffusion import NoiseSchedule
-from sdlearn.flow import FlowSchedule
+from sdlearn.convert.scheduler import schedule_from_diffusers, schedule_to_diffusers
 from sdlearn.pipeline import Conditioner, TextConditioner, TextToImage
 from sdlearn.sd3 import SD3Conditioner
 from sdlearn.sdxl import SDXLConditioner, SDXLPipeline
-from sdlearn.text import PretrainedTokenizer
-
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-
+from sdlearn.t5 import T5Encoder
+from sdlearn.text import PretrainedTokenizer, Tokenizer
 
 # -----------------------------------------------------------------------------
 # the parts: a diffusers / transformers class -> an sdlearn module
@@ -145,6 +153,10 @@ CONVERTERS = {
                                              single_file=partial(_clip_as_configured, projection=True)),
     "T5EncoderModel": Converter(t5.T5Encoder, _as_given, t5.config_from_transformers,
                                 lambda c, state: t5.state_from_diffusers(state)),
+    "ControlNetModel": Converter(ControlNet, _diffusers_config, control.config_from_diffusers,
+                                 control.state_from_diffusers, finish=control.controlled),
+    "SD3ControlNetModel": Converter(SD3ControlNet, _diffusers_config, control.sd3_config_from_diffusers,
+                                    control.sd3_state_from_diffusers, finish=control.controlled),
 }
 
 
@@ -175,6 +187,8 @@ class Part:
     at: str
     optional: bool = False         # may be absent (None in model_index.json, or `skip`ped): SD3's T5
     needs: Callable = _no_needs    # (the parts built before it) -> options for its converter's finishing step
+    writes: dict = dataclasses.field(default_factory=dict)  # options of convert.to_diffusers when written back
+    kinds: tuple[type, ...] = ()   # the sdlearn classes diffusers' pipeline can hold here (empty: any)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,15 +233,33 @@ def _pooled_width(parts: dict) -> dict:
     return {"pooled_dim": parts["text_encoder_2"].config.pooled_dim}
 
 
+def _base(name: str) -> Callable:
+    """What a ControlNet needs: the denoiser it steers, the part `name` built before it."""
+    return lambda parts: {"base": parts[name]}
+
+
+def _with_control(build: Callable) -> Callable:
+    """A family's conditioner builder, wrapped to take the control image (with the VAE when the ControlNet reads
+    latents: SD3's; without the VAE's shift when it reads zeros for the pooled text: InstantX's)."""
+    def wrapped(parts: dict, tok: Callable, options: dict, size: int) -> ControlConditioner:
+        cn = parts["controlnet"].controlnet
+        shift = not (cn.reads_latents and cn.config.zero_pooled)
+        return ControlConditioner(build(parts, tok, options, size), parts["vae"] if cn.reads_latents else None,
+                                  latent_shift=shift)
+    return wrapped
+
+
 VAE, DENOISER = "vae", "denoiser"  # where TextToImage holds its VAE and its denoiser
+STATES = dict(projection=False)  # a first text encoder read for its token states: a CLIPTextModel (no projection)
 FAMILIES = (
     Family("sd", pipeline="StableDiffusionPipeline", denoiser="unet",
-           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.text_encoder"), Part("unet", DENOISER)),
+           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.text_encoder", writes=STATES),
+                  Part("unet", DENOISER)),
            tokenizers={"tokenizer": "conditioner.tokenizer"},
            conditioner=TextConditioner, build=_sd_text,
            fixed=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)),
     Family("sdxl", pipeline="StableDiffusionXLPipeline", denoiser="unet",
-           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.text_encoder"),
+           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.text_encoder", writes=STATES),
                   Part("text_encoder_2", "conditioner.text_encoder_2"), Part("unet", DENOISER, needs=_pooled_width)),
            tokenizers={"tokenizer": "conditioner.tokenizer", "tokenizer_2": "conditioner.tokenizer_2"},
            conditioner=SDXLConditioner, build=_sdxl_text,
@@ -244,10 +276,28 @@ FAMILIES = (
     Family("sd3", pipeline="StableDiffusion3Pipeline", denoiser="transformer",
            parts=(Part("vae", VAE), Part("text_encoder", "conditioner.text_encoder"),
                   Part("text_encoder_2", "conditioner.text_encoder_2"),
-                  Part("text_encoder_3", "conditioner.text_encoder_3", optional=True), Part("transformer", DENOISER)),
+                  Part("text_encoder_3", "conditioner.text_encoder_3", optional=True, kinds=(T5Encoder,)),
+                  Part("transformer", DENOISER)),
            tokenizers={"tokenizer": "conditioner.tokenizers.0", "tokenizer_2": "conditioner.tokenizers.1",
                        "tokenizer_3": "conditioner.tokenizers.2"},
            conditioner=SD3Conditioner, build=_sd3_text),
+    Family("sd-controlnet", pipeline="StableDiffusionControlNetPipeline", denoiser="unet",
+           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.conditioner.text_encoder"),
+                  Part("unet", "denoiser.base"), Part("controlnet", DENOISER, needs=_base("unet"))),
+           tokenizers={"tokenizer": "conditioner.conditioner.tokenizer"},
+           conditioner=ControlConditioner, build=_with_control(_sd_text),
+           fixed=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+           accepts=lambda pipe: isinstance(pipe.conditioner.conditioner, TextConditioner)),
+    Family("sd3-controlnet", pipeline="StableDiffusion3ControlNetPipeline", denoiser="transformer",
+           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.conditioner.text_encoder"),
+                  Part("text_encoder_2", "conditioner.conditioner.text_encoder_2"),
+                  Part("text_encoder_3", "conditioner.conditioner.text_encoder_3", optional=True),
+                  Part("transformer", "denoiser.base"), Part("controlnet", DENOISER, needs=_base("transformer"))),
+           tokenizers={"tokenizer": "conditioner.conditioner.tokenizers.0",
+                       "tokenizer_2": "conditioner.conditioner.tokenizers.1",
+                       "tokenizer_3": "conditioner.conditioner.tokenizers.2"},
+           conditioner=ControlConditioner, build=_with_control(_sd3_text),
+           accepts=lambda pipe: isinstance(pipe.conditioner.conditioner, SD3Conditioner)),
 )
 PIPELINES = {f.pipeline: f for f in FAMILIES}
 
@@ -337,41 +387,8 @@ def _build_parts(family: Family, read: Callable, place: Callable, prediction: st
 # the scheduler
 
 
-def schedule_from_diffusers(config: dict) -> tuple[NoiseSchedule | FlowSchedule, str]:
-    """(schedule, prediction) of a diffusers scheduler config (scheduler_config.json, or scheduler.config)."""
-    c = dict(config)
-    name = c.get("_class_name", "?")
-    if name.startswith("FlowMatch"):
-        if c.get("use_dynamic_shifting"):
-            raise ValueError(f"scheduler {name} uses dynamic shifting (a shift per resolution); sdlearn's "
-                             f"FlowSchedule has one shift")
-        return FlowSchedule(shift=float(c.get("shift", 1.0)),
-                            num_train_timesteps=c.get("num_train_timesteps", 1000)), "v"
-    if c.get("trained_betas") is not None or c.get("beta_schedule", "linear") not in BETA_SCHEDULES:
-        raise ValueError(f"scheduler {name}: beta_schedule {c.get('beta_schedule')!r} with trained_betas "
-                         f"{c.get('trained_betas') is not None}; sdlearn's NoiseSchedule makes "
-                         f"{', '.join(BETA_SCHEDULES)}")
-    kind = BETA_SCHEDULES[c.get("beta_schedule", "linear")]
-    betas = {} if kind == "cosine" else dict(beta_start=c.get("beta_start", 1e-4), beta_end=c.get("beta_end", 0.02))
-    schedule = NoiseSchedule(kind, c.get("num_train_timesteps", 1000), **betas,
-                             spacing=c.get("timestep_spacing", "leading"), offset=c.get("steps_offset", 0))
-    prediction = c.get("prediction_type", "epsilon")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"scheduler {name}: prediction_type {prediction!r}, expected one of {', '.join(PREDICTIONS)}")
-    return schedule, PREDICTIONS[prediction]
-
-
-def schedule_to_diffusers(schedule, prediction: str):
-    """The diffusers scheduler that samples as sdlearn does with `schedule`: DDIM or flow-matching Euler."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
-    if isinstance(schedule, FlowSchedule):
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
-    betas = {} if schedule.kind == "cosine" else dict(beta_start=schedule.beta_start, beta_end=schedule.beta_end)
-    return DDIMScheduler(num_train_timesteps=schedule.num_steps, beta_schedule={v: k for k, v in
-                         BETA_SCHEDULES.items()}[schedule.kind], **betas, timestep_spacing=schedule.spacing,
-                         steps_offset=schedule.offset, set_alpha_to_one=True, clip_sample=False,
-                         prediction_type={v: k for k, v in PREDICTIONS.items()}[prediction])
+# schedule_from_diffusers, schedule_to_diffusers: sdlearn.convert.scheduler (the class picks the sampler, every
+# field is read or warned about)
 
 
 # -----------------------------------------------------------------------------
@@ -406,12 +423,13 @@ def from_diffusers(pipeline, refiner=None, dtype: torch.dtype | None = None, max
     def place(part, class_name, config):
         return part if dtype is None else _place(part, class_name, config, next(part.parameters()).device, dtype)
 
-    prediction = schedule_from_diffusers(pipeline.scheduler.config)[1]
+    scheduler = {"_class_name": type(pipeline.scheduler).__name__, **pipeline.scheduler.config}
+    prediction = schedule_from_diffusers(scheduler)[1]
     parts = _build_parts(family, read, place, prediction, f"the {type(pipeline).__name__}")
     options = {**dict(pipeline.config), "sample_size": components[family.denoiser].config.sample_size,
                "max_sequence_length": max_sequence_length}
     tokenizers = {name: components.get(name) for name in family.tokenizers}
-    pipe = assemble(family, parts, tokenizers, pipeline.scheduler.config, options)
+    pipe = assemble(family, parts, tokenizers, scheduler, options)
     return pipe if refiner is None else SDXLPipeline(pipe, from_diffusers(refiner, dtype=dtype))
 
 
@@ -469,7 +487,7 @@ def _checkpoint(path: Path, config, refiner, allow_pickle: bool):
 
 def load(path, config=None, refiner=None, refiner_config=None, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, variant: str | None = None, allow_pickle: bool = False,
-         max_sequence_length: int = 256, skip: Sequence[str] = ()):
+         max_sequence_length: int = 256, skip: Sequence[str] = (), controlnet=None, guess_mode: bool = False):
     """A published checkpoint -> the sdlearn pipeline of its family, on `device` in `dtype` (default: as stored).
 
     path: a diffusers folder (model_index.json, a folder per part), or an original single .safetensors file, whose
@@ -482,6 +500,9 @@ def load(path, config=None, refiner=None, refiner_config=None, device: str | tor
     max_sequence_length: SD3's T5 tokens per prompt (diffusers' pipeline argument of that name).
     skip: optional parts not to load: ["text_encoder_3"] runs SD3 without T5 (zeros in its place), saving its
         4.8 B parameters.
+    controlnet: a published ControlNet for this checkpoint (a diffusers folder, or a single file in diffusers' names
+        or the original control_model.* layout); with it the pipeline takes control= (sdlearn.controlnet.attach;
+        guess_mode: diffusers' guess mode).
     """
     from sdlearn.convert import files
 
@@ -508,6 +529,9 @@ def load(path, config=None, refiner=None, refiner_config=None, device: str | tor
     options = {**{k: v for k, v in index.items() if not isinstance(v, list)},
                "sample_size": denoiser_cfg["sample_size"], "max_sequence_length": max_sequence_length}
     pipe = assemble(family, parts, _tokenizers(folder, index, family.tokenizers), scheduler, options)
+    if controlnet is not None:
+        steer = control.read(controlnet, pipe.denoiser, variant, allow_pickle, device)
+        pipe = attach(pipe, _place(steer, "ControlNetModel", {}, device, dtype), guess_mode)
     if refiner is None:
         return pipe
     return SDXLPipeline(pipe, load(refiner, config=refiner_config, device=device, dtype=dtype, variant=variant,
@@ -519,12 +543,30 @@ def load(path, config=None, refiner=None, refiner_config=None, device: str | tor
 
 
 def _tokenizer(t, what: str):
+    """The transformers tokenizer a conditioner's tokenizer is: a PretrainedTokenizer's own; the course's word-level
+    Tokenizer as a CLIPTokenizer giving its ids (sdlearn.convert.text.tokenizer_to_transformers)."""
     if t is None:
         return None
+    if isinstance(t, Tokenizer):
+        return text.tokenizer_to_transformers(t)
     if not isinstance(t, PretrainedTokenizer):
-        raise ValueError(f"{what} is the course's word-level tokenizer, which diffusers cannot load: export a pipeline "
-                         f"whose conditioner has transformers tokenizers (sdlearn.text.PretrainedTokenizer)")
+        raise TypeError(f"{what} is a {type(t).__name__}; sdlearn writes the course's Tokenizer or a transformers "
+                        f"tokenizer (sdlearn.text.PretrainedTokenizer)")
     return t.tokenizer
+
+
+def _written(family: Family, p: Part, module: nn.Module | None):
+    """The diffusers / transformers model of one part, converted with the row's options; a part whose class the
+    diffusers pipeline cannot hold is a clear error."""
+    from sdlearn import convert
+
+    if module is None:
+        return None
+    if p.kinds and not isinstance(module, p.kinds):
+        left_out = "; it is optional: export the pipeline with None there" if p.optional else ""
+        raise ValueError(f"diffusers' {family.pipeline} holds a {' or '.join(k.__name__ for k in p.kinds)} as "
+                         f"{p.name}, got sdlearn's {type(module).__name__}{left_out}")
+    return convert.to_diffusers(module, **p.writes)
 
 
 def _writer(pipe: TextToImage) -> Family:
@@ -542,28 +584,41 @@ def to_diffusers(pipe):
     """The diffusers pipeline equivalent to an sdlearn TextToImage (SDXLPipeline: a (base, refiner) pair)."""
     import diffusers
 
-    from sdlearn import convert
-
     if isinstance(pipe, SDXLPipeline):
         return to_diffusers(pipe.base), to_diffusers(pipe.refiner)
     if not isinstance(pipe, TextToImage):
         raise TypeError(f"expected an sdlearn TextToImage or SDXLPipeline, got {type(pipe).__name__}")
     family = _writer(pipe)
     components = {**family.fixed, "scheduler": schedule_to_diffusers(pipe.schedule, pipe.prediction)}
-    for p in family.parts:
-        module = _at(pipe, p.at)
-        components[p.name] = convert.to_diffusers(module) if module is not None else None
+    components.update({p.name: _written(family, p, _at(pipe, p.at)) for p in family.parts})
     components.update({name: _tokenizer(_at(pipe, at), name) for name, at in family.tokenizers.items()})
     components.update({name: _at(pipe, at) for name, at in family.options.items()})
-    out = getattr(diffusers, family.pipeline)(**components)
+    with warnings.catch_warnings():  # StableDiffusionPipeline warns of, and sets, a steps_offset other than 1
+        warnings.filterwarnings("ignore", "(?s).*steps_offset", FutureWarning)
+        out = getattr(diffusers, family.pipeline)(**components)
+    out.scheduler = schedule_to_diffusers(pipe.schedule, pipe.prediction)  # the one sdlearn samples with, as it is
     getattr(out, family.denoiser).register_to_config(sample_size=pipe.image_size // pipe.vae.downsampling_factor)
     return out
 
 
+def _vocabulary_files(pipeline, folder: Path) -> None:
+    """vocab.json and merges.txt beside each CLIP tokenizer's tokenizer.json: the files every version of transformers'
+    CLIPTokenizer reads (4.x's, without the tokenizers library, reads only these)."""
+    for name, component in pipeline.components.items():
+        if type(component).__name__ == "CLIPTokenizer":
+            model = json.loads(component.backend_tokenizer.to_str())["model"]
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+            (folder / name / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+            (folder / name / "merges.txt").write_text("".join(f"{m}\n" for m in ["#version: 0.2", *merges]))
+
+
 def save(pipe, folder) -> Path:
     """Write `pipe` as a diffusers folder (safetensors) that DiffusionPipeline.from_pretrained and `load` read;
-    an SDXLPipeline as folder/base and folder/refiner. Written to a temporary folder and moved into place, so a
-    failed save leaves whatever was at `folder` as it was."""
+    an SDXLPipeline as folder/base and folder/refiner. The course's word-level tokenizer is written as CLIP's
+    byte-pair one giving its ids (sdlearn.convert.text.tokenizer_to_transformers). The scheduler config is the one
+    sdlearn samples with; diffusers' StableDiffusionPipeline sets a steps_offset other than 1 to 1 when it loads it
+    (the course's models sample with 0: pipe.scheduler.register_to_config(steps_offset=0) gives sdlearn's images).
+    Written to a temporary folder and moved into place, so a failed save leaves whatever was at `folder` as it was."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not empty: save writes a new folder")
@@ -571,11 +626,9 @@ def save(pipe, folder) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         out = to_diffusers(pipe)
-        if isinstance(out, tuple):
-            out[0].save_pretrained(tmp / "base", safe_serialization=True)
-            out[1].save_pretrained(tmp / "refiner", safe_serialization=True)
-        else:
-            out.save_pretrained(tmp, safe_serialization=True)
+        for sub, written in zip(("base", "refiner"), out, strict=True) if isinstance(out, tuple) else [("", out)]:
+            written.save_pretrained(tmp / sub, safe_serialization=True)
+            _vocabulary_files(written, tmp / sub)
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)

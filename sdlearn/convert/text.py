@@ -14,13 +14,21 @@ Key map (theirs -> ours), per layer i:
 Pooling: transformers takes the *largest* token id's position when config.eos_token_id == 2 (the configs of
 the original OpenAI checkpoints, whose <eos> 49407 is the largest id) and the first eos_token_id otherwise;
 ours says which in TextConfig.pool ("argmax" / "eos").
+
+The course's word-level Tokenizer as CLIP's byte-pair tokenizer (what diffusers' pipelines load):
+
+    theirs = tokenizer_to_transformers(Tokenizer())   # a CLIPTokenizer: the same ids for every course prompt
+
+Its vocabulary holds each course word as one token, "red</w>", with the course's id (so the text encoder's
+embedding rows keep their order), and the merges that build it from its letters (Sennrich et al. 2016): the
+letters and part-words they pass through get the ids after the course's, which no course prompt produces.
 """
 from __future__ import annotations
 
 from torch import nn
 
 from sdlearn.convert.keys import rename
-from sdlearn.text import TextConfig, TextEncoder
+from sdlearn.text import BOS, EOS, PAD, TextConfig, TextEncoder, Tokenizer
 
 # (ours, theirs) name pieces on the CLIPTextModel state dict, applied by sdlearn.convert.keys.rename
 RENAMES = [
@@ -66,12 +74,19 @@ def from_diffusers(model: nn.Module) -> TextEncoder:
     return ours.to(next(model.parameters()).dtype)
 
 
-def to_diffusers(module: TextEncoder) -> nn.Module:
-    """The transformers CLIPTextModel (or ...WithProjection when `module` projects) with `module`'s weights."""
+def to_diffusers(module: TextEncoder, projection: bool = True) -> nn.Module:
+    """The transformers CLIPTextModel (or ...WithProjection when `module` projects) with `module`'s weights.
+    projection=False: a CLIPTextModel, without the projection (SD's and SDXL's first encoder: diffusers' pipelines
+    read its token states, and would take a ...WithProjection's first output, the pooled vector, for them)."""
     # optional: only to_diffusers needs transformers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = module.config
+    if not cfg.causal:
+        raise ValueError("this TextEncoder is bidirectional (causal=False); transformers' CLIPTextModel always masks "
+                         "causally, and no transformers class has its layout (T5's encoder has RMSNorm and relative "
+                         "positions, no biases)")
+    projection = projection and bool(cfg.projection_dim)
     if cfg.pool == "argmax":
         eos = 2  # transformers' switch for "pool at the largest token id"
     elif cfg.eos_token_id == 2:
@@ -88,16 +103,76 @@ def to_diffusers(module: TextEncoder) -> nn.Module:
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_positions, hidden_size=cfg.width,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_dim,
         hidden_act=cfg.activation, layer_norm_eps=cfg.layer_norm_eps, eos_token_id=eos,
-        projection_dim=cfg.projection_dim or cfg.width, **ids,
+        projection_dim=cfg.projection_dim if projection else cfg.width, **ids,
     )
-    theirs = CLIPTextModelWithProjection(c) if cfg.projection_dim else CLIPTextModel(c)
-    body = theirs.text_model if cfg.projection_dim else theirs
+    theirs = CLIPTextModelWithProjection(c) if projection else CLIPTextModel(c)
+    body = theirs.text_model if projection else theirs
     state = rename({k: v for k, v in module.state_dict().items() if not k.startswith("projection.")}, RENAMES,
                    to="theirs")
     missing, unexpected = body.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.endswith("position_ids")]:
         raise RuntimeError(f"weight mismatch converting to transformers: missing {missing}, unexpected {unexpected}")
-    if cfg.projection_dim:
+    if projection:
         theirs.text_projection.weight.data.copy_(module.projection.weight)
     dtype = next(module.parameters()).dtype
     return theirs.to(dtype).eval()
+
+
+# -----------------------------------------------------------------------------
+# the course's tokenizer -> CLIP's byte-pair tokenizer
+
+UNK = "<unk>"  # what CLIP's tokenizer makes of a letter no course word has: an id after the course's
+
+
+def _merge(pieces: list[str], ranks: dict) -> list[str]:
+    """Byte-pair encoding of one word's pieces: merge the adjacent pair of lowest rank until none is in `ranks`."""
+    while len(pieces) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2:]]
+    return pieces
+
+
+def clip_vocabulary(tok: Tokenizer, backend) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab.json's token -> id, merges.txt's pairs in rank order) of a CLIP tokenizer whose tokens are `tok`'s words
+    with its ids. backend: a CLIP tokenizers.Tokenizer, whose normalizer and pre-tokenizer give a word's letters
+    (as bytes) and mark its last one with </w>. Each word's merges are added after all earlier ones, until byte-pair
+    encoding with the merges so far makes it one token: later merges never change how an earlier word merges."""
+    ids = {s: tok.ids[s] for s in (PAD, BOS, EOS)}
+    extra, ranks = [UNK], {}
+    for i, word in enumerate(tok.vocab):
+        if word in (PAD, BOS, EOS):
+            continue
+        split = backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(word))
+        pieces = [*split[0][0]] if split else []
+        if pieces:
+            pieces[-1] += "</w>"
+        ids.setdefault("".join(pieces), i)
+        extra += pieces
+        while len(pieces := _merge(pieces, ranks)) > 1:
+            ranks[pieces[0], pieces[1]] = len(ranks)
+            extra.append(pieces[0] + pieces[1])
+    for piece in extra:
+        ids.setdefault(piece, max(ids.values()) + 1)
+    return ids, list(ranks)
+
+
+def tokenizer_to_transformers(tok: Tokenizer):
+    """The transformers CLIPTokenizer that gives `tok`'s ids for every prompt of its words, padded with <pad> and
+    truncated (<eos> kept last) to its context length; a ValueError naming the words CLIP's tokenizer cannot give
+    as one token (it lower-cases and splits a word at anything not a letter: "x-ray", "3d")."""
+    from transformers import CLIPTokenizer
+
+    if not isinstance(tok, Tokenizer):
+        raise TypeError(f"expected the course's sdlearn.text.Tokenizer, got {type(tok).__name__}")
+    vocab, merges = clip_vocabulary(tok, CLIPTokenizer().backend_tokenizer)
+    theirs = CLIPTokenizer(vocab=vocab, merges=merges, unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                           model_max_length=tok.context_length)
+    words = [w for w in tok.vocab if w not in (PAD, BOS, EOS)]
+    wrong = [f"{w!r} -> {theirs.tokenize(w)}" for w, ids in zip(words, theirs(words).input_ids, strict=True)
+             if ids != [tok.bos_id, tok.ids[w], tok.eos_id]]
+    if wrong:
+        raise ValueError(f"CLIP's tokenizer cannot give these words of the vocabulary as one token each (it "
+                         f"lower-cases, splits at anything not a letter): {', '.join(wrong)}")
+    return theirs
