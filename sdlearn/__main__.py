@@ -19,6 +19,7 @@ import torch
 from torchvision.utils import save_image
 
 from sdlearn import convert, pretrained
+from sdlearn.diffusion import with_karras
 from sdlearn.recipes import RECIPES
 from sdlearn.sdxl import SDXLPipeline
 from sdlearn.text import course_words
@@ -35,8 +36,12 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default=None,
-                   help="the schedule's sampler (ddim or ddpm; euler for a flow model such as shapes-mmdit; "
-                        "default: its first)")
+                   help="the schedule's sampler (ddim, ddpm, euler, euler_a or dpmpp_2m; euler for a flow model such "
+                        "as shapes-mmdit; default: the schedule's, a checkpoint's scheduler class)")
+    p.add_argument("--karras", action="store_true",
+                   help="Karras et al.'s sigma spacing (rho = 7) for euler, euler_a, dpmpp_2m (a NoiseSchedule)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="Lin et al. 2024's guidance rescale phi (0: off; 0.7 with zero-terminal-SNR models)")
     p.add_argument("--model", default="shapes-t2i", help=f"a released pipeline ({', '.join(pretrained.available())}); "
                    "shapes-sdxl is shapes-sdxl-base")
     p.add_argument("--refiner", action="store_true", help="SDXL: hand over to <model>-refiner part-way")
@@ -52,7 +57,24 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="with --checkpoint: where to run it (e.g. cuda)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="with --checkpoint: the weights' precision (float16 on a GPU)")
+    p.add_argument("--control", default=None,
+                   help="a map image (PNG, at the model's image size) for a pipeline with a ControlNet")
+    p.add_argument("--control-scale", type=float, default=1.0, help="with --control: the ControlNet's scale")
+    p.add_argument("--controlnet", default=None,
+                   help="with --checkpoint: a published ControlNet for it (a diffusers folder or a single file)")
     return p
+
+
+def _control(p: argparse.ArgumentParser, args, pipe) -> dict:
+    """generate's control=, control_scale= from --control (a map image file), when the pipeline reads a map."""
+    if args.control is None:
+        return {}
+    if "control" not in getattr(getattr(pipe, "denoiser", None), "cond_dims", {}):
+        p.error(f"--control: {args.checkpoint or args.model} has no ControlNet (a released ControlNet pipeline, or "
+                f"--checkpoint with --controlnet)")
+    from sdlearn.controlnet import read_control  # notebook 09's
+
+    return {"control": read_control(args.control), "control_scale": args.control_scale}
 
 
 def generate(argv: list[str]) -> int:
@@ -82,7 +104,7 @@ def generate(argv: list[str]) -> int:
     try:
         if args.checkpoint:
             pipe = convert.load(args.checkpoint, config=args.config, device=args.device,
-                                dtype=getattr(torch, args.dtype))
+                                dtype=getattr(torch, args.dtype), controlnet=args.controlnet)
         else:
             pipe = pretrained.load(name, args.size)
         if not hasattr(pipe, "generate"):
@@ -90,8 +112,15 @@ def generate(argv: list[str]) -> int:
         if args.refiner and not args.checkpoint:
             refiner = pretrained.load(f"{name.removesuffix('-base')}-refiner", args.size)
             pipe = SDXLPipeline(pipe, refiner, args.switch)
+        if args.karras:
+            for part in (pipe.base, pipe.refiner) if isinstance(pipe, SDXLPipeline) else (pipe,):
+                part.schedule = with_karras(part.schedule)
         prompts = [q for q in args.prompts for _ in range(args.n)]
-        images = pipe.generate(prompts, args.steps, args.guidance, args.seed, sampler=args.sampler, progress=False)
+        rescale = {"guidance_rescale": args.guidance_rescale} if args.guidance_rescale else {}
+        if rescale and isinstance(pipe, SDXLPipeline):  # the refiner's keywords go apart
+            rescale["refiner_conditions"] = dict(rescale)
+        images = pipe.generate(prompts, args.steps, args.guidance, args.seed, sampler=args.sampler, progress=False,
+                               **rescale, **_control(p, args, pipe))
     except (ValueError, FileNotFoundError) as e:  # an unknown word or model, steps < 1, ...: say it, no traceback
         p.error(str(e))
     images = torch.nn.functional.interpolate(images, scale_factor=args.scale, mode="nearest")

@@ -31,6 +31,9 @@ WHERE = {
     "sdxl-refiner-unet": "sdlearn.unet",
     "sd3-medium-mmdit": "sdlearn.mmdit",
     "sd35-medium-mmdit": "sdlearn.mmdit",
+    "sd15-controlnet": "sdlearn.controlnet",
+    "sdxl-controlnet": "sdlearn.controlnet",
+    "sd3-controlnet": "sdlearn.controlnet",
 }
 
 # parameter counts of the released models (diffusers 0.42.1 / transformers); buffers excluded
@@ -48,6 +51,9 @@ PUBLISHED = {
     "sdxl-refiner-unet": 2_259_526_660,
     "sd3-medium-mmdit": 2_028_328_000,
     "sd35-medium-mmdit": 2_243_171_520,
+    "sd15-controlnet": 361_279_120,       # ControlNetModel.from_unet(SD 1.5's UNet)
+    "sdxl-controlnet": 1_251_014_160,     # ControlNetModel.from_unet(SDXL base's UNet)
+    "sd3-controlnet": 538_805_760,        # SD3ControlNetModel at InstantX/SD3-Controlnet-Canny's config
 }
 
 

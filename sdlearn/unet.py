@@ -250,9 +250,10 @@ class UNet(nn.Module):
             emb = emb + self.add_embed(added_cond.to(dtype))                       # [B,temb]
         return emb
 
-    def down_path(self, h, emb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """conv_in and the down levels; returns h at the coarsest level and the skips (a stack)."""
-        h = self.conv_in(h)
+    def down_path(self, h, emb, context, hint=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """conv_in and the down levels; returns h at the coarsest level and the skips (a stack). hint [B,C0,H,W]
+        (a ControlNet's embedded control image, notebook 09) is added to conv_in's output."""
+        h = self.conv_in(h) if hint is None else self.conv_in(h) + hint
         skips = [h]
         for level in self.down:
             for j, resnet in enumerate(level.resnets):

@@ -29,6 +29,8 @@ _BY_CLASS = {
     "UNet2DConditionModel": "unet",
     "SD3Transformer2DModel": "mmdit",
     "T5EncoderModel": "t5",
+    "ControlNetModel": "controlnet",
+    "SD3ControlNetModel": "controlnet",
     # diffusers' pipelines: the rows of sdlearn.convert.pipeline.FAMILIES (`_pipelines`)
     # ours (sdlearn)
     "sdlearn.attention.Attention": "attention",
@@ -38,6 +40,9 @@ _BY_CLASS = {
     "sdlearn.sdxl.SDXLUNet": "unet",
     "sdlearn.mmdit.MMDiT": "mmdit",
     "sdlearn.t5.T5Encoder": "t5",
+    "sdlearn.controlnet.ControlNet": "controlnet",
+    "sdlearn.controlnet.SD3ControlNet": "controlnet",
+    "sdlearn.controlnet.Controlled": "controlnet",
     "sdlearn.pipeline.TextToImage": "pipeline",
     "sdlearn.sdxl.SDXLPipeline": "pipeline",
 }
