@@ -10,9 +10,10 @@ folder of image + .txt pairs into the same (image [3,size,size] in [-1,1], capti
 """
 from __future__ import annotations
 
+import math
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,22 +141,87 @@ def layout(objects: Sequence[ShapeObject], rng: np.random.Generator | None = Non
     rng=None: no randomness, objects of side 0.28 on their anchors.
     """
     if rng is None:
-        draws = [[Placement(o, *POSITION_XY[o.position], sum(SIZE_RANGE) / 2) for o in objects]]
-    else:
-        draws = []
-        for _ in range(tries):
-            placed = []
-            for o in objects:
-                ax, ay = POSITION_XY[o.position]
-                s = rng.uniform(*SIZE_RANGE)
-                dx, dy = rng.uniform(-JITTER, JITTER, size=2)
-                placed.append(Placement(o, ax + dx, ay + dy, s))
-            if _fit(placed, margin) >= 1:
-                return placed
-            draws.append(placed)
+        return _shrunk([[Placement(o, *POSITION_XY[o.position], sum(SIZE_RANGE) / 2) for o in objects]], margin)
+
+    def near_anchors() -> list[Placement]:
+        placed = []
+        for o in objects:
+            ax, ay = POSITION_XY[o.position]
+            s = rng.uniform(*SIZE_RANGE)
+            dx, dy = rng.uniform(-JITTER, JITTER, size=2)
+            placed.append(Placement(o, ax + dx, ay + dy, s))
+        return placed
+    return _resample(near_anchors, margin, tries)
+
+
+def _resample(draw_once: Callable[[], list[Placement]], margin: float, tries: int) -> list[Placement]:
+    """draw_once() until all bounding boxes are `margin` apart; after `tries` failures, the best draw shrunk."""
+    draws = []
+    for _ in range(tries):
+        placed = draw_once()
+        if _fit(placed, margin) >= 1:
+            return placed
+        draws.append(placed)
+    return _shrunk(draws, margin)
+
+
+def _shrunk(draws: Sequence[list[Placement]], margin: float) -> list[Placement]:
+    """The draw that needs the least shrinking, its sides shrunk (about their centres) until it fits."""
     best = max(draws, key=lambda placed: _fit(placed, margin))
     f = min(_fit(best, margin), 1.0)
     return [Placement(p.obj, p.cx, p.cy, p.s * f) for p in best]
+
+
+# -----------------------------------------------------------------------------
+# free layouts: objects anywhere, at any size (notebook 09 conditions on where they are)
+
+FREE_SIZE_RANGE = (0.16, 0.40)  # object side in a free layout, as a fraction of the canvas
+POSITION_MARGIN = 0.04  # a freely placed object is nearer its named anchor than any other by at least this
+
+
+def centroid(p: Placement) -> tuple[float, float]:
+    """A placed object's area centroid (x, y), unit coordinates: a triangle's sits s/6 below its box centre."""
+    return p.cx, p.cy + (p.s / 6 if p.obj.shape == "triangle" else 0.0)
+
+
+def position_at(x: float, y: float, margin: float = 0.0) -> str | None:
+    """The named position whose anchor is nearest (x, y); None if another is nearer than that plus `margin`."""
+    (d0, name), (d1, _) = sorted((math.hypot(x - ax, y - ay), k) for k, (ax, ay) in POSITION_XY.items())[:2]
+    return name if d1 - d0 >= margin else None
+
+
+def place(color: str, shape: str, cx: float, cy: float, s: float) -> Placement:
+    """An object at any centre (cx, cy) and side s (unit coordinates); its named position, the one its caption
+    says, is the anchor nearest its centroid."""
+    if color not in COLORS or shape not in SHAPES:
+        raise ValueError(f"expected a colour in {COLORS} and a shape in {SHAPES}, got {color!r} and {shape!r}")
+    p = Placement(ShapeObject(color, shape, "center"), float(cx), float(cy), float(s))
+    return Placement(ShapeObject(color, shape, position_at(*centroid(p))), p.cx, p.cy, p.s)
+
+
+def _free_place(o: ShapeObject, s: float, rng: np.random.Generator, margin: float, tries: int = 100) -> Placement:
+    """One object of side s, wholly inside the frame, its centroid unambiguously nearest its own anchor."""
+    lo, hi = s / 2 + margin, 1 - s / 2 - margin
+    for _ in range(tries):
+        cx, cy = rng.uniform(lo, hi, size=2)
+        p = Placement(o, float(cx), float(cy), s)
+        if position_at(*centroid(p), POSITION_MARGIN) == o.position:
+            return p
+    ax, ay = POSITION_XY[o.position]  # (rare) the anchor itself, moved inside the frame
+    return Placement(o, min(max(ax, lo), hi), min(max(ay, lo), hi), s)
+
+
+def free_layout(objects: Sequence[ShapeObject], rng: np.random.Generator,
+                size_range: tuple[float, float] = FREE_SIZE_RANGE, margin: float = 1 / 32,
+                tries: int = 100) -> list[Placement]:
+    """Place objects anywhere, at any size: side ~ U[size_range], centre uniform over the points that keep the
+    object inside the frame (`margin` from the border) and its centroid nearest its named position's anchor by at
+    least POSITION_MARGIN, so that the caption stays exact. Resamples until boxes are `margin` apart, as layout()."""
+    lo, hi = size_range
+    if not 0 < lo <= hi <= 0.6:
+        raise ValueError(f"size_range must be (low, high) with 0 < low <= high <= 0.6, got {size_range!r}")
+    return _resample(lambda: [_free_place(o, float(rng.uniform(lo, hi)), rng, margin) for o in objects],
+                     margin, tries)
 
 
 def shape_mask(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -183,6 +249,13 @@ def draw(placements: Sequence[Placement], size: int, supersample: int = SUPERSAM
         img = torch.where(inside, rgb, img)
     img = F.avg_pool2d(img[None], supersample)[0]  # [3,size,size] in [0,1]
     return img * 2 - 1
+
+
+def object_masks(placements: Sequence[Placement], size: int) -> torch.Tensor:
+    """Each placed object's pixels (pixel centres inside its shape) at `size` px: [n, size, size] bool."""
+    u = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    y, x = torch.meshgrid(u, u, indexing="ij")
+    return torch.stack([shape_mask(p.obj.shape, (x - p.cx) / (p.s / 2), (y - p.cy) / (p.s / 2)) for p in placements])
 
 
 def render(objects: Sequence[ShapeObject | Placement], size: int, rng: np.random.Generator | None = None,

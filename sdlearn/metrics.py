@@ -4,7 +4,8 @@ prompt_adherence(images, captions) decodes every image with plain image processi
   1. foreground = saturated pixels (max - min channel > 0.5), each given the nearest of the 6 hues;
      (0.5, because two objects 1 px apart can't both cover more than half of two neighbouring pixels)
   2. objects = connected components of same-hue foreground (label propagation with a 3x3 max filter,
-     batched); too-small components are dropped as specks;
+     batched); too-small components are dropped as specks, and so are components that do not stand on a dark
+     ground (texture: the blobs of pure noise), so that an image with no objects has no detections;
   3. per object: colour = circular mean of its pixels' hue, shape = best match of its silhouette (centred on
      its centroid, scaled by its area) against templates of the 4 shapes rendered the same way,
      position = nearest anchor to its centroid;
@@ -42,6 +43,11 @@ from sdlearn.data import (
 
 FG_THRESHOLD = 0.5  # saturation (max - min channel, in [0,1]) above which a pixel is foreground
 MIN_AREA = 0.007  # smallest object kept, as a fraction of the image area (a triangle is ~0.03)
+# largest mean brightness (max channel, in [0,1]) of a component's surroundings (1 to 3 px outside it at 32 px,
+# other components' neighbourhoods left out) for it to count as an object on black: a clean render's
+# surroundings are 0 (a released model's at most 0.02), under blur of 2 px or noise of std 0.8 at most ~0.46; pure
+# noise's blobs sit at 0.7 to 0.9 (tests/test_metrics.py: pure noise scores near 0 on every attribute)
+SURROUND_MAX = 0.5
 WINDOW = 1.25  # silhouette window half-width, in units of sqrt(object area)
 TEMPLATE_RES = 16  # silhouettes are compared at 16x16
 TEMPLATE_BLURS = (0.0, 0.75, 1.5)  # template variants: gaussian blur sigma, in pixels at 32 px (scaled with size)
@@ -103,6 +109,26 @@ class _Components:
     silhouette: torch.Tensor  # [K,R,R] in [0,1], centred on the centroid, scaled by sqrt(area)
 
 
+def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
+    """[..., H, W] in [0,1] -> everything within r px (Chebyshev distance) of it."""
+    for _ in range(r):
+        mask = _max3x3(mask)
+    return mask
+
+
+def _surround_brightness(onehot: torch.Tensor, image: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """[K] mean brightness of each component's surroundings: the pixels r to 3r px outside it (r = 1 px at 32 px,
+    scaled with the size) that lie near no other component. onehot [K,H,W] components, image [K] which image,
+    value [N,H,W] brightness. A component with no such pixels (crowded by others, as in noise) scores 1."""
+    r = max(1, round(onehot.shape[-1] / 32))
+    near = _dilate(onehot, r)  # [K,H,W]
+    covered = torch.zeros(value.shape).index_add_(0, image, near)  # [N,H,W] how many components are near
+    alone = (covered[image] - near) < 0.5  # [K,H,W] near no other component
+    surround = ((_dilate(near, 2 * r) - near) * alone).flatten(1)  # [K,H*W]
+    pixels = surround.sum(1)
+    return torch.where(pixels > 0, (surround * value[image].flatten(1)).sum(1) / pixels.clamp_min(1), 1.0)
+
+
 def _components(images: torch.Tensor) -> _Components:
     """images [N,3,H,W] in [-1,1] -> the objects in them (before shape classification)."""
     N, _, H, W = images.shape
@@ -131,6 +157,7 @@ def _components(images: torch.Tensor) -> _Components:
     # each component's soft mask: its pixels plus a 1-px ring (anti-aliased edges), weighted by saturation
     onehot = (comp_map[image] == torch.arange(K).view(K, 1, 1)).float()  # [K,H,W]
     ring = _max3x3(onehot)  # [K,H,W]
+    on_black = _surround_brightness(onehot, image, rgb.amax(1)) <= SURROUND_MAX  # [K]
     soft = ring * sat[image]  # [K,H,W]
     core_sat = (onehot * sat[image]).flatten(1)  # [K,H*W]
     brightness = (core_sat**2).sum(1) / core_sat.sum(1).clamp_min(1e-6)  # [K] ~1 for a clean object
@@ -152,7 +179,7 @@ def _components(images: torch.Tensor) -> _Components:
     boxes = torch.stack([torch.arange(K, dtype=torch.float32), cx - w, cy - w, cx + w, cy + w], 1)  # [K,5]
     sil = roi_align(soft[:, None], boxes, TEMPLATE_RES, spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0]
 
-    keep = area >= max(MIN_AREA * H * W, 1.0)
+    keep = (area >= max(MIN_AREA * H * W, 1.0)) & on_black
     centroid = torch.stack([cx, cy], 1)
     return _Components(image[keep], color[keep], area[keep], centroid[keep], sil[keep])
 

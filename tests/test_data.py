@@ -23,8 +23,13 @@ from sdlearn.data import (
     ShapesDataset,
     TorchvisionCaptions,
     caption,
+    centroid,
+    free_layout,
     layout,
+    object_masks,
     parse_caption,
+    place,
+    position_at,
     render,
 )
 
@@ -156,6 +161,50 @@ def test_layout_never_overlaps(size):
                 assert abs(p.cx - ax) <= 0.02 and abs(p.cy - ay) <= 0.02
                 assert p.s <= 0.30 and (p.s >= 0.26 or size < 32)
                 assert p.s >= 0.2
+
+
+def test_free_layouts_place_objects_anywhere_and_keep_the_caption_exact():
+    """Notebook 09's scenes: any centre and size, inside the frame, apart, and each object's centroid nearest the
+    anchor its caption names (by a margin), so that the judge reads the same caption back from the render."""
+    from sdlearn.metrics import prompt_adherence
+
+    rng, size = np.random.default_rng(0), 64
+    scenes, centres = [], []
+    for _ in range(150):
+        k = int(rng.integers(1, 3))
+        objects = [ShapeObject(str(rng.choice(COLORS)), str(rng.choice(SHAPES)), p)
+                   for p in rng.choice(POSITIONS, k, replace=False)]
+        placed = free_layout(objects, rng, margin=1 / size)
+        for p in placed:
+            assert p.s / 2 + 1 / size - 1e-9 <= min(p.cx, p.cy, 1 - p.cx, 1 - p.cy), p  # inside the frame
+            assert position_at(*centroid(p)) == p.obj.position, p
+            centres.append((p.cx, p.cy))
+        if k == 2:
+            a, b = placed
+            assert max(abs(a.cx - b.cx), abs(a.cy - b.cy)) - (a.s + b.s) / 2 >= 1 / size - 1e-9
+        scenes.append(placed)
+    spread = np.array(centres)
+    assert spread.std(0).min() > 0.15 and len({(round(x, 2), round(y, 2)) for x, y in centres}) > 100  # not anchors
+    images = torch.stack([render(placed, size) for placed in scenes])
+    result = prompt_adherence(images, [caption([p.obj for p in placed]) for placed in scenes])
+    assert result["exact"] >= 0.97, result
+    with pytest.raises(ValueError, match="size_range"):
+        free_layout(objects, rng, size_range=(0.5, 0.2))
+
+
+def test_place_names_the_nearest_anchor_and_masks_cover_the_shape():
+    p = place("red", "circle", 0.2, 0.8, 0.3)
+    assert p.obj == ShapeObject("red", "circle", position_at(0.2, 0.8)) and p.obj.position in POSITIONS
+    assert position_at(*POSITION_XY["center"]) == "center"
+    ax, ay = POSITION_XY["center"]
+    bx, by = POSITION_XY[next(q for q in POSITIONS if q != "center")]
+    assert position_at((ax + bx) / 2, (ay + by) / 2, margin=0.01) is None  # halfway: ambiguous
+    with pytest.raises(ValueError, match="colour"):
+        place("mauve", "circle", 0.5, 0.5, 0.3)
+    square = place("blue", "square", 0.5, 0.5, 0.5)
+    mask = object_masks([square], 16)[0]
+    assert mask.dtype == torch.bool and mask[4:12, 4:12].all() and mask.sum() == 64
+    assert torch.equal(mask, (render([square], 16)[2] > 0))
 
 
 def test_render_placements():
