@@ -338,3 +338,34 @@ PRESETS = {
     "sdxl-unet": lambda: UNet(replace(SDXL)),
     "sdxl-refiner-unet": lambda: UNet(replace(SDXL_REFINER)),
 }
+
+
+# -----------------------------------------------------------------------------
+# where the words land: cross-attention maps (notebooks 05 and 06 measure them)
+
+
+@torch.no_grad()
+def cross_attention_maps(unet: UNet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                         block: TransformerBlock | None = None) -> torch.Tensor:
+    """Run unet(x, t, context) and return one transformer block's cross-attention weights (by default the mid
+    block's first), averaged over heads: [B, h, w, L], each pixel's attention over the L text tokens (sums to 1)."""
+    attn = (block or unet.mid.attention.blocks[0]).attn2
+    seen = {}
+    hook = attn.register_forward_hook(lambda module, args, out: seen.update(x=args[0], context=args[1]))
+    try:
+        unet(x, t, context)
+    finally:
+        hook.remove()
+    maps = attn.weights(seen["x"], seen["context"]).mean(1)  # [B, h*w, L]
+    side = math.isqrt(maps.shape[1])
+    return maps.view(len(maps), side, side, -1)
+
+
+def attention_share(maps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """maps [h, w, L] (one image's cross-attention), mask [H, W] bool (an object's pixels, H a multiple of h) ->
+    (the share of each token's attention mass that lands on the object [L], the object's share of the area: what a
+    token that ignores the image would get)."""
+    if maps.ndim != 3 or mask.ndim != 2:
+        raise ValueError(f"expected maps [h, w, L] and a mask [H, W], got {tuple(maps.shape)} and {tuple(mask.shape)}")
+    area = F.adaptive_avg_pool2d(mask[None, None].float(), maps.shape[:2])[0, 0].to(maps)  # [h, w]: cell covered
+    return (maps * area[..., None]).sum((0, 1)) / maps.sum((0, 1)), area.mean()

@@ -125,3 +125,28 @@ def test_ddim_checker(capsys):
     for hint, fn in wrong.items():
         with pytest.raises(CheckFailed, match=hint):
             check.ddim_step(fn)
+
+
+def test_a_mistake_outside_the_usual_ones_names_the_first_wrong_element():
+    # a sign flipped on the noise: no known mistake gives it, so the message must say where it goes wrong
+    with pytest.raises(CheckFailed, match=r"x_t differs .* first wrong element at index \(0, 0, 0, 0\): expected "
+                                          r".*matches none of the usual mistakes"):
+        check.add_noise(lambda s, x0, n, t: add_noise_right(s, x0, -n, t))
+    with pytest.raises(CheckFailed, match=r"the mean differs .* first wrong element at index \(\d+, \d+, \d+, \d+\)"):
+        check.posterior_mean_variance(lambda s, x0, x_t, t: (-_posterior(s, x0, x_t, t)[0],
+                                                             _posterior(s, x0, x_t, t)[1]))
+    with pytest.raises(CheckFailed, match=r"x_next differs .* first wrong element at index .*none of the usual"):
+        check.ddim_step(lambda *a: 0.5 * _ddim(*a))
+
+
+def test_a_shape_error_gets_a_hint_in_the_learners_terms():
+    # the posterior's coefficients indexed per sample, as if t were [B]: a broadcasting crash
+    def per_sample(s, x0, x_t, t):
+        c = s.alphas_cumprod[torch.full((len(x0),), t)]  # [B] against [B, C, H, W]
+        return c * x0 + x_t, 0.0
+
+    with pytest.raises(CheckFailed, match=r"raised RuntimeError .* t, t_next are plain ints, so every coefficient"):
+        check.posterior_mean_variance(per_sample)
+    with pytest.raises(CheckFailed, match=r"raised RuntimeError .* plain ints"):
+        check.ddim_step(lambda s, eps, x_t, t, t_next, eta=0.0, noise=None: (
+            s.alphas_cumprod[torch.full((len(x_t),), t)] * x_t))

@@ -127,3 +127,23 @@ def test_checkers_unet_is_the_library_unet():
     out = unet(x, torch.tensor([5]), torch.randn(1, 2, 8))
     assert out.shape == x.shape
     assert isinstance(unet.down[0].resnets[0], ResBlock)
+
+
+def test_a_missing_reshape_in_the_embedding_gets_a_hint():
+    def no_reshape(t, dim):  # t [B] times freqs [dim // 2]: a broadcasting error
+        a = t.float() * torch.exp(-math.log(10000) * torch.arange(dim // 2) / (dim // 2))
+        return torch.cat([a.cos(), a.sin()], -1)
+
+    with pytest.raises(CheckFailed, match=r"raised RuntimeError .* t\[:, None\] \* freqs\[None, :\]"):
+        check.timestep_embedding(no_reshape)
+
+
+def test_a_mistake_outside_the_usual_ones_names_the_first_wrong_element():
+    def minus_sin(t, dim):
+        e = _emb_right(t, dim)
+        return torch.cat([e[:, : dim // 2], -e[:, dim // 2:]], -1)
+
+    with pytest.raises(CheckFailed, match=r"first wrong element at index \(1, 16\).*none of the usual mistakes"):
+        check.timestep_embedding(minus_sin)
+    with pytest.raises(CheckFailed, match=r"first wrong element at index .*none of the usual mistakes"):
+        check.resblock_forward(lambda b, x, emb: 2 * _res_right(b, x, emb))

@@ -72,7 +72,7 @@ class LineSchedule:
 
 
 @register("line", LineSchedule)
-def line_step(schedule, out, x, s, s_next, prediction="x0", noise=None, generator=None, clip_x0=None):
+def line_step(schedule, out, x, s, s_next, prediction="x0", noise=None, generator=None, clip_x0=None, state=None):
     eps = (x - (1 - s) * out) / s  # the noise this x0 implies
     return (1 - s_next) * out + s_next * eps
 

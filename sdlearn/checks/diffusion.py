@@ -28,6 +28,10 @@ def _b(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 ADVICE = "compare each coefficient with the formula above"
+SCALAR_T = {"size of tensor|shape|broadcast|expand": (
+    "shapes do not line up: x0, x_t and eps are [B, C, H, W] and t, t_next are plain ints, so every coefficient "
+    "(alphas_cumprod[t], betas[t], ...) is one number that multiplies a whole tensor: no reshape, no indexing of "
+    "x0 or x_t by t")}
 
 
 # -----------------------------------------------------------------------------
@@ -86,7 +90,8 @@ def posterior_mean_variance(fn) -> None:
     for t in [len(s) - 1, 10, 1, 0]:
         x0, x_t = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         on = f"x0, x_t of shape {shape}, t={t}"
-        mean, var = _mean_and_variance(name, call(name, fn, s, x0.clone(), x_t.clone(), t, on=on), shape)
+        mean, var = _mean_and_variance(name, call(name, fn, s, x0.clone(), x_t.clone(), t, on=on, hints=SCALAR_T),
+                                       shape)
         exp_mean, exp_var = _posterior(s, x0, x_t, t)
         diagnose(name, mean, exp_mean, _posterior_mean_mistakes(s, t, x0, x_t), on=on, atol=ATOL, rtol=RTOL,
                  what="the mean", advice=ADVICE)
@@ -174,7 +179,7 @@ def ddim_step(fn) -> None:
         eps, x_t, noise = (torch.randn(shape, generator=g) for _ in range(3))
         where = f"t={t} -> t_next={t_next}, eta={eta}"
         got = call(name, fn, s, eps.clone(), x_t.clone(), t, t_next, eta, noise.clone() if eta > 0 else None,
-                   on=f"eps, x_t of shape {shape}, {where}")
+                   on=f"eps, x_t of shape {shape}, {where}", hints=SCALAR_T)
         expect_tensor(name, got, shape, "x_next")
         expected = _ddim_step(s, eps, x_t, t, t_next, eta=eta, noise=noise)
 

@@ -34,6 +34,17 @@ def tiny_pipeline(prediction: str = "eps", seed: int = 0) -> TextToImage:
 # -----------------------------------------------------------------------------
 # the training step
 
+LOSS_SHAPES = ("shapes do not line up. z0 is [B, C, h, w], context [B, L, D] and uncond_context [1, L, D]; the "
+               "dropout mask and t are [B]: give the mask two trailing axes, drop[:, None, None], for torch.where "
+               "to pick between the [B, L, D] and [1, L, D] states; reduce each sample's squared error to [B] with "
+               ".mean(dim=(1, 2, 3)) before multiplying it by the [B] min-SNR weights")
+GUIDE_SHAPES = ("shapes do not line up. z is [B, C, h, w], t [B], context and uncond_context [B, L, D]: concatenate "
+                "each pair along the batch axis (torch.cat([..., ...]), dim 0) so the UNet sees 2B of each, then "
+                "split its [2B, C, h, w] output with .chunk(2) (dim 0)")
+LOOP_SHAPES = ("shapes do not line up. The UNet takes t as a tensor [n], one timestep per latent "
+               "(torch.full((n,), t)); the contexts are [n, L, D], the empty prompt's repeated n times; ddim_step "
+               "takes the int timesteps t and t_next")
+
 
 def latent_loss(fn) -> None:
     """fn(unet, schedule, z0, context, uncond_context, p_uncond, prediction, snr_gamma) -> scalar (LDM eq. 2,
@@ -59,10 +70,11 @@ class _LossProbe:
 
     def loss(self, model, p_uncond: float, prediction: str, gamma: float | None) -> torch.Tensor:
         return call(self.name, self.fn, model, self.sched, self.z0, self.ctx, self.uncond, p_uncond, prediction, gamma,
-                    on=self.on)
+                    on=self.on, hints={"size of tensor|shape|broadcast|expand": LOSS_SHAPES})
 
-    def oracle(self, prediction: str, offset: float = 0.0):
-        """A perfect model (+ offset): it knows z0, so it recovers the noise from z_t."""
+    def oracle(self, prediction: str, offset: float | torch.Tensor = 0.0):
+        """A perfect model (+ offset, a number or one per sample [B,1,1,1]): it knows z0, so it recovers the noise
+        from z_t."""
         def model(z_t, t, context):
             if not isinstance(t, torch.Tensor) or t.shape != (len(z_t),):
                 fail(self.name, f"the UNet must get one timestep per latent, a tensor [B] = [{len(z_t)}], got "
@@ -108,27 +120,32 @@ class _LossProbe:
                                 f"uncond_context, {dropped:.2f} were{wrong_way}")
 
     def min_snr_weights(self) -> None:
-        """Every element off by 0.5: the loss is 0.25 x the mean weight of the timesteps drawn."""
+        """Sample i off by offset_i everywhere (0.2 to 0.8, a different error per sample, so that averaging the
+        errors before weighting them gives another number): the loss is mean_i(offset_i^2 w_i)."""
         name = self.name
+        offset = 0.2 + 0.6 * torch.rand(len(self.z0), 1, 1, 1, generator=torch.Generator().manual_seed(3))
+        err = offset.flatten() ** 2  # [B]: each sample's mean squared error
         for prediction, gamma in [("v", None), ("v", 5.0), ("eps", 5.0), ("v", 1.0)]:
-            loss = self.loss(self.oracle(prediction, 0.5), 0.1, prediction, gamma).item()
+            loss = self.loss(self.oracle(prediction, offset), 0.1, prediction, gamma).item()
             t = self.seen["t"].long()
             snr = self.sched.snr(t).float()
             weights = {"none": torch.ones_like(snr), "right": min_snr_weight(self.sched, t, prediction, gamma or 1.0),
                        "/snr": snr.clamp(max=gamma or 1.0) / snr, "/(snr+1)": snr.clamp(max=gamma or 1.0) / (snr + 1),
                        "min(snr, gamma)": snr.clamp(max=gamma or 1.0)}
-            got = {k: abs(loss - 0.25 * w.mean().item()) < 1e-4 * max(1.0, loss) for k, w in weights.items()}
+            values = {k: (err * w).mean().item() for k, w in weights.items()}
+            values["mean first"] = err.mean().item() * weights["right"].mean().item()
+            values["/sum(w)"] = ((err * weights["right"]).sum() / weights["right"].sum()).item()
+            got = {k: abs(loss - v) < 1e-4 * max(1.0, abs(v)) for k, v in values.items()}
             if gamma is None:
                 if not got["none"]:
-                    fail(name, f"with snr_gamma=None the loss is the plain mean squared error; an error of 0.5 "
-                               f"everywhere should give 0.25, got {loss:.4g}")
+                    fail(name, f"with snr_gamma=None the loss is the plain mean of the samples' squared errors: "
+                               f"{values['none']:.4g} here, got {loss:.4g}")
                 continue
             if got["right"]:
                 continue
             _min_snr_mistake(name, got, prediction, gamma)
-            fail(name, f"with prediction={prediction!r}, snr_gamma={gamma} and every element off by 0.5 the loss "
-                       f"should be 0.25 x mean(min_snr weight) = {0.25 * weights['right'].mean().item():.4g}, got "
-                       f"{loss:.4g}")
+            fail(name, f"with prediction={prediction!r}, snr_gamma={gamma} and sample i off by offset_i everywhere "
+                       f"the loss should be mean_i(offset_i^2 w_i) = {values['right']:.4g}, got {loss:.4g}")
 
 
 def _min_snr_mistake(name: str, got: dict[str, bool], prediction: str, gamma: float) -> None:
@@ -142,6 +159,12 @@ def _min_snr_mistake(name: str, got: dict[str, bool], prediction: str, gamma: fl
         fail(name, "for eps-prediction the min-SNR weight is min(SNR, gamma) / SNR, not / (SNR + 1)")
     if got["min(snr, gamma)"]:
         fail(name, "min(SNR, gamma) alone is the weight for an x0 target; divide by SNR + 1 (v) or SNR (eps)")
+    if got["mean first"]:
+        fail(name, "the errors were averaged before they were weighted (err.mean() * w.mean()): weight each sample's "
+                   "error by its own timestep's w_t first, (err * w).mean(), with err and w both [B]")
+    if got["/sum(w)"]:
+        fail(name, "that is a weighted average, sum(w * err) / sum(w): min-SNR keeps the plain mean of the weighted "
+                   "errors, (w * err).mean(), so that low-weight timesteps count for less")
 
 
 # -----------------------------------------------------------------------------
@@ -162,7 +185,8 @@ def guided_prediction(fn) -> None:
     on = "3 latents [3, 4, 8, 8] with w = 3"
     try:
         with torch.no_grad():
-            got = call(name, fn, unet, z, t, cond, uncond, 3.0, on=on)
+            got = call(name, fn, unet, z, t, cond, uncond, 3.0, on=on,
+                       hints={"size of tensor|shape|Sizes of tensors|broadcast|expand|should be": GUIDE_SHAPES})
     finally:
         hook.remove()
     got = expect_tensor(name, got, tuple(z.shape), what="the guided prediction")
@@ -193,7 +217,8 @@ def sample_loop(fn) -> None:
     prompts = ["a red circle on the left", "a blue square at the top"]
     on = "2 prompts, 4 steps, w = 3, seed 5"
     with torch.no_grad():
-        got = call(name, fn, pipe, prompts, 4, 3.0, 5, on=on)
+        got = call(name, fn, pipe, prompts, 4, 3.0, 5, on=on,
+                   hints={"size of tensor|shape|Sizes of tensors|broadcast|expand|timestep|should be": LOOP_SHAPES})
     got = expect_tensor(name, got, (2, 3, pipe.image_size, pipe.image_size), what="the images")
     ts = pipe.schedule.timesteps(4).tolist()
     z0 = pipe.noise(2, 5)

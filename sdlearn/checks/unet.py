@@ -52,7 +52,10 @@ def timestep_embedding(fn) -> None:
     name = "timestep_embedding"
     for t, dim in [(torch.tensor([0, 1, 10, 250, 999]), 32), (torch.tensor([0.5, 3.0, 500.0]), 16)]:
         on = f"t={t.tolist()}, dim={dim}"
-        got = call(name, fn, t.clone(), dim, on=on)
+        got = call(name, fn, t.clone(), dim, on=on, hints={"size of tensor|shape|broadcast": (
+            "shapes do not line up: t is [B] and the frequencies [dim // 2]; give t a trailing axis and the "
+            "frequencies a leading one, t[:, None] * freqs[None, :] -> [B, dim // 2], then concatenate cos and sin "
+            "along the last axis -> [B, dim]")})
         got = expect_tensor(name, got, (len(t), dim),
                             what=f"timestep_embedding(t of shape {tuple(t.shape)}, dim={dim})")
         expected = _reference_embedding(t, dim)
