@@ -16,8 +16,9 @@ import torch
 
 from sdlearn import pretrained
 from sdlearn.data import ShapesDataset, render_pool
+from sdlearn.measure import encoder_ablation, image_scores, print_table, refinement_table, sweep
 from sdlearn.metrics import eval_prompts
-from sdlearn.sdxl import SDXLPipeline, encoder_ablation, image_scores, print_table, refinement_table, sweep
+from sdlearn.sdxl import SDXLPipeline
 
 
 def main():

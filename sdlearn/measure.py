@@ -36,8 +36,12 @@ def refinement_table(pipe: SDXLPipeline, captions: Sequence[str], steps: int = 5
     extra = len(pipe.refiner.schedule.trajectory(steps, 1 - strength)) - 1  # the img2img steps
     fewer = max(1, steps - extra)
 
-    def base(n_steps):
-        return pipe.generate(captions, n_steps, guidance_scale, switch=1.0, progress=False)
+    finished = {}
+
+    def base(n_steps):  # each step count's images once: the img2img rows start from the base-alone row's images
+        if n_steps not in finished:
+            finished[n_steps] = pipe.generate(captions, n_steps, guidance_scale, switch=1.0, progress=False)
+        return finished[n_steps]
 
     def img2img(images):
         return pipe.refine(images, captions, strength, steps, guidance_scale, progress=False)
@@ -79,14 +83,15 @@ def print_table(rows: dict[str, dict[str, float]]) -> None:
 
 class WithoutEncoder(Conditioner):
     """An SDXLConditioner with one encoder's share of the text zeroed at sampling time: which=1, the first's
-    channels of the context; which=2, the second's channels and the pooled vector. What does the UNet read?"""
+    channels of the context; which=2, the second's channels and the pooled vector; which="pooled", the pooled vector
+    alone. What does the UNet read?"""
 
     dropout_keys, takes = SDXLConditioner.dropout_keys, SDXLConditioner.takes
 
     def __init__(self, conditioner: SDXLConditioner, which: int):
         super().__init__()
-        if which not in (1, 2) or conditioner.text_encoder is None:
-            raise ValueError(f"which must be 1 or 2, of a conditioner with two encoders; got {which}")
+        if which not in (1, 2, "pooled") or conditioner.text_encoder is None:
+            raise ValueError(f"which must be 1, 2 or 'pooled', of a conditioner with two encoders; got {which!r}")
         self.inner, self.which = conditioner, which
         self.split = conditioner.text_encoder.config.width  # the first encoder's channels come first
 
@@ -97,8 +102,9 @@ class WithoutEncoder(Conditioner):
     def encode(self, prompts: list[str], **conditions) -> dict[str, torch.Tensor]:
         cond = self.inner.encode(prompts, **conditions)
         keep = torch.arange(cond["context"].shape[-1], device=cond["context"].device) >= self.split  # the second's
-        cond["context"] = cond["context"] * (keep if self.which == 1 else ~keep)
-        if self.which == 2:
+        if self.which != "pooled":
+            cond["context"] = cond["context"] * (keep if self.which == 1 else ~keep)
+        if self.which != 1:
             cond["pooled"] = torch.zeros_like(cond["pooled"])
         return cond
 
@@ -108,11 +114,13 @@ class WithoutEncoder(Conditioner):
 
 def encoder_ablation(base: TextToImage, captions: Sequence[str], steps: int = 50,
                      guidance_scale: float = 3.0) -> dict[str, dict[str, float]]:
-    """The judge on the base with both encoders, and with each one's share zeroed -> {label: image_scores}."""
+    """The judge on the base with both encoders, with each one's share zeroed, and with the pooled vector alone
+    zeroed -> {label: image_scores}."""
     rows = {}
     for label, conditioner in (("both encoders", base.conditioner),
                                ("without the first (CLIP-L's role)", WithoutEncoder(base.conditioner, 1)),
-                               ("without the second (bigG's), pooled too", WithoutEncoder(base.conditioner, 2))):
+                               ("without the second (bigG's), pooled too", WithoutEncoder(base.conditioner, 2)),
+                               ("without the pooled vector only", WithoutEncoder(base.conditioner, "pooled"))):
         pipe = TextToImage(conditioner, base.denoiser, base.schedule, base.vae, image_size=base.image_size)
         rows[label] = image_scores(pipe.generate(captions, steps, guidance_scale, progress=False), captions)
     return rows

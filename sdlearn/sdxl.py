@@ -301,6 +301,12 @@ def handoff(timesteps: Sequence[int], switch: float, num_train_timesteps: int = 
     return [t for t in timesteps if t >= cutoff], [t for t in timesteps if t < cutoff]
 
 
+def refiner_timesteps(n: int, t_max: int = 200) -> torch.Tensor:
+    """n training timesteps of SDXL's refiner (sec. 2.5: it learns only the first 200 of the 1000 noise levels, the
+    low-noise end, t = 0 being the clean image): uniform over 0 .. t_max - 1 -> [n] int64."""
+    return torch.randint(0, t_max, (n,))
+
+
 def vae_difference(a: nn.Module, b: nn.Module) -> str:
     """'' when a and b are one VAE (the same object, or the same config and weights), else how they differ."""
     if a is b:

@@ -3,11 +3,14 @@ import math
 
 import pytest
 import torch
+from einops import rearrange
 
 from sdlearn.checks import CheckFailed
 from sdlearn.checks import sdxl as check
 from sdlearn.diffusion import NoiseSchedule
-from sdlearn.sdxl import handoff, text_time_input, time_ids
+from sdlearn.pipeline import training_loss
+from sdlearn.recipes import sdxl as sdxl_recipe
+from sdlearn.sdxl import handoff, refiner_timesteps, text_time_input, time_ids
 from sdlearn.unet import timestep_embedding
 
 
@@ -106,6 +109,22 @@ def test_sdxl_text_lets_an_unsolved_exercise_through():
     assert not isinstance(err.value, CheckFailed)
 
 
+def test_sdxl_text_hints_at_its_shape_errors():
+    def cats_the_tuples(text_encoder, text_encoder_2, tokens, tokens_2):  # forgot that an encoder returns a pair
+        return torch.cat([text_encoder(tokens, hidden_layer=-2), text_encoder_2(tokens_2, hidden_layer=-2)], -1), None
+
+    def stacks(text_encoder, text_encoder_2, tokens, tokens_2):
+        hidden_2, pooled = text_encoder_2(tokens_2, hidden_layer=-2)
+        return torch.stack([text_encoder(tokens, hidden_layer=-2)[0], hidden_2], -1), pooled
+
+    with pytest.raises(CheckFailed, match=r"raised TypeError on 3 prompts.* -- a TextEncoder returns a tuple "
+                                          r"\(hidden, pooled\): unpack it"):
+        check.sdxl_text(cats_the_tuples)
+    with pytest.raises(CheckFailed, match=r"-- torch.stack makes a new axis.*torch.cat\(\[hidden_1, hidden_2\], "
+                                          r"dim=-1\)"):
+        check.sdxl_text(stacks)
+
+
 # -----------------------------------------------------------------------------
 # exercise 2: text_time_input
 
@@ -176,6 +195,40 @@ def test_text_time_input_crash_and_unsolved():
         check.text_time_input(todo)
     with pytest.raises(CheckFailed, match=r"the text_time input differs from the reference .*matches none of"):
         check.text_time_input(lambda p, o, c, t, dim: 1.5 * text_time_input(p, time_ids(o, c, t), dim))
+
+
+def test_text_time_input_names_ids_concatenated_on_the_batch_axis():
+    def default_dim(pooled, o, c, t, dim):
+        ids = torch.cat([o, c, t])                               # [3B, 2]: torch.cat's default axis
+        return torch.cat([pooled, timestep_embedding(ids.flatten(), dim).reshape(len(pooled), -1)], -1)
+
+    with pytest.raises(CheckFailed, match=r"concatenated on the batch axis \(torch.cat's default dim=0, giving "
+                                          r"\[3B, 2\]\): each image's six ids form one row"):
+        check.text_time_input(default_dim)
+
+
+def test_text_time_input_hints_at_an_unreshaped_embedding():
+    def unreshaped(pooled, o, c, t, dim):
+        return torch.cat([pooled, timestep_embedding(torch.cat([o, c, t], 1).flatten(), dim)], -1)  # [B*6, dim]
+
+    with pytest.raises(CheckFailed, match=r"raised RuntimeError on pooled \[3, 4\].* -- pooled is \[B, P\] and "
+                                          r"the embedded ids must be \[B, 6 \* dim\].*reshape it id after id"):
+        check.text_time_input(unreshaped)
+
+
+def test_text_time_input_hints_at_a_wrong_reshape():
+    def reshaped_by_ids(pooled, o, c, t, dim):  # [B, 6] ids, then the embeddings reshaped with the wrong count
+        emb = timestep_embedding(torch.cat([o, c, t], 1).flatten(), dim)
+        return torch.cat([pooled, emb.reshape(len(pooled), 6)], -1)
+
+    def rearranged_with_b_6(pooled, o, c, t, dim):
+        emb = timestep_embedding(torch.cat([o, c, t], 1).flatten(), dim)
+        return torch.cat([pooled, rearrange(emb, "(b k) d -> b (k d)", b=6, k=6)], -1)
+
+    for fn in (reshaped_by_ids, rearranged_with_b_6):
+        with pytest.raises(CheckFailed, match=r"-- timestep_embedding\(ids.flatten\(\), dim\) gives \[B \* 6, dim\]"
+                                              r".*reshape it to \[B, 6 \* dim\] with B = pooled.shape\[0\]"):
+            check.text_time_input(fn)
 
 
 # -----------------------------------------------------------------------------
@@ -256,3 +309,66 @@ def test_handoff_wrong_shapes_crashes_and_unknown_mistakes():
         check.handoff(lambda ts, s: (handoff(ts, s)[0], []))
     with pytest.raises(NotImplementedError):
         check.handoff(todo)
+
+
+# -----------------------------------------------------------------------------
+# exercise 4: refiner_timesteps
+
+
+def test_refiner_timesteps_passes_the_reference(capsys):
+    check.refiner_timesteps(refiner_timesteps)
+    assert "refiner_timesteps: correct" in capsys.readouterr().out
+    check.refiner_timesteps(lambda n, t_max: torch.randint(t_max, (n,)))  # low defaults to 0
+    check.refiner_timesteps(lambda n, t_max: (torch.rand(n) * t_max).long())  # floored uniform floats are fine
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda n, t_max: torch.randint(1000 - t_max, 1000, (n,)),
+     r"wrong timesteps on n=4096, t_max=200: they lie in 800 .. 999, the high-noise end: t counts noise levels from "
+     r"the clean image \(t = 0\)"),
+    (lambda n, t_max: torch.randint(0, 1000, (n,)),
+     r"they reach 999: the refiner learns only the low-noise end, t < t_max = 200; drawing from all 1000 levels"),
+    (lambda n, t_max: torch.randint(0, t_max + 1, (n,)), r"t = t_max = 200 was drawn: torch.randint's high end is "
+                                                           r"exclusive"),
+    (lambda n, t_max: torch.rand(n) * t_max, r"the timesteps are torch.float32 on n=4096, t_max=200: they index"),
+    (lambda n, t_max: torch.randint(0, t_max, (n, 1)), r"shape \(4096, 1\) on n=4096, t_max=200, expected "
+                                                       r"\(4096,\): one timestep per sample"),
+    (lambda n, t_max: torch.randint(0, t_max, (1,)).repeat(n), r"every sample got the same timestep"),
+    (lambda n, t_max: torch.randint(0, t_max, (n,)) // 2, r"not uniform over 0 .. 199: min 0, max 99"),
+    (lambda n, t_max: torch.randint(0, t_max, (n,))[None], r"shape \(1, 4096\)"),
+    (lambda n, t_max: torch.randint(0, 200, (n,)), r"on n=4096, t_max=350: they are not uniform over 0 .. 349"),
+    (lambda n, t_max: torch.randint(0, t_max, n),
+     r"(?s)raised TypeError on n=4096, t_max=200: .* -- torch.randint\(low, high, size\) takes the size as a tuple"),
+    (lambda n, t_max: [0] * n, r"should be a torch.Tensor, got list"),
+])
+def test_refiner_timesteps_names_mistakes(fn, message):
+    with pytest.raises(CheckFailed, match=message):
+        check.refiner_timesteps(fn)
+
+
+def test_refiner_timesteps_lets_an_unsolved_exercise_through():
+    with pytest.raises(NotImplementedError):
+        check.refiner_timesteps(todo)
+
+
+def test_the_refiners_timesteps_drive_its_training_loss():
+    """training_loss draws t with `timesteps` when given: the refiner's recipe trains on a learner's sampler."""
+    seen = []
+
+    def model(z, t, context):
+        seen.append(t)
+        return z * 0 + context.mean()
+
+    def low_end(n):
+        return torch.randint(0, 200, (n,))
+
+    schedule, z0 = NoiseSchedule("cosine"), torch.randn(64, 4, 2, 2)
+    cond, uncond = {"context": torch.randn(64, 3, 5)}, {"context": torch.zeros(1, 3, 5)}
+    training_loss(model, schedule, z0, cond, uncond, prediction="v", timesteps=low_end)
+    assert seen[-1].shape == (64,) and seen[-1].max() < 200
+    training_loss(model, schedule, z0, cond, uncond, prediction="v")
+    assert seen[-1].max() >= 200  # uniform over all 1000 otherwise (64 draws all under 200: chance 0.2^64)
+    with pytest.raises(ValueError, match=r"timesteps\(64\) must give 64 integer timesteps \[B\], got torch.float32"):
+        training_loss(model, schedule, z0, cond, uncond, timesteps=lambda n: torch.rand(n) * 200)
+    with pytest.raises(ValueError, match="the base learns all of them"):
+        sdxl_recipe.train(sdxl_recipe.SDXLRecipe(part="base", steps=1), timesteps=low_end)

@@ -401,7 +401,7 @@ def test_refinement_table_counts_the_unet_evaluations(xl):
         for h in hooks:
             h.remove()
     assert [r["UNet evaluations"] for r in rows.values()] == [10, 10, 13, 10]  # img2img 0.3 of 10 steps: 3 more
-    assert len(calls) == 43  # one batched (guided) call per step
+    assert len(calls) == 33  # one batched (guided) call per step; the first img2img row reuses the base-alone images
     assert all(x.shape == (2, 3, SIZE, SIZE) for x in images.values())
     assert set(next(iter(rows.values()))) >= {"exact", "1 object exact", "palette distance", "sharpness"}
 
@@ -417,6 +417,8 @@ def test_sweep_and_encoder_ablation(xl):
     assert torch.equal(without_1["context"][..., WIDTH_1:], cond["context"][..., WIDTH_1:])
     assert not without_2["context"][..., WIDTH_1:].any() and not without_2["pooled"].any()
     assert torch.equal(without_2["context"][..., :WIDTH_1], cond["context"][..., :WIDTH_1])
-    assert len(encoder_ablation(xl.base, CAPTIONS, steps=2)) == 3
-    with pytest.raises(ValueError, match="which must be 1 or 2"):
+    no_pooled = WithoutEncoder(xl.base.conditioner, "pooled")(CAPTIONS)
+    assert torch.equal(no_pooled["context"], cond["context"]) and not no_pooled["pooled"].any()
+    assert len(encoder_ablation(xl.base, CAPTIONS, steps=2)) == 4
+    with pytest.raises(ValueError, match="which must be 1, 2 or 'pooled'"):
         WithoutEncoder(xl.refiner.conditioner, 1)

@@ -1,14 +1,16 @@
-"""Checkers for 07_sdxl: the two text encoders' outputs, the micro-conditioning input, the base/refiner handoff.
+"""Checkers for 07_sdxl: the two text encoders' outputs, the micro-conditioning input, the base/refiner handoff,
+the refiner's training timesteps.
 
     from sdlearn.checks import sdxl as check
     check.sdxl_text(sdxl_text)              # (context, pooled) from two text encoders
     check.text_time_input(text_time_input)  # pooled text + six size/crop ids, each its own sinusoid
     check.handoff(handoff)                  # a sampler's timesteps split between the base and the refiner
+    check.refiner_timesteps(refiner_timesteps)   # the refiner's training timesteps: the low-noise end
 
 Each runs the learner's function next to sdlearn.sdxl's (and sdlearn.unet's) reference on small inputs chosen so
 that the usual mistakes give different answers, and names the mistake: the final states instead of the
 penultimate, channels vs sequence concatenation, pooled from the wrong encoder, ids in the wrong order, the
-handoff split by step count or at the wrong end of the trajectory, ...
+handoff split by step count or at the wrong end of the trajectory, the refiner trained on the high-noise end, ...
 """
 from __future__ import annotations
 
@@ -76,6 +78,10 @@ _CONTEXT_HINTS = [
 ]
 
 _CONCAT_CRASH_HINTS = {
+    "got tuple": "a TextEncoder returns a tuple (hidden, pooled): unpack it, hidden_1, _ = text_encoder(tokens, "
+                 "hidden_layer=-2), and concatenate the hidden states [B, L, D]",
+    "stack expects": "torch.stack makes a new axis and needs equal shapes; the states [B, L, D1] and [B, L, D2] are "
+                     "joined on their channels, torch.cat([hidden_1, hidden_2], dim=-1)",
     "except in dimension 1": "the states [B, L, D1] and [B, L, D2] share B and L, not the width: concatenate them "
                              "on the channel axis, torch.cat([hidden_1, hidden_2], dim=-1), not on the sequence axis",
     "except in dimension 0": "the states [B, L, D1] and [B, L, D2] share B and L, not the width: concatenate them "
@@ -179,6 +185,8 @@ _TEXT_TIME_HINTS = [
     {True: "original_size taken as (w, h): the ids are (height, width), in the order given"},
     {True: "crop_top_left taken as (left, top): the ids are (top, left), in the order given"},
     {True: "target_size taken as (w, h): the ids are (height, width), in the order given"},
+    {0: "the three [B, 2] tensors are concatenated on the batch axis (torch.cat's default dim=0, giving [3B, 2]): "
+        "each image's six ids form one row, torch.cat([original_size, crop_top_left, target_size], dim=1) -> [B, 6]"},
     {"dk": "the embeddings are laid out channel by channel across the ids ('(b k) d -> b (d k)'): each id's dim "
            "channels must stay together, id after id, '(b k) d -> b (k d)' (a plain .reshape(B, -1))",
      "halves": "one sinusoid for the six ids together (the cos halves of all six, then the sin halves): each id "
@@ -191,13 +199,14 @@ _TEXT_TIME_HINTS = [
 ]
 
 
-def _text_time_variant(pooled, original, crop, target, dim, order, flip_o, flip_c, flip_t, layout, halves, place):
-    """What text_time_input gives with the given choices (the right ones: 'oct', False x 3, 'kd', 'cos-sin',
+def _text_time_variant(pooled, original, crop, target, dim, order, flip_o, flip_c, flip_t, axis, layout, halves,
+                       place):
+    """What text_time_input gives with the given choices (the right ones: 'oct', False x 3, 1, 'kd', 'cos-sin',
     'before')."""
     parts = {"o": original.flip(-1) if flip_o else original, "c": crop.flip(-1) if flip_c else crop,
              "t": target.flip(-1) if flip_t else target}
-    ids = torch.cat([parts[k] for k in order], dim=1)  # [B, 6]
-    B, K = ids.shape
+    ids = torch.cat([parts[k] for k in order], dim=axis)  # [B, 6] (axis 0: [3B, 2], the batch's rows interleaved)
+    B = pooled.shape[0]
     emb = timestep_embedding(ids.flatten(), dim)  # [(b k), dim]
     if halves == "sin-cos":
         emb = torch.cat([emb[:, dim // 2:], emb[:, :dim // 2]], -1)
@@ -226,19 +235,27 @@ def text_time_input(fn) -> None:
     on = (f"pooled [3, 4], original_size {original.int().tolist()}, crop_top_left {crop.int().tolist()}, "
           f"target_size {target.int().tolist()} (each [3, 2]), dim={dim}")
     got = call(name, fn, pooled.clone(), original.clone(), crop.clone(), target.clone(), dim, on=on, hints={
+        "Sizes of tensors must match": (
+            "pooled is [B, P] and the embedded ids must be [B, 6 * dim] before they are joined on the last axis: "
+            "timestep_embedding gives [B * 6, dim], reshape it id after id ('(b k) d -> b (k d)'), then "
+            "torch.cat([pooled, emb], dim=-1)"),
+        r"is invalid for input of size|can't divide axis|Shape mismatch": (
+            "timestep_embedding(ids.flatten(), dim) gives [B * 6, dim], B * 6 * dim numbers: reshape it to "
+            "[B, 6 * dim] with B = pooled.shape[0], emb.reshape(B, -1) or rearrange(emb, '(b k) d -> b (k d)', b=B)"),
+        "view size is not compatible": "use .reshape (or rearrange) instead of .view: the tensor is not contiguous",
         "must match the size|size of tensor|same number of dimensions": (
             "timestep_embedding(t, dim) embeds a 1-d tensor [N] of numbers: put the six ids in a [B, 6] tensor "
             "(torch.cat along dim=1), flatten it, embed, reshape to [B, 6 * dim], then concatenate after pooled")})
     got = expect_tensor(name, got, what="the text_time input")
     expected = _reference_text_time_input(pooled, _reference_time_ids(original, crop, target), dim)
-    right = ("oct", False, False, False, "kd", "cos-sin", "before")
+    right = ("oct", False, False, False, 1, "kd", "cos-sin", "before")
 
     def compute(*choices):
         if choices == right:
             return expected
         return _text_time_variant(pooled, original, crop, target, dim, *choices)
 
-    axes = [("oct", "otc"), (False, True), (False, True), (False, True), ("kd", "dk", "halves", "kb"),
+    axes = [("oct", "otc"), (False, True), (False, True), (False, True), (1, 0), ("kd", "dk", "halves", "kb"),
             ("cos-sin", "sin-cos"), ("before", "after", "missing")]
     diagnose_combinations(name, got, compute, axes, _TEXT_TIME_HINTS, on=on, atol=1e-5, what="the text_time input",
                           advice="Expected torch.cat([pooled, embedding], -1), the embedding [B, 6 * dim] being "
@@ -326,3 +343,56 @@ def handoff(fn) -> None:
                    f"{cutoff}, the refiner every t < {cutoff}, both in the sampler's order")
     passed(name)
 
+
+
+# -----------------------------------------------------------------------------
+# exercise 4: the refiner's training timesteps
+
+_RANDINT_HINTS = {
+    "randint": "torch.randint(low, high, size) takes the size as a tuple, (n,), and draws from low to high - 1",
+    "rand|float": "the timesteps index the schedule's tables: draw integers, torch.randint(0, t_max, (n,))",
+}
+
+
+def _timesteps_mistake(t: torch.Tensor, n: int, t_max: int) -> str:
+    """What is wrong with n drawn timesteps t [n] (ints), or '' if they look uniform over 0 .. t_max - 1."""
+    lo, hi = int(t.min()), int(t.max())
+    if lo >= 1000 - t_max and hi >= 1000 - t_max // 2:
+        return (f"they lie in {lo} .. {hi}, the high-noise end: t counts noise levels from the clean image (t = 0) "
+                f"up to pure noise (t = 999), and the refiner learns the low-noise end, 0 .. {t_max - 1}")
+    if hi >= t_max and lo < t_max // 8 and hi > (t_max + 1000) // 2:
+        return (f"they reach {hi}: the refiner learns only the low-noise end, t < t_max = {t_max}"
+                + ("; drawing from all 1000 levels trains a second base" if hi >= 990 else ""))
+    if hi == t_max:
+        return f"t = t_max = {t_max} was drawn: torch.randint's high end is exclusive, randint(0, t_max, (n,))"
+    if hi > t_max or lo < 0:
+        return f"they lie in {lo} .. {hi}, outside 0 .. t_max - 1 = {t_max - 1}"
+    if len(t.unique()) == 1:
+        return (f"every sample got the same timestep ({lo}): draw one per sample, torch.randint(0, t_max, (n,)), "
+                f"so that each batch mixes noise levels")
+    counts = torch.bincount(t * 4 // t_max, minlength=4).double()  # [4]: how many in each quarter of 0 .. t_max - 1
+    if lo > t_max // 8 or hi < t_max - 1 - t_max // 8 or (counts - n / 4).abs().max() > 6 * (n / 4) ** 0.5:
+        return (f"they are not uniform over 0 .. {t_max - 1}: min {lo}, max {hi}, per quarter of the range "
+                f"{counts.long().tolist()} (about {n // 4} each expected)")
+    return ""
+
+
+def refiner_timesteps(fn) -> None:
+    """fn(n, t_max) -> [n] integer timesteps, uniform over 0 .. t_max - 1: the refiner's low-noise end."""
+    name = "refiner_timesteps"
+    for n, t_max in [(4096, 200), (4096, 350), (3, 200)]:
+        on = f" on n={n}, t_max={t_max}"
+        with torch.random.fork_rng():
+            torch.manual_seed(n + t_max)
+            got = call(name, fn, n, t_max, on=on[4:], hints=_RANDINT_HINTS)
+        got = expect_tensor(name, got, what=f"the timesteps{on}")
+        if got.shape != (n,):
+            fail(name, f"the timesteps have shape {tuple(got.shape)}{on}, expected ({n},): one timestep per sample "
+                       f"of the batch, a 1-d tensor (torch.randint(0, t_max, (n,)))")
+        if got.is_floating_point() or got.dtype == torch.bool:
+            fail(name, f"the timesteps are {got.dtype}{on}: they index the schedule's tables, so draw integers, "
+                       f"torch.randint(0, t_max, (n,)) (torch.rand(n) * t_max gives floats)")
+        mistake = _timesteps_mistake(got.long().cpu(), n, t_max) if n > 100 else ""
+        if mistake:
+            fail(name, f"wrong timesteps{on}: {mistake}")
+    passed(name)

@@ -105,15 +105,19 @@ def training_samples(part: str, size: int, n: int, seed: int = 0, augment: float
 
 
 def train(recipe: SDXLRecipe, *, loss_fn: Callable = training_loss,
+          timesteps: Callable[[int], torch.Tensor] | None = None,
           callback: Callable[[int, TextToImage], None] | None = None, callback_every: int = 0,
           progress: bool = True) -> tuple[TextToImage, History]:
     """Train SDXL's base or refiner UNet (recipe.part) on `recipe.pool` shapes images -> (TextToImage with the EMA
     weights, History).
 
     loss_fn(unet, schedule, z0, cond, uncond, p_uncond, prediction, snr_gamma, t_max=...) -> loss: sdlearn.pipeline's
-    training_loss, or a learner's; the refiner's is called with t_max=200. Caption dropout zeroes the text
-    (context and pooled), never the ids."""
+    training_loss, or a learner's; the refiner's is called with t_max=200, or with timesteps: n -> [n] ints, the
+    refiner's noise levels (a learner's refiner_timesteps, notebook 07). Caption dropout zeroes the text (context
+    and pooled), never the ids."""
     r = recipe
+    if timesteps is not None and r.part != "refiner":
+        raise ValueError("timesteps draws the refiner's training noise levels; the base learns all of them")
     seed_everything(r.seed)
     autoencoder = pretrained.load(r.vae, r.size, r.device).requires_grad_(False)
     cond_model = conditioner(r.part, r.size, r.device)
@@ -121,7 +125,8 @@ def train(recipe: SDXLRecipe, *, loss_fn: Callable = training_loss,
     latents, conds = encode_pool(autoencoder, cond_model, images, captions, conditions)
     denoiser = sdxl_unet(autoencoder.config.latent_channels, cond_model, r.width, r.layers, r.time_id_dim,
                          r.prediction)
-    loss_options = {"snr_gamma": r.snr_gamma or None, **({"t_max": REFINER_T_MAX} if r.part == "refiner" else {})}
+    low_noise = {"t_max": REFINER_T_MAX} if timesteps is None else {"timesteps": timesteps}
+    loss_options = {"snr_gamma": r.snr_gamma or None, **(low_noise if r.part == "refiner" else {})}
     return fit_denoiser(denoiser, cond_model, autoencoder, latents, conds, NoiseSchedule(r.schedule, 1000), r, loss_fn,
                         loss_options, callback=callback, callback_every=callback_every, progress=progress,
                         desc=f"sdxl {r.part} {r.size}px")
