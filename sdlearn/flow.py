@@ -209,13 +209,14 @@ class FlowSchedule:
 @register("euler", FlowSchedule)
 def euler_step(schedule: FlowSchedule, model_output: torch.Tensor, x: torch.Tensor, t: float, t_next: float,
                prediction: str = "v", noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               clip_x0: float | None = None) -> torch.Tensor:
+               clip_x0: float | None = None, state: dict | None = None) -> torch.Tensor:
     """One Euler step of dx/dt = v from noise level t to t_next: x_next = x + (t_next - t) v (SD3 sec. 2).
 
     Equals diffusers' FlowMatchEulerDiscreteScheduler.step (computed in float32, or float64 for a float64 x).
-    Deterministic: noise and generator are unused. clip_x0=c clamps the implied x0 = x - t v to [-c, c] and steps
-    as (1 - t_next) x0 + t_next eps with the implied eps = x + (1 - t) v kept (the same step when nothing is
-    clipped, as DDIM keeps eps). t_next > t runs the ODE backwards (inversion, image -> noise)."""
+    Deterministic: noise, generator and state are unused (a single-step method). clip_x0=c clamps the implied
+    x0 = x - t v to [-c, c] and steps as (1 - t_next) x0 + t_next eps with the implied eps = x + (1 - t) v kept
+    (the same step when nothing is clipped, as DDIM keeps eps). t_next > t runs the ODE backwards (inversion,
+    image -> noise)."""
     schedule.parse_prediction(prediction)
     _check_output(model_output, x)
     dtype = compute_dtype(x)
@@ -263,21 +264,27 @@ def sample_t(n: int, density: str = "logit_normal", m: float = 0.0, s: float = 1
 
 def training_loss(model: Callable, schedule: FlowSchedule, x0: torch.Tensor, cond: dict[str, torch.Tensor],
                   uncond: dict[str, torch.Tensor] | None, p_uncond: float = 0.1, density: str = "logit_normal",
-                  generator: torch.Generator | None = None, **density_options) -> torch.Tensor:
+                  generator: torch.Generator | None = None, pair: Callable | None = None,
+                  **density_options) -> torch.Tensor:
     """The rectified-flow loss (SD3 eq. 3 with the weighting folded into t's density): E || v_theta(x_t, t) -
     (eps - x0) ||^2 over t ~ `density` (sample_t; density_options: m, s, mode_scale), eps ~ N(0, I).
 
     x0 [B,...] (scaled latents), the model called as model(x_t, 1000 t [B], **cond) (as `model_timesteps`);
     each sample's conditions are dropped to their unconditional twins (`uncond`, [1,...] each) with probability
-    p_uncond (sdlearn.pipeline.drop_conditions), for classifier-free guidance; cond = uncond = {}: unconditional."""
+    p_uncond (sdlearn.pipeline.drop_conditions), for classifier-free guidance; cond = uncond = {}: unconditional.
+    pair(x0, noise, t [B]) -> (x_t, v): what makes the training pair (notebook 08's exercise 1, the learner's
+    flow_pair); None: the schedule's add_noise and target."""
     B = x0.shape[0]
     if cond and uncond:
         cond = drop_conditions(cond, uncond, p_uncond, generator)
     t = sample_t(B, density, generator=generator, device=x0.device, **density_options)      # [B]
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)                  # [B,...]
-    x_t = schedule.add_noise(x0, noise, t)                                                  # (1 - t) x0 + t eps
+    if pair is None:
+        x_t, v = schedule.add_noise(x0, noise, t), schedule.target("v", x0, noise, t)   # (1 - t) x0 + t eps, eps - x0
+    else:
+        x_t, v = pair(x0, noise, t)
     out = model(x_t, t * schedule.num_train_timesteps, **(cond or {}))
-    return F.mse_loss(out.float(), schedule.target("v", x0, noise, t).float())
+    return F.mse_loss(out.float(), v.float())
 
 
 # -----------------------------------------------------------------------------

@@ -171,8 +171,18 @@ class StreamBlock(nn.Module):
         return x + mod[5][:, None] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
 
 
+def joint_attention(q_x, k_x, v_x, q_c, k_c, v_c) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's joint attention (sec. 4, fig. 2a): image q, k, v [B,h,N,d] and text q, k, v [B,h,L,d] -> (out_x
+    [B,h,N,d], out_c [B,h,L,d]): one softmax(q k^T / sqrt(d)) v over the concatenation [image; text], split back."""
+    q, k, v = (torch.cat(pair, dim=2) for pair in ((q_x, q_c), (k_x, k_c), (v_x, v_c)))  # [B,h,N+L,d]
+    out = F.scaled_dot_product_attention(q, k, v)
+    N = q_x.shape[2]
+    return out[:, :, :N], out[:, :, N:]
+
+
 class JointBlock(nn.Module):
-    """An MMDiT block: image and text streams, each modulated by c, attending together over [image; text]."""
+    """An MMDiT block: image and text streams, each modulated by c, attending together over [image; text].
+    `attend` is the joint attention it calls (default `joint_attention`; notebook 08 trains with the learner's)."""
 
     def __init__(self, width: int, heads: int, qk_norm: bool, mlp_ratio: int, pre_only: bool, dual_attention: bool):
         super().__init__()
@@ -180,20 +190,19 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(width, heads, qk_norm, mlp_ratio, pre_only=pre_only)
         self.keep_attention = False        # set True to keep the joint attention weights in self.attention
         self.attention: torch.Tensor | None = None
+        self.attend = joint_attention
 
     def forward(self, x, context, c):      # x [B,N,D] image tokens, context [B,L,D] text tokens, c [B,D]
-        N = x.shape[1]
         mx, mc = self.x_block.modulation(c), self.context_block.modulation(c)
         hx = self.x_block.norm1(x)
         qx, kx, vx = self.x_block.attn.split_heads(modulate(hx, mx[0], mx[1]))
         qc, kc, vc = self.context_block.attn.split_heads(modulate(self.context_block.norm1(context), mc[0], mc[1]))
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # [B,h,N+L,d]: [image; text]
-        if self.keep_attention:
-            self.attention = attention_map(q, k).detach()    # [B,h,N+L,N+L]
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        if self.keep_attention:            # [B,h,N+L,N+L]: rows and columns ordered [image; text]
+            self.attention = attention_map(torch.cat([qx, qc], dim=2), torch.cat([kx, kc], dim=2)).detach()
+        out_x, out_c = (rearrange(o, "b h n d -> b n (h d)") for o in self.attend(qx, kx, vx, qc, kc, vc))
         x2 = modulate(hx, mx[6], mx[7]) if self.x_block.dual_attention else None
-        x = self.x_block.finish(x, out[:, :N], mx, x2)
-        context = None if self.context_block.pre_only else self.context_block.finish(context, out[:, N:], mc)
+        x = self.x_block.finish(x, out_x, mx, x2)
+        context = None if self.context_block.pre_only else self.context_block.finish(context, out_c, mc)
         return x, context
 
 
@@ -297,6 +306,13 @@ class MMDiT(nn.Module):
             if residuals is not None and residuals[i] is not None:
                 x = x + residuals[i]
         return x
+
+    def use_attention(self, attend=joint_attention) -> MMDiT:
+        """Every joint block calls attend(q_x, k_x, v_x, q_c, k_c, v_c) -> (out_x, out_c) (notebook 08 trains with the
+        learner's joint_attention); no argument: the reference. -> self."""
+        for block in self.joint_blocks:
+            block.attend = attend
+        return self
 
     def forward(self, x, t, context, pooled, residuals=None):
         t = self._check_inputs(x, t, context, pooled, residuals)

@@ -116,3 +116,39 @@ def without_third(conditioner: SD3Conditioner) -> SD3Conditioner:
     c = conditioner
     return SD3Conditioner(c.text_encoder, c.text_encoder_2, None, c.joint_dim, c.third_length, *c.tokenizers[:2],
                           zero_negative=c.zero_negative)
+
+
+class WithoutEncoder(Conditioner):
+    """An SD3Conditioner with one encoder's share of the text zeroed at sampling time: which=1 (CLIP-L's role) or 2
+    (bigG's), its channels of the CLIP tokens and its part of the pooled vector; which=3 (T5's role), its tokens.
+    What does the MMDiT read? (notebook 08's encoder ablation; sdlearn.measure.WithoutEncoder is SDXL's)"""
+
+    dropout_keys = SD3Conditioner.dropout_keys
+
+    def __init__(self, conditioner: SD3Conditioner, which: int):
+        super().__init__()
+        if which not in (1, 2, 3):
+            raise ValueError(f"which must be 1, 2 or 3 (the encoder whose share is zeroed), got {which!r}")
+        self.inner, self.which = conditioner, which
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return self.inner.dims
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        c = self.inner
+        cond = self.inner.encode(prompts)
+        context, pooled = cond["context"].clone(), cond["pooled"].clone()   # [N,L+L3,D], [N,P1+P2]
+        if self.which == 3:
+            context[:, c.third] = 0
+        else:
+            w1, p1 = c.text_encoder.config.width, c.text_encoder.config.pooled_dim
+            w2 = c.text_encoder_2.config.width
+            channels, part = ((slice(0, w1), slice(0, p1)) if self.which == 1 else
+                              (slice(w1, w1 + w2), slice(p1, None)))
+            context[:, : c.third.start, channels] = 0
+            pooled[:, part] = 0
+        return {"context": context, "pooled": pooled}
+
+    def encode_unconditional(self, n: int) -> dict[str, torch.Tensor]:
+        return self.inner.encode_unconditional(n)

@@ -87,3 +87,58 @@ def test_euler_sample():
         check.euler_sample(_euler(reverse=True))
     with pytest.raises(CheckFailed, match="called 1 times"):
         check.euler_sample(lambda model, x, sigmas: x + model(x, torch.zeros(x.shape[0])))
+
+
+def test_flow_pair_per_sample_t():
+    def no_reshape(x0, noise, t):           # t [B] against x0 [B, C, H, W]: a broadcasting error
+        return (1 - t) * x0 + t * noise, noise - x0
+
+    with pytest.raises(CheckFailed, match=r"reshape t to \[B, 1, 1, 1\]"):
+        check.flow_pair(no_reshape)
+    with pytest.raises(CheckFailed, match="the batch's mean t"):
+        check.flow_pair(lambda x0, noise, t: ((1 - t.mean()) * x0 + t.mean() * noise, noise - x0))
+    with pytest.raises(CheckFailed, match="first sample's t"):
+        check.flow_pair(lambda x0, noise, t: ((1 - t[0]) * x0 + t[0] * noise, noise - x0))
+    with pytest.raises(CheckFailed, match="v = noise is epsilon-prediction"):
+        check.flow_pair(lambda x0, noise, t: (_flow()(x0, noise, t)[0], noise))
+
+
+def test_modulate_axes_and_batch():
+    with pytest.raises(CheckFailed, match=r"give them a token axis, scale\[:, None\]"):
+        check.modulate(lambda x, shift, scale: x * (1 + scale) + shift)
+    with pytest.raises(CheckFailed, match="averaged over the batch"):
+        check.modulate(lambda x, shift, scale: x * (1 + scale.mean(0)) + shift.mean(0))
+    with pytest.raises(CheckFailed, match="shift and scale swapped.*averaged over the batch"):
+        check.modulate(lambda x, shift, scale: x * (1 + shift.mean(0)) + scale.mean(0))
+
+
+def test_joint_attention_split():
+    def split(order):
+        def joint_attention(qx, kx, vx, qc, kc, vc):
+            first = (qc, kc, vc) if order == "text first" else (qx, kx, vx)
+            second = (qx, kx, vx) if order == "text first" else (qc, kc, vc)
+            out = F.scaled_dot_product_attention(*(torch.cat(p, dim=2) for p in zip(first, second)))
+            cut = qx.shape[2] if order != "L" else qc.shape[2]
+            return out[:, :, :cut], out[:, :, cut:]
+        return joint_attention
+
+    with pytest.raises(CheckFailed, match=r"concatenated \[text; image\] but split as if \[image; text\]"):
+        check.joint_attention(split("text first"))
+    with pytest.raises(CheckFailed, match=r"image's N tokens first \(out\[:, :, :N\]"):
+        check.joint_attention(split("L"))
+
+
+def test_euler_sample_reads_t_per_sample():
+    def float_t(model, x, sigmas):
+        for a, b in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            x = x + (b - a) * model(x, 1000 * a)
+        return x
+
+    with pytest.raises(CheckFailed, match=r"called with t = float: it reads t as a tensor \[B\]"):
+        check.euler_sample(float_t)
+    with pytest.raises(CheckFailed, match="called 5 times"):
+        def every_sigma(model, x, sigmas):
+            for a, b in zip(sigmas.tolist(), sigmas[1:].tolist() + [0.0]):
+                x = x + (b - a) * model(x, torch.full((x.shape[0],), 1000 * a))
+            return x
+        check.euler_sample(every_sigma)

@@ -7,9 +7,11 @@
     check.euler_sample(euler_sample)        # x += (sigma_next - sigma) v, the model reading 1000 sigma
 
 Each runs the learner's function next to sdlearn's reference on inputs chosen so that the usual mistakes give
-different answers, and names the mistake: the velocity's sign, t and 1 - t swapped, scale without the 1, shift
-and scale swapped, two separate attentions, the concatenation on the wrong axis, the Euler step's sign, the model
-fed sigma instead of 1000 sigma, ...
+different answers (every sample its own t, shift and scale), and names the mistake: the velocity's sign, t and
+1 - t swapped, one t for the whole batch, scale without the 1, shift and scale swapped or averaged over the batch,
+two separate attentions, the concatenation on the wrong axis or split in the wrong order, the Euler step's sign,
+the model fed sigma instead of 1000 sigma or a float instead of t [B], ... A shape error gets a hint saying which
+tensor needs which axes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ import torch.nn.functional as F
 
 from sdlearn.checks import call, diagnose, diagnose_combinations, expect_tensor, fail, passed
 from sdlearn.flow import FlowSchedule
+
+_BROADCAST = "size of tensor|must match|broadcast|shape"   # PyTorch's words for a shape mismatch
+_PER_SAMPLE_T = ("t is [B], one noise level per sample, and x0 is [B, C, H, W]: reshape t to [B, 1, 1, 1] "
+                 "(t.view(-1, *[1] * (x0.ndim - 1))) so that each sample's t multiplies all of its own values")
 
 
 def _pair(name: str, got, on: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,16 +41,20 @@ def flow_pair(fn) -> None:
     name = "flow_pair"
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
-    t = torch.tensor([0.1, 0.5, 0.8])
+    t = torch.tensor([0.1, 0.5, 0.8])                   # one t per sample, all different
     on = "x0, noise [3, 2, 4, 4] and t = [0.1, 0.5, 0.8]"
-    x_t, v = _pair(name, call(name, fn, x0, noise, t, on=on), f" on {on}")
+    x_t, v = _pair(name, call(name, fn, x0, noise, t, on=on, hints={_BROADCAST: _PER_SAMPLE_T}), f" on {on}")
     tb = t[:, None, None, None]
     diagnose(name, x_t, (1 - tb) * x0 + tb * noise, {
         "x_t = t x0 + (1 - t) noise: t and 1 - t swapped; at t = 0 x_t is the data, at t = 1 pure noise":
             tb * x0 + (1 - tb) * noise,
         "x_t = sqrt(1 - t) x0 + sqrt(t) noise is a variance-preserving path; rectified flow's is straight, "
         "(1 - t) x0 + t noise": (1 - tb).sqrt() * x0 + tb.sqrt() * noise,
-    }, on=on, what="x_t", advice="t has one value per sample: reshape it to [B, 1, 1, 1] to broadcast")
+        "every sample got the batch's mean t, t.mean(): each sample has its own t, t.view(-1, 1, 1, 1)":
+            (1 - t.mean()) * x0 + t.mean() * noise,
+        "every sample got the first sample's t, t[0]: each sample has its own t, t.view(-1, 1, 1, 1)":
+            (1 - t[0]) * x0 + t[0] * noise,
+    }, on=on, what="x_t", advice=_PER_SAMPLE_T)
     diagnose(name, v, noise - x0, {
         "v has the wrong sign: the path goes from data (t = 0) to noise (t = 1), so dx_t/dt = noise - x0, not "
         "x0 - noise (the most common rectified-flow bug)": x0 - noise,
@@ -66,16 +76,23 @@ def modulate(fn) -> None:
     g = torch.Generator().manual_seed(1)
     x, shift, scale = torch.randn(2, 5, 3, generator=g), torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
     on = "x [2, 5, 3], shift [2, 3], scale [2, 3]"
-    got = expect_tensor(name, call(name, fn, x, shift, scale, on=on), (2, 5, 3), "modulate(x, shift, scale)")
+    tokens = ("shift and scale are [B, D] and x is [B, N, D]: give them a token axis, scale[:, None] -> [B, 1, D], "
+              "so each sample's pair applies to all N of its tokens")
+    got = expect_tensor(name, call(name, fn, x, shift, scale, on=on, hints={_BROADCAST: tokens}), (2, 5, 3),
+                        "modulate(x, shift, scale)")
 
-    def compute(one, roles):
+    def compute(one, roles, per):
         sh, sc = (shift, scale) if roles == "right" else (scale, shift)
+        if per == "batch mean":
+            sh, sc = sh.mean(0, keepdim=True), sc.mean(0, keepdim=True)
         return x * (one + sc[:, None]) + sh[:, None]
 
-    diagnose_combinations(name, got, compute, axes=[(1.0, 0.0), ("right", "swapped")],
+    diagnose_combinations(name, got, compute, axes=[(1.0, 0.0), ("right", "swapped"), ("sample", "batch mean")],
                           hints=[{0.0: "x * scale + shift: the scale is 1 + scale, so that a zero modulation "
                                        "leaves x unchanged (adaLN-Zero's identity start)"},
-                                 {"swapped": "shift and scale swapped: x * (1 + scale) + shift"}], on=on)
+                                 {"swapped": "shift and scale swapped: x * (1 + scale) + shift"},
+                                 {"batch mean": "shift and scale were averaged over the batch: each sample has its "
+                                                "own pair, scale[:, None] [B, 1, D]"}], on=on, advice=tokens)
     passed(name)
 
 
@@ -89,6 +106,10 @@ def _joint_reference(qx, kx, vx, qc, kc, vc, variant="right"):
         return F.scaled_dot_product_attention(qx, kx, vx), F.scaled_dot_product_attention(qc, kc, vc)
     if variant == "image-only keys":
         return F.scaled_dot_product_attention(qx, kx, vx), F.scaled_dot_product_attention(qc, kx, vx)
+    if variant == "split [text; image]":          # concatenated text first, split as if image first
+        q, k, v = (torch.cat(p, dim=2) for p in ((qc, qx), (kc, kx), (vc, vx)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out[:, :, :N], out[:, :, N:]
     if variant == "no scale":
         q, k, v = (torch.cat(p, dim=2) for p in ((qx, qc), (kx, kc), (vx, vc)))
         out = (q @ k.transpose(-1, -2)).softmax(-1) @ v
@@ -115,7 +136,11 @@ def joint_attention(fn) -> None:
     out_x, out_c = _pair(name, got, f" on {on}")
     want_x, want_c = _joint_reference(qx, kx, vx, qc, kc, vc)
     for what, value, want, index in (("out_x", out_x, want_x, 0), ("out_c", out_c, want_c, 1)):
-        expect_tensor(name, value, tuple(want.shape), what)
+        expect_tensor(name, value, what=what)
+        if value.shape != want.shape:
+            fail(name, f"{what} has shape {tuple(value.shape)}{' on ' + on}, expected {tuple(want.shape)}: the "
+                       "attention's output is [B, heads, N + L, d] with the image's N tokens first (out[:, :, :N], "
+                       "N = q_x.shape[2]) and the text's L last (out[:, :, N:]); keep the heads axis")
         diagnose(name, value, want, {
             "two separate self-attentions: in the MMDiT both streams attend over the concatenation of their "
             "tokens, torch.cat([q_x, q_c], dim=2) and the same for k and v, in one attention":
@@ -124,6 +149,9 @@ def joint_attention(fn) -> None:
             "both streams' keys and values too": _joint_reference(qx, kx, vx, qc, kc, vc, "image-only keys")[index],
             "the scores are not divided by sqrt(head_dim)": _joint_reference(qx, kx, vx, qc, kc, vc,
                                                                              "no scale")[index],
+            "the streams were concatenated [text; image] but split as if [image; text]: the first N outputs "
+            "belong to whichever stream came first": _joint_reference(qx, kx, vx, qc, kc, vc,
+                                                                     "split [text; image]")[index],
         }, on=on, what=what, advice="the first N outputs are the image's, the last L the text's")
     passed(name)
 
@@ -140,6 +168,10 @@ class _Linear(torch.nn.Module):
         self.seen = []
 
     def forward(self, x, t):
+        if not (isinstance(t, torch.Tensor) and t.shape == (x.shape[0],)):
+            got = f"a tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            fail("euler_sample", f"the model was called with t = {got}: it reads t as a tensor [B] = "
+                                 f"[{x.shape[0]}], one value per sample, torch.full((x.shape[0],), 1000 * sigma)")
         self.seen.append(torch.as_tensor(t, dtype=torch.float32).flatten()[0].item())
         return 0.3 * x + 0.5 * (torch.as_tensor(t, dtype=x.dtype) / 1000).reshape(-1, *[1] * (x.ndim - 1))
 

@@ -71,19 +71,23 @@ def mmdit_config(latent_channels: int, latent_size: int, cond: SD3Conditioner, w
 
 
 def loss_with_third_dropped(model, schedule, z0, cond, uncond, p_uncond, cond_model: SD3Conditioner,
-                            p_drop_third: float, density: str = "logit_normal", prediction: str = "v"):
+                            p_drop_third: float, density: str = "logit_normal", prediction: str = "v",
+                            pair: Callable | None = None):
     """flow.training_loss after zeroing the third encoder's tokens in a fraction p_drop_third of the samples.
-    prediction: the denoiser's, which fit_denoiser passes to every loss; on the flow schedule it is "v"."""
+    prediction: the denoiser's, which fit_denoiser passes to every loss; on the flow schedule it is "v".
+    pair(x0, noise, t) -> (x_t, v): the training pair (notebook 08 passes the learner's flow_pair); None: the
+    schedule's."""
     return flow.training_loss(model, schedule, z0, cond_model.drop_third(cond, p_drop_third), uncond, p_uncond,
-                              density)
+                              density, pair=pair)
 
 
-def train(recipe: MMDiTRecipe, *, loss_fn: Callable = loss_with_third_dropped,
+def train(recipe: MMDiTRecipe, *, loss_fn: Callable = loss_with_third_dropped, attention: Callable | None = None,
           callback: Callable[[int, TextToImage], None] | None = None, callback_every: int = 0,
           progress: bool = True) -> tuple[TextToImage, History]:
     """Train the shapes MMDiT with rectified flow on `recipe.pool` shapes images -> (TextToImage with the EMA weights,
     History). loss_fn(model, schedule, z0, cond, uncond, p_uncond, cond_model, p_drop_third, density, prediction)
-    -> loss."""
+    -> loss (notebook 08: loss_with_third_dropped with the learner's flow_pair as `pair`); attention: the joint
+    attention every block calls (MMDiT.use_attention; notebook 08: the learner's joint_attention)."""
     r = recipe
     seed_everything(r.seed)
     autoencoder = pretrained.load(r.vae, r.size, r.device).requires_grad_(False)
@@ -93,7 +97,8 @@ def train(recipe: MMDiTRecipe, *, loss_fn: Callable = loss_with_third_dropped,
     config = mmdit_config(latents.shape[1], latents.shape[-1], cond_model, r.width, r.depth, r.heads, r.patch_size,
                           bool(r.qk_norm), r.dual)
     options = {"cond_model": cond_model, "p_drop_third": r.p_drop_third, "density": r.density}
-    return fit_denoiser(MMDiT(config), cond_model, autoencoder, latents, conds, FlowSchedule(r.shift), r, loss_fn,
+    model = MMDiT(config).use_attention(*([attention] if attention is not None else []))
+    return fit_denoiser(model, cond_model, autoencoder, latents, conds, FlowSchedule(r.shift), r, loss_fn,
                         options, callback=callback, callback_every=callback_every, progress=progress,
                         desc=f"mmdit {r.size}px")
 
