@@ -3,16 +3,20 @@
 The main one is a tiny synthetic text-to-image dataset: coloured shapes on black, with captions that are
 exactly true ("a red circle on the left and a blue square on the right"), so that a program
 (sdlearn.metrics) can check whether a generated image follows its prompt. It is generated on the fly,
-deterministically, with no downloads.
+deterministically, with no downloads. For notebook 09 its scenes also place objects anywhere, at any size
+(free_layout, MapShapesDataset, parse_scene), with control maps drawn from them (render_map: segmentation, edges,
+scribble); `python -m sdlearn.data render-map "<scene>" --out map.png` draws one without code.
 
 For learners with internet there are also thin wrappers that turn MNIST / Fashion-MNIST / CIFAR-10 and a
 folder of image + .txt pairs into the same (image [3,size,size] in [-1,1], caption) form.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import operator
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +278,121 @@ def render(objects: Sequence[ShapeObject | Placement], size: int, rng: np.random
 
 
 # -----------------------------------------------------------------------------
+# control maps (notebook 09): what a ControlNet is conditioned on, drawn from the placements at any size
+
+MAP_KINDS = ("segmentation", "edges", "scribble")
+SEG_PALETTE = {  # segmentation colour per shape class, in [0,1]; none is an object colour (COLOR_RGB), so the
+    "circle": (1.0, 1.0, 1.0),  # white          map says where and which shape, the caption which colour
+    "square": (1.0, 0.5, 0.0),  # orange
+    "triangle": (0.0, 0.5, 1.0),  # azure
+    "cross": (0.5, 0.0, 1.0),  # violet
+}
+SCRIBBLE_WIDTH = 2 / 32  # a scribble's stroke width, unit coordinates (2 px at 32 px)
+SCRIBBLE_JITTER = 0.03  # largest offset of a scribble's stroke from the true outline, unit coordinates
+SCRIBBLE_POINTS = 48  # vertices of a scribble's stroke (a closed polyline)
+_OUTLINES = {  # polygon of each shape of side 2 centred at 0 (as shape_mask draws it), clockwise on screen
+    "circle": tuple((math.cos(a), math.sin(a)) for a in np.linspace(0, 2 * math.pi, 64, endpoint=False)),
+    "square": ((-1, -1), (1, -1), (1, 1), (-1, 1)),
+    "triangle": ((0, -1), (1, 1), (-1, 1)),
+    "cross": tuple((x / 3, y / 3) for x, y in ((-1, -3), (1, -3), (1, -1), (3, -1), (3, 1), (1, 1), (1, 3), (-1, 3),
+                                               (-1, 1), (-3, 1), (-3, -1), (-1, -1))),
+}
+
+
+def _outline(masks: torch.Tensor) -> torch.Tensor:
+    """[n,H,W] bool -> each mask's 1-px inner outline: its pixels with a 4-neighbour outside it (8-connected)."""
+    p = F.pad(masks, (1, 1, 1, 1))
+    inner = p[..., :-2, 1:-1] & p[..., 2:, 1:-1] & p[..., 1:-1, :-2] & p[..., 1:-1, 2:]
+    return masks & ~inner
+
+
+def _scribble_stroke(p: Placement, rng: np.random.Generator | None) -> torch.Tensor:
+    """A placed object's outline as a closed polyline of SCRIBBLE_POINTS vertices [P,2] (x, y, unit coordinates),
+    evenly spaced along it, each moved by a smooth random offset (3 harmonics along the loop, at most
+    SCRIBBLE_JITTER); rng None: no offset."""
+    poly = np.asarray(_OUTLINES[p.obj.shape], dtype=np.float64)  # [V,2]
+    ends = np.roll(poly, -1, 0)
+    arc = np.concatenate([[0], np.cumsum(np.linalg.norm(ends - poly, axis=1))])  # [V+1]
+    t = np.linspace(0, arc[-1], SCRIBBLE_POINTS, endpoint=False)
+    closed = np.concatenate([poly, poly[:1]])
+    pts = np.stack([np.interp(t, arc, closed[:, 0]), np.interp(t, arc, closed[:, 1])], 1) * (p.s / 2) + (p.cx, p.cy)
+    if rng is not None:
+        k = np.arange(1, 4)  # harmonics
+        amp = rng.uniform(-1, 1, size=(2, 3)) * SCRIBBLE_JITTER / 3
+        phase = rng.uniform(0, 2 * math.pi, size=(2, 3))
+        u = t[:, None, None] / arc[-1]  # [P,1,1] position along the loop in [0,1)
+        pts = pts + (amp * np.cos(2 * math.pi * k * u + phase)).sum(-1)  # [P,2]
+    return torch.tensor(pts, dtype=torch.float32)
+
+
+def _stroke_mask(pts: torch.Tensor, size: int, width: float) -> torch.Tensor:
+    """Pixels (centres) within width/2 of a closed polyline pts [P,2] (unit coordinates) -> [size,size] bool."""
+    u = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    y, x = torch.meshgrid(u, u, indexing="ij")
+    q = torch.stack([x.flatten(), y.flatten()], 1)[:, None]  # [size*size,1,2]
+    a, ab = pts, pts.roll(-1, 0) - pts  # [P,2] segment starts and directions
+    t = (((q - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-12)).clamp(0, 1)  # [size*size,P]
+    dist = (q - a - t[..., None] * ab).norm(dim=-1).amin(1)  # [size*size]
+    return (dist <= width / 2).view(size, size)
+
+
+def render_map(placements: Sequence[Placement], size: int, kind: str = "segmentation",
+               rng: np.random.Generator | None = None) -> torch.Tensor:
+    """A scene's control map -> [3,size,size] float32 in [0,1], black ground, drawn from the placements (exact at
+    any size, not resized):
+    segmentation: each object's pixels (object_masks) in its shape's SEG_PALETTE colour;
+    edges: each object's 1-px outline (its pixels with a 4-neighbour outside it), white;
+    scribble: each object's outline as a stroke SCRIBBLE_WIDTH wide (2 px at 32 px), jittered by rng (at most
+    SCRIBBLE_JITTER; rng None: not jittered), white."""
+    if kind not in MAP_KINDS:
+        raise ValueError(f"unknown map kind {kind!r}, expected one of {MAP_KINDS}")
+    _check_size(size)
+    size, placements = int(size), list(placements)
+    if not all(isinstance(p, Placement) for p in placements):
+        got = sorted({type(p).__name__ for p in placements})
+        raise TypeError(f"placements must be a sequence of Placement, got {', '.join(got)}")
+    out = torch.zeros(3, size, size)
+    if not placements:
+        return out
+    if kind == "scribble":
+        strokes = torch.stack([_stroke_mask(_scribble_stroke(p, rng), size, SCRIBBLE_WIDTH) for p in placements])
+        return out + strokes.any(0)  # white
+    masks = object_masks(placements, size)  # [n,size,size]
+    if kind == "edges":
+        return out + _outline(masks).any(0)
+    for p, mask in zip(placements, masks):
+        out = torch.where(mask, torch.tensor(SEG_PALETTE[p.obj.shape]).view(3, 1, 1), out)
+    return out
+
+
+_NUMBER = r"(\d*\.?\d+)"
+_SCENE_RE = re.compile(rf"an? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) at {_NUMBER} {_NUMBER} size {_NUMBER}")
+SCENE_GRAMMAR = (
+    '"a <color> <shape> at <x> <y> size <side>[ and a <color> <shape> at <x> <y> size <side> ...]" with '
+    f"color in {{{', '.join(COLORS)}}}, shape in {{{', '.join(SHAPES)}}}, the centre x (right), y (down) in [0, 1] "
+    "and the side in (0, 1], as fractions of the canvas"
+)
+
+
+def parse_scene(text: str) -> list[Placement]:
+    """"a red circle at 0.3 0.6 size 0.25 and a blue square at 0.7 0.3 size 0.2" -> Placements (by place(): each
+    object's named position is the anchor nearest its centroid, so caption() of their objects is the scene's)."""
+    if not isinstance(text, str):
+        raise ValueError(f"scene must be a str, got {type(text).__name__}; expected {SCENE_GRAMMAR}")
+    placements = []
+    for part in " ".join(text.strip().lower().split()).split(" and "):
+        m = _SCENE_RE.fullmatch(part)
+        if m is None:
+            raise ValueError(f"cannot parse scene {text!r} (at {part!r}); expected {SCENE_GRAMMAR}")
+        x, y, side = (float(v) for v in m.groups()[2:])
+        if not (x <= 1 and y <= 1 and 0 < side <= 1):
+            raise ValueError(f"scene {text!r}: {part!r} has a centre outside [0, 1] or a side outside (0, 1]; "
+                             f"expected {SCENE_GRAMMAR}")
+        placements.append(place(m[1], m[2], x, y, side))
+    return placements
+
+
+# -----------------------------------------------------------------------------
 # the shapes dataset
 
 _TRAIN_PAIRS = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]  # 20 pairs
@@ -334,7 +453,11 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {i} out of range for a dataset of length {self.length}")
         rng = self.rng(i % self.length)
         objects = self.sample_objects(rng)
-        return objects, layout(objects, rng, margin=1 / self.size), rng
+        return objects, self.arrange(objects, rng), rng
+
+    def arrange(self, objects: Sequence[ShapeObject], rng: np.random.Generator) -> list[Placement]:
+        """Where a scene's objects sit: near their named anchors, 1 px apart (layout)."""
+        return layout(objects, rng, margin=1 / self.size)
 
     def item(self, i: int) -> ShapesSample:
         objects, placements, _ = self.scene(i)
@@ -359,6 +482,35 @@ def render_pool(dataset: ShapesDataset, n: int, progress: bool = True) -> tuple[
     """The first n items of a shapes dataset, rendered once: images [n, 3, H, W] and their captions."""
     samples = render_samples(dataset, n, progress)
     return torch.stack([s.image for s in samples]), [s.caption for s in samples]
+
+
+class MapShapesDataset(ShapesDataset):
+    """Notebook 09's scenes: objects anywhere, at any size (free_layout), captions exact, with each scene's control
+    map; ds[i] -> (image [3,size,size] in [-1,1], caption, control [3,size,size] in [0,1], render_map of `kind`).
+
+    Item i is a pure function of (seed, split, i), and its scene is the same for every kind (a scribble's jitter
+    comes from the item's second random stream), so maps of different kinds can be compared on the same scenes.
+    """
+
+    def __init__(self, size: int = 32, kind: str = "segmentation", split: str = "train", seed: int = 0,
+                 length: int | None = None, max_objects: int = 2):
+        if kind not in MAP_KINDS:
+            raise ValueError(f"unknown map kind {kind!r}, expected one of {MAP_KINDS}")
+        super().__init__(size, split, seed, max_objects, length)
+        self.kind = kind
+
+    def arrange(self, objects: Sequence[ShapeObject], rng: np.random.Generator) -> list[Placement]:
+        """Anywhere, at any size, 1 px apart, each centroid nearest its caption's anchor (free_layout)."""
+        return free_layout(objects, rng, margin=1 / self.size)
+
+    def placements(self, i: int) -> list[Placement]:
+        """Where item i's objects sit (what its map and image are drawn from, and what layout_iou compares with)."""
+        return self.scene(i)[1]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+        objects, placements, _ = self.scene(i)
+        jitter = self.rng(operator.index(i) % self.length, stream=1)
+        return draw(placements, self.size), caption(objects), render_map(placements, self.size, self.kind, jitter)
 
 
 # -----------------------------------------------------------------------------
@@ -443,3 +595,36 @@ class ImageCaptionFolder(Dataset):
         with Image.open(image_path) as img:
             image = _to_model_range(img, self.size)
         return image, text_path.read_text(encoding="utf-8").strip()
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """python -m sdlearn.data render-map "<scene>" [--kind segmentation] [--size 32] [--seed 0] --out map.png:
+    draws the scene's control map (render_map) to a PNG and prints the caption the scene has."""
+    parser = argparse.ArgumentParser(prog="python -m sdlearn.data", description="The shapes data, without code.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("render-map", help="draw a scene's control map to a PNG and print its caption")
+    p.add_argument("scene", help=f"the scene, {SCENE_GRAMMAR}")
+    p.add_argument("--kind", default="segmentation", choices=MAP_KINDS, help="which map (default segmentation)")
+    p.add_argument("--size", type=int, default=32, help="pixels per side, at least 16 (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="the scribble's jitter (default 0)")
+    p.add_argument("--out", required=True, type=Path, help="the PNG file to write")
+    args = parser.parse_args(argv)
+    try:
+        placements = parse_scene(args.scene)
+        control = render_map(placements, args.size, args.kind, np.random.default_rng(args.seed))
+        Image.fromarray((control * 255).round().byte().permute(1, 2, 0).numpy()).save(args.out, format="PNG")
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"{parser.prog} render-map: error: {e}\n")
+    for q in placements:
+        if position_at(*centroid(q), POSITION_MARGIN) is None:
+            print(f"note: the {q.obj.color} {q.obj.shape} is about as near another named position as the caption's "
+                  f"'{POSITION_PHRASES[q.obj.position]}'", file=sys.stderr)
+    print(caption([p.obj for p in placements]))
+
+
+if __name__ == "__main__":
+    main()

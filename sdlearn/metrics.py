@@ -10,13 +10,15 @@ prompt_adherence(images, captions) decodes every image with plain image processi
      its centroid, scaled by its area) against templates of the 4 shapes rendered the same way,
      position = nearest anchor to its centroid;
 then compares them with the parsed caption. detect_objects(image) shows what it saw.
+layout_iou(images, placements) (notebook 09) asks, beside the caption, whether each object sits where and as large
+as its scene placed it: the IoU of its pixels with those of the detected object of its colour and shape.
 
 Assumes what the dataset guarantees: black background, saturated pure-hue objects, objects >= 1 px apart.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -37,6 +39,7 @@ from sdlearn.data import (
     Placement,
     ShapeObject,
     ShapesDataset,
+    object_masks,
     parse_caption,
     render,
 )
@@ -107,6 +110,7 @@ class _Components:
     area: torch.Tensor  # [K] float, soft area in pixels
     centroid: torch.Tensor  # [K,2] (x, y) in pixels
     silhouette: torch.Tensor  # [K,R,R] in [0,1], centred on the centroid, scaled by sqrt(area)
+    pixels: torch.Tensor  # [K,H,W] bool, the component's own (foreground, same-hue, connected) pixels
 
 
 def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
@@ -181,7 +185,7 @@ def _components(images: torch.Tensor) -> _Components:
 
     keep = (area >= max(MIN_AREA * H * W, 1.0)) & on_black
     centroid = torch.stack([cx, cy], 1)
-    return _Components(image[keep], color[keep], area[keep], centroid[keep], sil[keep])
+    return _Components(image[keep], color[keep], area[keep], centroid[keep], sil[keep], onehot[keep] > 0)
 
 
 @cache
@@ -207,20 +211,31 @@ def _templates(size: int) -> torch.Tensor:
     return F.normalize(torch.stack(variants, 1), dim=2)  # [4,V,R*R]
 
 
-def _detect(images: torch.Tensor, chunk: int = 256) -> list[list[DetectedObject]]:
-    N, _, H, W = images.shape
-    templates = _templates(H)
-    found: list[list[DetectedObject]] = [[] for _ in range(N)]
-    for start in range(0, N, chunk):
+def _decoded(images: torch.Tensor, chunk: int = 256) -> Iterator[tuple[slice, _Components, torch.Tensor]]:
+    """images [N,3,H,W] in [-1,1], in chunks -> (the chunk's slice, its components, their shapes [K] (SHAPES index))."""
+    templates = _templates(images.shape[-1])
+    for start in range(0, len(images), chunk):
         c = _components(images[start:start + chunk])
         sim = torch.einsum("kd,svd->ksv", F.normalize(c.silhouette.flatten(1), dim=1), templates)  # [K,4,V] cosine
-        shape = sim.amax(2).argmax(1)  # [K] best shape over its variants
-        unit = c.centroid / torch.tensor([W, H])  # [K,2]
-        position = torch.cdist(unit, ANCHORS).argmin(1)  # [K]
-        for k in torch.argsort(c.area, descending=True).tolist():
-            found[start + int(c.image[k])].append(DetectedObject(
-                COLORS[c.color[k]], SHAPES[shape[k]], POSITIONS[position[k]], round(float(c.area[k]), 2),
-                (round(float(unit[k, 0]), 4), round(float(unit[k, 1]), 4))))
+        yield slice(start, start + chunk), c, sim.amax(2).argmax(1)  # best shape over its variants
+
+
+def _objects(c: _Components, shape: torch.Tensor, n: int, size: int) -> list[list[DetectedObject]]:
+    """A chunk of n images' components -> for each image, its DetectedObjects (largest first)."""
+    unit = c.centroid / size  # [K,2]
+    position = torch.cdist(unit, ANCHORS).argmin(1)  # [K]
+    found: list[list[DetectedObject]] = [[] for _ in range(n)]
+    for k in torch.argsort(c.area, descending=True).tolist():
+        found[int(c.image[k])].append(DetectedObject(
+            COLORS[c.color[k]], SHAPES[shape[k]], POSITIONS[position[k]], round(float(c.area[k]), 2),
+            (round(float(unit[k, 0]), 4), round(float(unit[k, 1]), 4))))
+    return found
+
+
+def _detect(images: torch.Tensor, chunk: int = 256) -> list[list[DetectedObject]]:
+    found = []
+    for part, c, shape in _decoded(images, chunk):
+        found += _objects(c, shape, len(images[part]), images.shape[-1])
     return found
 
 
@@ -292,6 +307,73 @@ def prompt_adherence(images: torch.Tensor, captions: Sequence[str]) -> dict[str,
     """
     report = judge_report(images, captions)
     return {k: sum(r[k] for r in report) / max(len(report), 1) for k in ATTRIBUTES}
+
+
+# -----------------------------------------------------------------------------
+# layout adherence (notebook 09): is each object where, and as large as, the scene asked?
+
+
+def _check_scenes(placements, n: int) -> list[list[Placement]]:
+    nested = isinstance(placements, Sequence) and all(isinstance(s, Sequence) for s in placements)
+    scenes = [list(s) for s in placements] if nested else None
+    if scenes is None or len(scenes) != n:
+        got = f"{len(scenes)} scenes" if scenes is not None else f"a {type(placements).__name__} not of lists"
+        raise ValueError(f"expected one scene (a list of Placements) per image: {n} images, got {got}")
+    bad = sorted({type(p).__name__ for s in scenes for p in s if not isinstance(p, Placement)})
+    if bad or not all(scenes):
+        got = f"items of type {', '.join(bad)}" if bad else "an empty scene"
+        raise ValueError(f"each scene must be a non-empty list of Placements (sdlearn.data.Placement), got {got}")
+    return scenes
+
+
+def _ious(c: _Components, shape: torch.Tensor, scenes: Sequence[Sequence[Placement]], size: int) -> torch.Tensor:
+    """A chunk's requested objects -> [J] IoU of each (object_masks) with the detected component of its colour and
+    shape that overlaps it best (0 if there is none), J = all objects of all scenes in order."""
+    wanted = torch.cat([object_masks(s, size) for s in scenes]).flatten(1).float()  # [J,H*W]
+    which = torch.repeat_interleave(torch.arange(len(scenes)), torch.tensor([len(s) for s in scenes]))  # [J]
+    color = torch.tensor([COLORS.index(p.obj.color) for s in scenes for p in s])  # [J]
+    kind = torch.tensor([SHAPES.index(p.obj.shape) for s in scenes for p in s])  # [J]
+    match = (which[:, None] == c.image) & (color[:, None] == c.color) & (kind[:, None] == shape)  # [J,K]
+    found = c.pixels.flatten(1).float()  # [K,H*W]
+    inter = wanted @ found.T  # [J,K]
+    union = wanted.sum(1, keepdim=True) + found.sum(1) - inter
+    iou = torch.where(match, inter / union.clamp_min(1), 0.0)
+    return torch.cat([iou, torch.zeros(len(iou), 1)], 1).amax(1)
+
+
+def _judge_layout(images: torch.Tensor, placements) -> tuple[list[list[DetectedObject]], list[torch.Tensor], list]:
+    """Decode once -> (detections per image, per image [n_i] object IoUs, the scenes checked)."""
+    images = _check_images(images)
+    scenes = _check_scenes(placements, len(images))
+    found, ious = [], []
+    for part, c, shape in _decoded(images):
+        chunk = scenes[part]
+        found += _objects(c, shape, len(chunk), images.shape[-1])
+        ious += list(_ious(c, shape, chunk, images.shape[-1]).split([len(s) for s in chunk]))
+    return found, ious, scenes
+
+
+def object_ious(images: torch.Tensor, placements: Sequence[Sequence[Placement]]) -> list[torch.Tensor]:
+    """images [N,3,H,W] in [-1,1], per image the placed objects asked for -> per image [n_i] floats: each requested
+    object's IoU between its pixels (object_masks at H) and the pixels of the detected object (connected
+    component) of the same colour and shape that overlaps it best; 0 if the judge sees none."""
+    return _judge_layout(images, placements)[1]
+
+
+def layout_iou(images: torch.Tensor, placements: Sequence[Sequence[Placement]]) -> torch.Tensor:
+    """images [N,3,H,W] in [-1,1], per image the placed objects asked for -> [N]: the mean over each image's
+    requested objects of object_ious (1: every object exactly where and as large as asked, in its colour and
+    shape; 0: none found there)."""
+    return torch.stack([iou.mean() for iou in object_ious(images, placements)])
+
+
+def layout_adherence(images: torch.Tensor, placements: Sequence[Sequence[Placement]]) -> dict[str, float]:
+    """images [N,3,H,W] in [-1,1], per image its scene -> {"iou": mean layout_iou, and prompt_adherence's keys
+    (exact, color, shape, position, count) on the scenes' captions}, from one decoding."""
+    found, ious, scenes = _judge_layout(images, placements)
+    right = [score(d, [p.obj for p in s]) for d, s in zip(found, scenes)]
+    iou = torch.stack([i.mean() for i in ious]).mean().item()
+    return {"iou": iou, **{k: sum(r[k] for r in right) / len(right) for k in ATTRIBUTES}}
 
 
 # -----------------------------------------------------------------------------
