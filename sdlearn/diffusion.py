@@ -276,6 +276,16 @@ class NoiseSchedule:
             return np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
         return (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64) + self.offset
 
+    def level(self, sigma: float) -> Level:
+        """The trajectory point at noise level `sigma` > 0: Level(t, sigma), t interpolated linearly in log sigma
+        between the training timesteps (diffusers' _sigma_to_t, as EulerDiscreteScheduler.set_timesteps(sigmas=...)
+        places explicit noise levels: from sigma in float32). A descending list of them is a run's explicit `steps`."""
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < sigma < math.inf:
+            raise ValueError(f"a noise level sigma must be a finite number > 0, got {sigma!r}")
+        sigma = np.array([sigma], dtype=np.float32)  # [1]
+        t = _sigma_to_t(sigma, np.log(self.sigmas.numpy()))[0]
+        return Level(float(np.float32(t)), float(sigma[0]))
+
     def sigma(self, t) -> float:
         """The noise level sigma = sqrt((1 - abar) / abar) of trajectory point t: an int timestep, a Level, or -1,
         the end of the trajectory (0, or sigma_min = sigmas[0] when final="sigma_min")."""
@@ -293,7 +303,8 @@ class NoiseSchedule:
         (ints, or Levels with Karras sigmas), [] for n = 0.
 
         steps: how many steps the whole trajectory has (`grid(steps)`, or `timesteps(steps, spacing)` when a
-        spacing is given) or an explicit descending sequence of timesteps. The cut is diffusers' denoising_end /
+        spacing is given), an explicit descending sequence of timesteps, or of noise levels `level(sigma)` (diffusers'
+        set_timesteps(sigmas=...)). The cut is diffusers' denoising_end /
         denoising_start: a step at t belongs to the part before fraction f when t >= round(T (1 - f)). So a base
         run to end=0.8 and a refiner run from start=0.8 share the trajectory: the base's last step lands where the
         refiner's first step starts.
@@ -303,6 +314,11 @@ class NoiseSchedule:
                              f"start={start}, end={end}")
         if isinstance(steps, int) and not isinstance(steps, bool):
             full = self.grid(steps) if spacing is None else self.timesteps(steps, spacing).tolist()
+        elif isinstance(steps, (list, tuple)) and steps and all(isinstance(p, Level) for p in steps):
+            full = list(steps)
+            if any(a.sigma <= b.sigma for a, b in zip(full, full[1:])):
+                raise ValueError(f"explicit noise levels must be strictly decreasing in sigma, got "
+                                 f"{[p.sigma for p in full]}")
         else:
             full = self.check_t(torch.as_tensor(list(steps))).tolist()
             if len(full) == 0 or any(a <= b for a, b in zip(full, full[1:])):

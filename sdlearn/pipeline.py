@@ -220,9 +220,11 @@ class TextToImage(nn.Module):
         sdlearn.diffusion.sample with classifier-free guidance against `uncond` (default: the conditioner's
         unconditional twin). seed seeds the fresh noise a stochastic sampler draws (DDPM, DDIM with eta > 0,
         euler_a); sampler_options go to the step function (DDIM: {"eta": 0.5}); guidance_rescale: Lin et al. 2024
-        sec. 3.4 (sdlearn.diffusion.rescale_guidance; 0: off)."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        sec. 3.4 (sdlearn.diffusion.rescale_guidance; 0: off). steps: a count, or the explicit points of the run
+        (a list: timesteps, or noise levels `schedule.level(sigma)`; the schedule checks them)."""
+        explicit = isinstance(steps, (list, tuple))
+        if not explicit and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be an int >= 1 or a list of the run's points, got {steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a number >= 0 (1: no guidance, 0: unconditional), "
                              f"got {guidance_scale!r}")

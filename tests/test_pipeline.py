@@ -107,6 +107,19 @@ def test_stopping_part_way_and_continuing_gives_the_same_images():
         pipe.generate(PROMPTS[:2], start=0.8, latents=torch.zeros(2, 4, 4, 4), progress=False)
 
 
+def test_a_list_of_points_runs_as_the_grid_that_lists_them():
+    """generate(prompts, steps=[...]): explicit timesteps, or noise levels (Levels, `schedule.level(sigma)`), as
+    diffusers' pipelines take timesteps= / sigmas=: the run whose grid lists those points."""
+    pipe = tiny_pipe("v")
+    for sampler, karras in (("ddim", False), ("euler", True)):  # a grid of ints; one of Levels
+        pipe.schedule = pipe.schedule.replace(sampler=sampler, karras=karras)
+        points = pipe.schedule.grid(5)
+        assert torch.equal(pipe.generate(PROMPTS[:2], steps=points, seed=4, progress=False),
+                           pipe.generate(PROMPTS[:2], steps=5, seed=4, progress=False))
+    with pytest.raises(ValueError, match="strictly decreasing in sigma"):
+        pipe.generate(PROMPTS[:1], steps=points[::-1], progress=False)
+
+
 def test_guidance_one_is_the_conditional_model_and_zero_the_unconditional():
     pipe = tiny_pipe()
     z = pipe.noise(2, 0)

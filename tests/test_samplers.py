@@ -434,3 +434,35 @@ def test_bad_input_is_a_clear_error():
         sample(lambda x, t: x, x, s, 2, cond={}, uncond={}, guidance_scale=2.0, guidance_rescale=1.5, progress=False)
     with pytest.raises(ValueError, match="expected a diffusers scheduler config naming its class"):
         schedule_from_diffusers(dict(BETAS))
+
+
+def test_explicit_noise_levels_are_diffusers_custom_sigmas():
+    """A run on explicit noise levels (`schedule.level(sigma)`, here Karras's formula from a lower sigma_max) visits
+    the points of diffusers' EulerDiscreteScheduler.set_timesteps(sigmas=...) and steps as it does; a Karras grid
+    handed back as levels is the same run; levels that do not descend, or a sigma <= 0, are clear errors."""
+    s = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012, sampler="euler")
+    custom = D.karras_sigmas(5.0, float(s.sigmas[0]), 6)  # [6], from sigma 5 (the table's last: 14.6)
+    levels = [s.level(float(v)) for v in custom]
+    d = diffusers.EulerDiscreteScheduler(**BETAS)
+    d.set_timesteps(sigmas=[*custom, 0.0])
+    points = s.trajectory(levels)
+    assert torch.equal(torch.tensor([p.t for p in points[:-1]]), d.timesteps)
+    assert torch.equal(torch.tensor([s.sigma(p) for p in points], dtype=torch.float32), d.sigmas)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    x, theirs = noise * (d.sigmas[0] ** 2 + 1) ** 0.5, []
+    for i, t in enumerate(d.timesteps):
+        x = d.step(_model("eps")(d.scale_model_input(x, t), t.expand(len(x))), t, x).prev_sample
+        theirs.append(_to_x(d, "euler", x, i))
+    ours = []
+    sample(_model("eps"), noise.clone(), s, levels, progress=False, callback=lambda r: ours.append(r["x_next"]))
+    assert len(ours) == 6 and max(err(a, b) for a, b in zip(ours, theirs)) <= TOL
+    karras = s.replace(karras=True, sampler="dpmpp_2m")
+    cosine = NoiseSchedule("cosine", sampler="dpmpp_2m", karras=True)  # DPM-Solver rounds t, except on the cosine
+    for k in (karras.replace(sampler="euler"), cosine):  # level() reads sigma in float32, as set_timesteps(sigmas=)
+        assert err(sample(_model("v"), noise, k, 8, prediction="v", progress=False),
+                   sample(_model("v"), noise, k, [k.level(p.sigma) for p in k.grid(8)], prediction="v",
+                          progress=False)) <= TOL
+    with pytest.raises(ValueError, match="strictly decreasing in sigma"):
+        s.trajectory(levels[::-1])
+    with pytest.raises(ValueError, match="finite number > 0, got 0.0"):
+        s.level(0.0)
