@@ -33,6 +33,7 @@ pipeline nor pretrained.save / load names a ControlNet: `Controlled` and `Contro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -53,6 +54,36 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+def zero_conv(channels: int) -> nn.Conv2d:
+    """A zero convolution (paper sec. 3.1, fig. 2b): a 1x1 conv from `channels` to `channels`, weight and bias 0,
+    so that its output, added to the frozen UNet, is exactly 0 until training moves it (notebook 09, exercise 1)."""
+    conv = nn.Conv2d(channels, channels, kernel_size=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def add_residuals(skips: list[torch.Tensor], mid: torch.Tensor, residuals: list[torch.Tensor],
+                  scale) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The frozen UNet's skips and mid-block output with a ControlNet's residuals added, times the conditioning
+    scale (a float or [B,1,1,1]): residuals[i] to skips[i] (the order the down path makes both), the last to mid
+    (diffusers' down_block_additional_residuals / mid_block_additional_residual; notebook 09, exercise 2)."""
+    skips = [s + r * scale for s, r in zip(skips, residuals[:-1])]
+    return skips, mid + residuals[-1] * scale
+
+
+def embedding_strides(image_size: int, latent_size: int) -> list[int]:
+    """The strides of the conditioning embedding's convs after conv_in, for a control image of image_size pixels
+    per side and a latent grid of latent_size: one pair per stage, a width-keeping conv (stride 1) then a conv to
+    the next width (stride 2), one stage per halving (SD's 8x VAE: three; the course's 4x VAE: two; notebook 09,
+    exercise 3)."""
+    factor = image_size // latent_size if latent_size > 0 else 0
+    if factor < 1 or factor * latent_size != image_size or factor & (factor - 1):
+        raise ValueError(f"the control image ({image_size} px) must be a power-of-2 multiple of the latent grid "
+                         f"({latent_size}), got a ratio of {image_size / max(latent_size, 1):g}")
+    return [1, 2] * (factor.bit_length() - 1)
 
 
 def check_scale(scale, batch: int) -> torch.Tensor | float:
@@ -89,10 +120,16 @@ class ControlNetConfig(UNetConfig):
     embedding_channels: tuple[int, ...] = SD_EMBEDDING_CHANNELS  # one stride-2 stage between each pair
     num_time_ids: int = 0    # > 0: reads SDXL's pooled text and time ids as an SDXLUNet (in added_cond_dim)
     time_id_dim: int = 256
+    embedding_strides: tuple[int, ...] = ()  # the embedding's convs after conv_in; () = (1, 2) per pair (diffusers')
 
     def __post_init__(self):
         super().__post_init__()
         self.embedding_channels = tuple(int(c) for c in self.embedding_channels)
+        self.embedding_strides = tuple(int(s) for s in self.embedding_strides)
+        pairs = 2 * (len(self.embedding_channels) - 1)
+        if self.embedding_strides and (len(self.embedding_strides) != pairs or min(self.embedding_strides) < 1):
+            raise ValueError(f"ControlNetConfig: embedding_strides needs one positive stride per conv after conv_in, "
+                             f"{pairs} for embedding_channels {self.embedding_channels}, got {self.embedding_strides}")
         if not self.embedding_channels or min(self.embedding_channels) < 1 or self.conditioning_channels < 1:
             raise ValueError(f"ControlNetConfig: embedding_channels needs at least one positive width and "
                              f"conditioning_channels >= 1, got {self.embedding_channels}, {self.conditioning_channels}")
@@ -101,9 +138,35 @@ class ControlNetConfig(UNetConfig):
                              f"{self.num_time_ids} time ids of {self.time_id_dim}")
 
     @property
+    def strides(self) -> tuple[int, ...]:
+        """The strides of the embedding's convs after conv_in: a width-keeping conv (1), then one to the next
+        width (2), per pair of widths, unless embedding_strides says otherwise."""
+        return self.embedding_strides or (1, 2) * (len(self.embedding_channels) - 1)
+
+    @property
     def downscale(self) -> int:
-        """How much smaller than the control image the latent grid is: 2 ** (stride-2 stages)."""
-        return 2 ** (len(self.embedding_channels) - 1)
+        """How much smaller than the control image the latent grid is: the product of the strides."""
+        return math.prod(self.strides)
+
+
+def _embedding_layout(downscale, channels, strides) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(embedding widths, strides; () for the default) of a conditioning embedding that shrinks maps downscale x."""
+    stages = round(math.log2(downscale)) if isinstance(downscale, int) and downscale >= 1 else -1
+    if stages < 0 or 2 ** stages != downscale or (channels is None and stages > 3):
+        raise ValueError(f"downscale must be the VAE's downsampling factor, a power of 2 (up to 8 with SD's "
+                         f"embedding widths), got {downscale!r}")
+    if strides is not None:
+        strides = tuple(int(s) for s in strides)
+        if len(strides) % 2 or math.prod(strides) != downscale:
+            raise ValueError(f"strides {list(strides)} should be one pair per stage (a width-keeping conv, a conv to "
+                             f"the next width) shrinking maps {downscale}x (the VAE's factor), got "
+                             f"{len(strides)} strides shrinking {math.prod(strides)}x")
+        stages = len(strides) // 2
+    channels = tuple(channels or SD_EMBEDDING_CHANNELS[:stages + 1])
+    if len(channels) - 1 != stages:
+        raise ValueError(f"embedding_channels {channels} make {len(channels) - 1} stride-2 stages, but a "
+                         f"{downscale}x VAE needs {stages}: give {stages + 1} widths")
+    return channels, () if strides is None or strides == (1, 2) * stages else strides
 
 
 class ConditioningEmbedding(nn.Module):
@@ -111,13 +174,15 @@ class ConditioningEmbedding(nn.Module):
     conv_in 3x3, then for each pair of widths a 3x3 conv keeping the width and a 3x3 stride-2 conv to the next,
     SiLU after every conv, then conv_out 3x3, zero-initialised."""
 
-    def __init__(self, in_channels: int, channels: tuple[int, ...], out_channels: int):
+    def __init__(self, in_channels: int, channels: tuple[int, ...], out_channels: int,
+                 strides: tuple[int, ...] | None = None):
         super().__init__()
+        strides = strides or (1, 2) * (len(channels) - 1)            # notebook 09's exercise 3: embedding_strides
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.blocks = nn.ModuleList()
-        for a, b in zip(channels, channels[1:]):
-            self.blocks.append(nn.Conv2d(a, a, 3, padding=1))
-            self.blocks.append(nn.Conv2d(a, b, 3, padding=1, stride=2))
+        for i, (a, b) in enumerate(zip(channels, channels[1:])):
+            self.blocks.append(nn.Conv2d(a, a, 3, padding=1, stride=strides[2 * i]))
+            self.blocks.append(nn.Conv2d(a, b, 3, padding=1, stride=strides[2 * i + 1]))
         self.conv_out = zero_module(nn.Conv2d(channels[-1], out_channels, 3, padding=1))
 
     def forward(self, x):
@@ -131,30 +196,27 @@ class ControlNet(UNet):
     """The UNet's first half, made to steer the whole: controlnet(x, t, control, context, ...) -> residuals, one per
     skip of the base UNet then the mid block's (`UNet.residual_shapes`), times `scale`."""
 
-    def __init__(self, config: ControlNetConfig):
+    def __init__(self, config: ControlNetConfig, zero_conv: Callable[[int], nn.Module] = zero_conv):
         super().__init__(config)
         del self.up, self.norm_out, self.conv_out                   # the copy stops after the mid block
         cfg = self.config
-        self.hint = ConditioningEmbedding(cfg.conditioning_channels, cfg.embedding_channels, cfg.channels[0])
-        self.zero_skips = nn.ModuleList(zero_module(nn.Conv2d(c, c, 1)) for c, _ in self.skip_levels)
-        self.zero_mid = zero_module(nn.Conv2d(cfg.channels[-1], cfg.channels[-1], 1))
+        self.hint = ConditioningEmbedding(cfg.conditioning_channels, cfg.embedding_channels, cfg.channels[0],
+                                          cfg.strides)
+        self.zero_skips = nn.ModuleList(zero_conv(c) for c, _ in self.skip_levels)
+        self.zero_mid = zero_conv(cfg.channels[-1])
 
     @classmethod
     def from_unet(cls, base: nn.Module, downscale: int = 8, embedding_channels: tuple[int, ...] | None = None,
-                  conditioning_channels: int = 3) -> ControlNet:
+                  conditioning_channels: int = 3, zero_conv: Callable[[int], nn.Module] = zero_conv,
+                  strides: Sequence[int] | None = None) -> ControlNet:
         """A ControlNet whose copy starts as `base` (a UNet, or an SDXLUNet around one; diffusers' from_unet).
         downscale: the VAE's downsampling factor, which sets the stride-2 stages (SD: 8, three; course: 4, two);
-        embedding_channels default to SD's (16, 32, 96, 256), cut to that many stages."""
-        stages = round(math.log2(downscale)) if isinstance(downscale, int) and downscale >= 1 else -1
-        if stages < 0 or 2 ** stages != downscale or (embedding_channels is None and stages > 3):
-            raise ValueError(f"downscale must be the VAE's downsampling factor, a power of 2 (up to 8 with SD's "
-                             f"embedding widths), got {downscale!r}")
-        channels = tuple(embedding_channels or SD_EMBEDDING_CHANNELS[:stages + 1])
-        if len(channels) - 1 != stages:
-            raise ValueError(f"embedding_channels {channels} make {len(channels) - 1} stride-2 stages, but a "
-                             f"{downscale}x VAE needs {stages}: give {stages + 1} widths")
+        embedding_channels default to SD's (16, 32, 96, 256), cut to that many stages. zero_conv(channels) makes
+        each zero convolution, strides are the embedding's (`embedding_strides`): notebook 09's exercises."""
+        channels, strides = _embedding_layout(downscale, embedding_channels, strides)
         unet = getattr(base, "unet", base)                           # an SDXLUNet holds its UNet
-        controlnet = cls(cls.config_for(base, channels, conditioning_channels)).to(next(unet.parameters()).device)
+        config = replace(cls.config_for(base, channels, conditioning_channels), embedding_strides=strides)
+        controlnet = cls(config, zero_conv).to(next(unet.parameters()).device)
         missing, unexpected = controlnet.load_state_dict(
             {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in cls.COPIED}, strict=False)
         assert not unexpected and all(k.split(".")[0] in ("hint", "zero_skips", "zero_mid") for k in missing)
@@ -324,13 +386,18 @@ class Controlled(nn.Module):
     """A frozen denoiser steered by a ControlNet (a sdlearn.diffusion.Denoiser): controlled(x, t, control=...,
     control_scale=1.0, **the base's conditions) = base(x, t, **cond, residuals=controlnet(...))."""
 
-    def __init__(self, base: nn.Module, controlnet: nn.Module, guess_mode: bool = False):
+    def __init__(self, base: nn.Module, controlnet: nn.Module, guess_mode: bool = False,
+                 add_residuals: Callable | None = None):
         super().__init__()
         wrong = controlnet.mismatches(base)
         if wrong:
             raise ValueError(f"the {type(controlnet).__name__} was made for another denoiser than the "
                              f"{type(base).__name__} it is attached to: " + "; ".join(wrong))
+        if add_residuals is not None and not isinstance(controlnet, ControlNet):
+            raise ValueError(f"add_residuals adds a UNet ControlNet's residuals to the skips; a "
+                             f"{type(controlnet).__name__} adds its own to the joint blocks")
         self.base, self.controlnet, self.guess_mode = base, controlnet, bool(guess_mode)
+        self.add_residuals = add_residuals   # (skips, mid, residuals, scale) -> (skips, mid): notebook 09's exercise
 
     def init_args(self) -> dict:
         return {"base": self.base, "controlnet": self.controlnet, "guess_mode": self.guess_mode}
@@ -344,6 +411,11 @@ class Controlled(nn.Module):
 
     def forward(self, x, t, control, control_scale=1.0, **cond):
         own = {k: cond.get(k) for k in self.controlnet.cond_dims}
+        if self.add_residuals is not None:      # the residuals unscaled; the function adds them times the scale
+            scale = check_scale(control_scale, x.shape[0])
+            scale = scale.view(-1, 1, 1, 1) if isinstance(scale, torch.Tensor) else scale     # [B,1,1,1] or a float
+            outputs = self.controlnet(x, t, control, **own, scale=1.0, guess=self.guess_mode)
+            return self.base(x, t, **cond, residuals=lambda skips, h: self.add_residuals(skips, h, outputs, scale))
         residuals = self.controlnet(x, t, control, **own, scale=control_scale, guess=self.guess_mode)
         n = len(self.base.residual_shapes(*x.shape[2:]))
         return self.base(x, t, **cond, residuals=self.controlnet.place(residuals, n))
@@ -401,9 +473,10 @@ class ControlConditioner(Conditioner):
         return {**twin, "control_scale": torch.zeros(n)} if self.guess_mode and control is not None else twin
 
 
-def attach(pipe: TextToImage, controlnet: nn.Module, guess_mode: bool = False) -> TextToImage:
+def attach(pipe: TextToImage, controlnet: nn.Module, guess_mode: bool = False,
+           add_residuals: Callable | None = None) -> TextToImage:
     """pipe with its denoiser steered by `controlnet`: Controlled(denoiser, controlnet) and a ControlConditioner
-    (with the pipe's VAE when the ControlNet reads latents, SD3's)."""
+    (with the pipe's VAE when the ControlNet reads latents, SD3's). add_residuals: Controlled's."""
     latents = controlnet.reads_latents
     if not latents and controlnet.config.downscale != pipe.vae.downsampling_factor:
         raise ValueError(f"the ControlNet's conditioning embedding shrinks maps {controlnet.config.downscale}x "
@@ -412,8 +485,8 @@ def attach(pipe: TextToImage, controlnet: nn.Module, guess_mode: bool = False) -
                          f"(..., downscale={pipe.vae.downsampling_factor}))")
     shift = not (latents and controlnet.config.zero_pooled)
     conditioner = ControlConditioner(pipe.conditioner, pipe.vae if latents else None, guess_mode, shift)
-    return TextToImage(conditioner, Controlled(pipe.denoiser, controlnet, guess_mode), pipe.schedule, pipe.vae,
-                       image_size=pipe.image_size)
+    return TextToImage(conditioner, Controlled(pipe.denoiser, controlnet, guess_mode, add_residuals), pipe.schedule,
+                       pipe.vae, image_size=pipe.image_size)
 
 
 # -----------------------------------------------------------------------------

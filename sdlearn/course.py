@@ -124,6 +124,16 @@ class Profile:
     mmdit_depth: int = knob(2, 4, 6)              # its joint blocks
     mmdit_pool: int = budget(64, 10000, 30000)    # training images, rendered and encoded once
     qk_steps: int = budget(5, 200, 600)           # the high-learning-rate runs with and without QK RMSNorm
+    # 09 ControlNet (on the released shapes-t2i, 32 px only)
+    cn_size: int = knob(32, 32, 32)               # shapes-t2i is released at 32 px only
+    cn_steps: int = budget(3, 800, 3000)          # ControlNet training steps (cpu: ~10 minutes on 2 cores)
+    cn_batch: int = batch(4, 32, 64)              # its batch
+    cn_pool: int = budget(32, 4000, 20000)        # training scenes (image, caption, map), rendered and encoded once
+    cn_every: int = budget(3, 200, 250)           # steps between points of the layout-IoU curve
+    cn_curve_scenes: int = budget(2, 16, 64)      # scenes judged per point of that curve
+    cn_eval: int = budget(4, 48, 200)             # scenes judged per row of the tables (12 rows)
+    cn_sample_steps: int = budget(2, 20, 30)      # sampling steps of every judged image
+    cn_kind_steps: int = budget(3, 0, 3000)       # steps of the edge and scribble ControlNets (0: not trained)
 
     @classmethod
     def named(cls, name: str, dry_run: bool = False) -> Profile:

@@ -15,7 +15,7 @@ Two inputs beyond the text, each named for what it does, for the models that gro
 - `added_cond` [B, added_cond_dim]: a conditioning vector that goes through its own MLP and is added to the time
   embedding (Dhariwal & Nichol's class embedding; SDXL builds it from pooled text and image sizes, notebook 07);
 - `residuals`: tensors added to the skips and to the mid block's output (`residual_shapes`), which is how a
-  ControlNet steers a frozen UNet (notebook 09).
+  ControlNet steers a frozen UNet (notebook 09); or a function (skips, h) -> (skips, h) that adds them itself.
 """
 from __future__ import annotations
 
@@ -282,7 +282,9 @@ class UNet(nn.Module):
         emb = self.embed(t, added_cond)                # [B,4*C0]
         h, skips = self.down_path(x, emb, context)     # [B,C_last,H/2^(n-1),W/2^(n-1)]
         h = self.mid(h, emb, context)
-        if residuals is not None:                      # a ControlNet's: one per skip, then the mid block's
+        if callable(residuals):                        # a function (skips, h) -> (skips, h) that adds them itself
+            skips, h = residuals(skips, h)
+        elif residuals is not None:                    # a ControlNet's: one per skip, then the mid block's
             skips = [s + r for s, r in zip(skips, residuals)]
             h = h + residuals[-1]
         h = self.up_path(h, skips, emb, context)       # [B,C0,H,W]
@@ -312,7 +314,7 @@ class UNet(nn.Module):
                              f"should be [B,added_cond_dim] = [{B},{cfg.added_cond_dim}], got {got}")
         if not cfg.added_cond_dim and added_cond is not None:
             raise ValueError("UNet: added_cond given, but this config has none (set added_cond_dim in UNetConfig)")
-        if residuals is not None:
+        if residuals is not None and not callable(residuals):
             want = [(B, *shape) for shape in self.residual_shapes(H, W)]
             got = [tuple(r.shape) for r in residuals]
             if got != want:

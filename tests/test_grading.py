@@ -50,6 +50,7 @@ MISTAKES = {
     "06b_samplers": (1, "x / (sigma**2 + 1) ** 0.5", "x", "forgot the input scaling"),
     "07_sdxl_refiner": (3, "t >= cutoff", "t > cutoff", "expected the base to get 40 timesteps"),
     "08_mmdit": (3, "x * (1 + scale[:, None])", "x * scale[:, None]", "the scale is 1 + scale"),
+    "09_controlnet": (2, "r * scale for s, r", "r for s, r", "the mid block gets residual * scale but the skips'"),
 }
 STUDENTS = ("solved", "unsolved", "partly")
 MARKERS = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n", re.M)

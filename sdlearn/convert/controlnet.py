@@ -56,6 +56,9 @@ def config_from_diffusers(c, pooled_dim: int | None = None) -> ControlNetConfig:
 
 def config_to_diffusers(cfg: ControlNetConfig) -> dict:
     """ControlNetModel keyword arguments for a ControlNetConfig."""
+    if cfg.embedding_strides:
+        raise ValueError(f"diffusers' ControlNetModel strides its conditioning embedding (1, 2) per pair; this one "
+                         f"has embedding_strides {cfg.embedding_strides}")
     kw = unet.config_to_diffusers(cfg, cfg.time_id_dim if cfg.num_time_ids else None)
     del kw["up_block_types"], kw["out_channels"], kw["dropout"]  # a ControlNetModel has no up path, no dropout
     return {**kw, "conditioning_channels": cfg.conditioning_channels,
