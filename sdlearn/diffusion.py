@@ -862,7 +862,8 @@ def sample(model: Callable, x: torch.Tensor, schedule: Schedule, steps: int | Se
     first; NoiseSchedule: "ddim" with option eta, "ddpm", "euler", "euler_a", "dpmpp_2m"), called as
     step(schedule, model_output, x, t, t_next, prediction=, generator=, clip_x0=, state=, **options), where
     state is one dict per run, {"steps": n} to begin with, that a multistep sampler keeps its history in.
-    callback({"i", "t", "x", "denoised", "x_next"}) after every step, e.g. to record a trajectory.
+    callback({"i", "t", "t_next", "x", "denoised", "x_next"}) after every step, e.g. to record a trajectory; a
+    callback that sets info["x_next"] changes where the step lands (notebook 10's blended latents).
     clip_x0: clamp every predicted x0 to [-clip_x0, clip_x0] (1.0 for pixels in [-1, 1]; None, the default: the
     schedule's clip_x0 setting if it has one, else off). guidance_rescale: see `guided` (Lin et al. 2024 sec. 3.4).
     """
@@ -883,7 +884,9 @@ def sample(model: Callable, x: torch.Tensor, schedule: Schedule, steps: int | Se
         x_next = step.step(schedule, out, x, t, t_next, prediction=prediction, generator=generator, clip_x0=clip_x0,
                            state=state, **options)
         if callback is not None:
-            denoised = _clip(schedule.to_x0(prediction, out, x, t), clip_x0)
-            callback({"i": i, "t": t, "x": x, "denoised": denoised, "x_next": x_next})
+            info = {"i": i, "t": t, "t_next": t_next, "x": x, "denoised": _clip(schedule.to_x0(prediction, out, x, t),
+                                                                                clip_x0), "x_next": x_next}
+            callback(info)
+            x_next = info["x_next"]   # a callback may replace it (diffusers' callback_on_step_end: blended latents)
         x = x_next
     return x

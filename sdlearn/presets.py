@@ -34,6 +34,8 @@ WHERE = {
     "sd15-controlnet": "sdlearn.controlnet",
     "sdxl-controlnet": "sdlearn.controlnet",
     "sd3-controlnet": "sdlearn.controlnet",
+    "sd15-ip-adapter": "sdlearn.adapters",
+    "sd15-inpaint-unet": "sdlearn.inpaint",
 }
 
 # parameter counts of the released models (diffusers 0.42.1 / transformers); buffers excluded
@@ -54,6 +56,8 @@ PUBLISHED = {
     "sd15-controlnet": 361_279_120,       # ControlNetModel.from_unet(SD 1.5's UNet)
     "sdxl-controlnet": 1_251_014_160,     # ControlNetModel.from_unet(SDXL base's UNet)
     "sd3-controlnet": 538_805_760,        # SD3ControlNetModel at InstantX/SD3-Controlnet-Canny's config
+    "sd15-ip-adapter": 22_319_616,        # h94/IP-Adapter ip-adapter_sd15: ImageProjection + 16 x (to_k_ip, to_v_ip)
+    "sd15-inpaint-unet": 859_535_364,     # runwayml/stable-diffusion-inpainting's UNet (in_channels 9)
 }
 
 
