@@ -90,8 +90,8 @@ class DecoupledCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         a = self.attn
         q, k, v = a._qkv(x, context)                                            # [B,h,N,d], [B,h,L,d] x 2
-        k_ip, v_ip = (rearrange(f(self.tokens.to(x.dtype)), "b k (h d) -> b h k d", h=a.heads)
-                      for f in (self.ip.to_k_ip, self.ip.to_v_ip))              # [B,h,K,d] each
+        k_ip, v_ip = (rearrange(f(self.tokens.to(f.weight.dtype)).to(q.dtype), "b k (h d) -> b h k d", h=a.heads)
+                      for f in (self.ip.to_k_ip, self.ip.to_v_ip))              # [B,h,K,d] each (q's dtype)
         out = self.attention_fn(q, k, v, k_ip, v_ip, self.scale)                # [B,h,N,d]
         return a.dropout(a.to_out(rearrange(out, "b h n d -> b n (h d)")))      # [B,N,dim]
 
@@ -111,7 +111,7 @@ class IPAdapterConfig:
     embed_dim: int = 1024                       # the image encoder's embedding (SD 1.5's IP-Adapter: CLIP ViT-H, 1024)
     context_dim: int = 768                      # the UNet's cross-attention width (the text tokens')
     num_tokens: int = 4                         # image tokens
-    inner_dims: tuple[int, ...] = ()            # each cross-attention's inner width (heads * head_dim), diffusers' order
+    inner_dims: tuple[int, ...] = ()            # each cross-attention's heads * head_dim, in diffusers' order
 
     def __post_init__(self):
         self.inner_dims = tuple(int(d) for d in self.inner_dims)
@@ -218,6 +218,7 @@ class ImagePrompted(nn.Module):
             raise ValueError(f"ImagePrompted: image_embeds should be the image encoder's embeddings [B,E] = "
                              f"[{x.shape[0]},{E}], got {got}")
         scale = check_image_scale(image_scale, x.shape[0])
+        scale = scale.to(x.device, x.dtype) if isinstance(scale, torch.Tensor) else scale   # the conditioner's: CPU
         with self.adapter.installed(self.base, image_embeds, scale, self.attention_fn or decoupled_attention):
             return self.base(x, t, **cond)
 
@@ -264,9 +265,10 @@ class ImagePromptConditioner(Conditioner):
         if image_prompt is None:
             raise ValueError("this pipeline reads an image prompt: pass image_prompt=images [N or 1,3,H,W] in [-1, 1] "
                              "(image_scale=0 draws from the text alone)")
-        check_image_scale(image_scale, len(prompts))
-        return {**cond, "image_embeds": self.embed(image_prompt),
-                "image_scale": torch.full((len(prompts),), float(image_scale))}
+        scale = check_image_scale(image_scale, len(prompts))      # a float, or a tensor [N] as [N,1,1,1]
+        embeds = self.embed(image_prompt)                               # [N or 1, E]
+        scale = scale.view(-1).float() if isinstance(scale, torch.Tensor) else torch.full((len(prompts),), scale)
+        return {**cond, "image_embeds": embeds, "image_scale": scale.to(embeds.device)}
 
     def encode_unconditional(self, n: int, image_prompt=None, image_scale=1.0, **conditions) -> dict[str, torch.Tensor]:
         p = next(self.image_encoder.parameters())

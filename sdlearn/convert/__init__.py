@@ -31,6 +31,9 @@ _BY_CLASS = {
     "T5EncoderModel": "t5",
     "ControlNetModel": "controlnet",
     "SD3ControlNetModel": "controlnet",
+    "ImageProjection": "adapters",                  # IP-Adapter's image projection
+    "IPAdapterAttnProcessor2_0": "adapters",        # IP-Adapter's keys / values of one cross-attention
+    "IPAdapterAttnProcessor": "adapters",
     # diffusers' pipelines: the rows of sdlearn.convert.pipeline.FAMILIES (`_pipelines`)
     # ours (sdlearn)
     "sdlearn.attention.Attention": "attention",
@@ -43,6 +46,8 @@ _BY_CLASS = {
     "sdlearn.controlnet.ControlNet": "controlnet",
     "sdlearn.controlnet.SD3ControlNet": "controlnet",
     "sdlearn.controlnet.Controlled": "controlnet",
+    "sdlearn.adapters.ImageProjection": "adapters",
+    "sdlearn.adapters.IPAttention": "adapters",
     "sdlearn.pipeline.TextToImage": "pipeline",
     "sdlearn.sdxl.SDXLPipeline": "pipeline",
 }
