@@ -2,6 +2,9 @@
 
     python -m sdlearn generate "a red circle on the left" [more prompts] --out out.png
     python -m sdlearn generate "an astronaut riding a horse" --checkpoint <diffusers folder or .safetensors file>
+    python -m sdlearn generate "a blue square" --image src.png --mask mask.png   # inpaint (mask white = repaint)
+    python -m sdlearn generate "a blue square" --image src.png --mask mask.png --blend   # a plain model: blended
+    python -m sdlearn generate "a red circle" --model <a pipeline with an image prompt> --image-prompt src.png
     python -m sdlearn train <model> [options]     # retrain a released model with its recipe (sdlearn.recipes)
     python -m sdlearn eval <model> [options]      # measure the released model
 
@@ -62,6 +65,20 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-scale", type=float, default=1.0, help="with --control: the ControlNet's scale")
     p.add_argument("--controlnet", default=None,
                    help="with --checkpoint: a published ControlNet for it (a diffusers folder or a single file)")
+    p.add_argument("--image", default=None,
+                   help="the source image to repaint (PNG, RGB, at the model's image size), with --mask")
+    p.add_argument("--mask", default=None,
+                   help="with --image: the region to repaint (PNG at the image's size; one channel, the first of an "
+                        "RGB file: white = repaint, black = keep); an inpainting model reads it (sdlearn.inpaint)")
+    p.add_argument("--blend", action="store_true",
+                   help="with --mask and a plain text-to-image model: repaint by blended latents (sdlearn.inpaint."
+                        "blended: the known region replaced by the source's noised latents after every step)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="with --mask: how much of the trajectory to run (1: from pure noise, as diffusers' inpaint "
+                        "pipeline; < 1: from the source's latents noised part-way)")
+    p.add_argument("--image-prompt", default=None,
+                   help="an image prompt (PNG, RGB) for a pipeline with an image-prompt adapter (sdlearn.adapters)")
+    p.add_argument("--image-scale", type=float, default=1.0, help="with --image-prompt: the adapter's scale")
     return p
 
 
@@ -75,6 +92,94 @@ def _control(p: argparse.ArgumentParser, args, pipe) -> dict:
     from sdlearn.controlnet import read_control  # notebook 09's
 
     return {"control": read_control(args.control), "control_scale": args.control_scale}
+
+
+def read_image(path, what: str) -> torch.Tensor:
+    """An image file -> [1,3,H,W] RGB in [-1, 1] (a source image, an image prompt)."""
+    rgb = _open(path, what, "a PNG or JPEG image").convert("RGB")
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
+    return data.permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def read_mask(path) -> torch.Tensor:
+    """A mask file -> [1,1,H,W] in [0, 1] (1 = repaint): a grey-level file as it is, an RGB one's first channel."""
+    image = _open(path, "--mask", "a PNG mask, white = repaint, black = keep")
+    grey = image.convert("L") if image.mode in ("1", "L", "LA", "I", "I;16", "F") else image.convert("RGB")
+    data = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
+    data = data.view(grey.height, grey.width, -1)[..., 0]                        # [H, W]: L, or RGB's first channel
+    return data[None, None].float() / 255
+
+
+def _open(path, what: str, expected: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what} {path}: not an image file (expected {expected}): {e}") from e
+
+
+def _images(p: argparse.ArgumentParser, args) -> dict:
+    """--image, --mask, --image-prompt read and checked against each other (sizes: against the model later)."""
+    if args.mask is not None and args.image is None:
+        p.error("--mask marks the region of a source image to repaint: give the image with --image")
+    if args.image is not None and args.mask is None:
+        p.error("--image is the source to repaint: give the region to repaint with --mask (white = repaint)")
+    if args.blend and args.mask is None:
+        p.error("--blend repaints the --mask region of --image with a plain model: give --image and --mask")
+    if not 0 < args.strength <= 1:
+        p.error(f"--strength must be in (0, 1], got {args.strength}")
+    if args.strength != 1 and args.mask is None:
+        p.error(f"--strength {args.strength}: how much of the trajectory repaints the --mask region; give --image "
+                f"and --mask")
+    out = {}
+    try:
+        if args.image is not None:
+            out["image"], out["mask"] = read_image(args.image, "--image"), read_mask(args.mask)
+            (h, w), (mh, mw) = out["image"].shape[-2:], out["mask"].shape[-2:]
+            if (h, w) != (mh, mw):
+                p.error(f"--mask {args.mask} is {mw}x{mh} but --image {args.image} is {w}x{h}: the mask must have "
+                        f"the image's size")
+        if args.image_prompt is not None:
+            out["image_prompt"] = read_image(args.image_prompt, "--image-prompt")
+    except ValueError as e:
+        p.error(str(e))
+    return out
+
+
+def _draw(p: argparse.ArgumentParser, args, pipe, prompts: list[str], images: dict, **options) -> torch.Tensor:
+    """generate, inpaint or blended, as the flags and the pipeline say."""
+    from sdlearn import inpaint
+    from sdlearn.pipeline import TextToImage
+
+    name = args.checkpoint or args.model
+    conditions = {}
+    if "image_prompt" in images:
+        if "image_prompt" not in getattr(getattr(pipe, "conditioner", None), "takes", ()):
+            p.error(f"--image-prompt: {name} does not read an image prompt (a pipeline with an image-prompt "
+                    f"adapter, sdlearn.adapters.attach)")
+        conditions = {"image_prompt": images["image_prompt"], "image_scale": args.image_scale}
+    if "mask" not in images:
+        return pipe.generate(prompts, args.steps, args.guidance, args.seed, sampler=args.sampler, progress=False,
+                             **options, **conditions)
+    if not isinstance(pipe, TextToImage):
+        p.error(f"--mask: {name} is a {type(pipe).__name__}; inpainting takes one text-to-image pipeline (no "
+                f"--refiner)")
+    reads_mask = "mask" in pipe.denoiser.cond_dims
+    if reads_mask and args.blend:
+        p.error(f"--blend is for a plain text-to-image model; {name} is an inpainting model, which reads the mask "
+                f"itself: leave --blend out")
+    if not reads_mask and not args.blend:
+        p.error(f"--mask: {name} is a plain text-to-image model, its denoiser does not read a mask (an inpainting "
+                f"checkpoint's UNet reads 9 channels): add --blend to repaint by blended latents")
+    if not reads_mask and options.get("guidance_rescale"):
+        p.error("--guidance-rescale: blended latents (--blend) sample without it; leave it out")
+    draw = inpaint.inpaint if reads_mask else inpaint.blended
+    return draw(pipe, images["image"], images["mask"], prompts,
+                strength=args.strength, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                sampler=args.sampler, progress=False, **options, **conditions)
 
 
 def generate(argv: list[str]) -> int:
@@ -97,6 +202,7 @@ def generate(argv: list[str]) -> int:
         p.error(f"--out {args.out}: the folder {out_dir} does not exist")
     if not args.out.lower().endswith(".png"):
         p.error(f"--out {args.out}: the grid is written as PNG; give a file name ending in .png")
+    images = _images(p, args)
     start = time.perf_counter()
     name = args.model
     if f"{name}-{args.size}" not in pretrained.available() and f"{name}-base-{args.size}" in pretrained.available():
@@ -119,8 +225,7 @@ def generate(argv: list[str]) -> int:
         rescale = {"guidance_rescale": args.guidance_rescale} if args.guidance_rescale else {}
         if rescale and isinstance(pipe, SDXLPipeline):  # the refiner's keywords go apart
             rescale["refiner_conditions"] = dict(rescale)
-        images = pipe.generate(prompts, args.steps, args.guidance, args.seed, sampler=args.sampler, progress=False,
-                               **rescale, **_control(p, args, pipe))
+        images = _draw(p, args, pipe, prompts, images, **rescale, **_control(p, args, pipe))
     except (ValueError, FileNotFoundError) as e:  # an unknown word or model, steps < 1, ...: say it, no traceback
         p.error(str(e))
     images = torch.nn.functional.interpolate(images, scale_factor=args.scale, mode="nearest")

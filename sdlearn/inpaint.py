@@ -63,7 +63,9 @@ def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def check_mask(mask, image: torch.Tensor | None = None, size: int | None = None) -> torch.Tensor:
-    """A mask: a float tensor [N,1,H,W] (or [N,H,W], [H,W]) in [0, 1], 1 = repaint, at the image's size -> [N,1,H,W]."""
+    """A mask: a float tensor [N,1,H,W] (or [N,H,W], [H,W]) in [0, 1], 1 = repaint, at the image's size -> [N,1,H,W]
+    in {0, 1}: a pixel >= 0.5 is repainted, as diffusers' mask processor binarizes (do_binarize), so a soft mask
+    means the same in the UNet's mask channel, in the masked image and in blending."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"mask should be a tensor [N,1,H,W] in [0, 1] (1 = repaint), got {type(mask).__name__}")
     if mask.ndim == 2:
@@ -82,7 +84,7 @@ def check_mask(mask, image: torch.Tensor | None = None, size: int | None = None)
     if want is not None and tuple(mask.shape[-2:]) != want:
         raise ValueError(f"mask is {mask.shape[-2]}x{mask.shape[-1]} but the image is {want[0]}x{want[1]}: "
                          f"give a mask of the image's size")
-    return mask
+    return (mask >= 0.5).float()
 
 
 def check_image(image, size: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ OpenCLIP text (SD 2.x's ViT-H, SDXL's bigG): resblocks.i.attn.in_proj (q, k, v f
     layers while diffusers' config reads 23: `split` keeps what the file holds (sdlearn.convert.load drops the layers
     beyond the config).
 CLIP-L (SD 1.x, SDXL's first encoder) and SD3's three encoders are stored in transformers' own names.
+SD's inpainting files are "sd1" files whose input_blocks.0.0 reads 9 channels (latents, mask, masked latents): the
+same renames; sdlearn.convert.load reads the channel count off the file and builds an inpainting pipeline.
 Keys outside the parts are left out: EMA copies and counters (model_ema.*), the noise schedule's buffers
 (alphas_cumprod, ...), the VAE's training loss (first_stage_model.loss.*: LPIPS and a discriminator).
 """

@@ -25,19 +25,26 @@ Two tables say everything family-specific; load, from_diffusers, assemble, to_di
                                                      Controlled(UNet, ControlNet), ...)           SD 1.x + ControlNet
     StableDiffusion3ControlNetPipeline -> TextToImage(ControlConditioner(SD3Conditioner, VAE),
                                                       Controlled(MMDiT, SD3ControlNet), ...)      SD3 + ControlNet
+    StableDiffusionInpaintPipeline    -> TextToImage(InpaintConditioner(TextConditioner, VAE),
+                                                     Inpainting(UNet with in_channels 2C + 1), ...)  SD inpainting
   A row names its parts (`Part`: the component's name in diffusers, where it sits in the sdlearn pipeline, whether
   it may be absent, what its converter needs from the parts built before it, the options it is written back with
   and the sdlearn classes diffusers can hold there), its tokenizers (the course's word-level one is written as a
   CLIP byte-pair vocabulary with the same ids: sdlearn.convert.text.tokenizer_to_transformers), the conditioner it
   builds (class, and a function of the parts, tokenizers and model_index.json's options), and what writing it
   back adds: model_index options read off the sdlearn pipeline and fixed keywords of the diffusers pipeline.
-  The part at "denoiser" is what TextToImage samples with, `denoiser` names the denoising network (its config
-  holds the latents' sample_size); the scheduler's prediction type goes to every part whose sdlearn config has
-  a `prediction`.
+  The part at "denoiser" is what TextToImage samples with (or the row's `wrap` of the parts makes it: the
+  inpainting row's Inpainting around its UNet), `denoiser` names the denoising network (its config holds the
+  latents' sample_size); the scheduler's prediction type goes to every part whose sdlearn config has a `prediction`.
 
 Adding a family is adding a row (and, for a new kind of part, a converter):
-- SD 1.5 inpainting: the "sd" row with pipeline="StableDiffusionInpaintPipeline" (its 9-channel UNet converts as
-  any UNet), and accepts=<a denoiser reading more channels than the VAE's latents>.
+- SD inpainting (done: the "sd-inpaint" row): the "sd" parts with the UNet at "denoiser.unet" (its 9-channel
+  conv_in converts as any UNet's), `wrap` puts sdlearn.inpaint.Inpainting around it and the conditioner is the
+  text one wrapped to take image and mask (sdlearn.inpaint.InpaintConditioner). The UNet picks between the two
+  rows: a StableDiffusionPipeline whose UNet reads 2C + 1 channels loads as an inpainting pipeline, a
+  StableDiffusionInpaintPipeline around a plain UNet (diffusers blends latents with it) as a text-to-image one
+  (sdlearn.inpaint.blended repaints with it); a single file's conv_in says how many channels its UNet reads,
+  whatever the config folder says (SD's inpainting file with SD 1.5's configs).
 - ControlNet (done: the "sd-controlnet" and "sd3-controlnet" rows): Part("unet", "denoiser.base") and
   Part("controlnet", "denoiser", needs=<the built UNet>); the CONVERTERS entry for ControlNetModel
   (sdlearn.convert.controlnet) finishes by wrapping that UNet (sdlearn.controlnet.Controlled), and the conditioner
@@ -73,6 +80,7 @@ from sdlearn.convert import controlnet as control
 from sdlearn.convert import mmdit, t5, text, unet, vae
 from sdlearn.convert.keys import rename
 from sdlearn.convert.scheduler import schedule_from_diffusers, schedule_to_diffusers
+from sdlearn.inpaint import InpaintConditioner, Inpainting
 from sdlearn.pipeline import Conditioner, TextConditioner, TextToImage
 from sdlearn.sd3 import SD3Conditioner
 from sdlearn.sdxl import SDXLConditioner, SDXLPipeline
@@ -178,6 +186,10 @@ def _always(pipe) -> bool:
     return True
 
 
+def _denoiser_part(placed: dict) -> nn.Module:
+    return placed[DENOISER]
+
+
 @dataclasses.dataclass(frozen=True)
 class Part:
     """One component of a family: its name in diffusers (model_index.json's key, its folder, the pipeline's keyword)
@@ -205,6 +217,7 @@ class Family:
     options: dict[str, str] = dataclasses.field(default_factory=dict)  # written back: option -> where its value sits
     fixed: dict = dataclasses.field(default_factory=dict)    # keywords the diffusers pipeline gets as they are
     accepts: Callable = _always    # (an sdlearn pipeline) -> whether this row writes it (see to_diffusers)
+    wrap: Callable = _denoiser_part  # (the parts by where they sit) -> the denoiser TextToImage samples with
 
 
 def _sd_text(parts: dict, tok: Callable, options: dict, size: int) -> TextConditioner:
@@ -247,6 +260,20 @@ def _with_control(build: Callable) -> Callable:
         return ControlConditioner(build(parts, tok, options, size), parts["vae"] if cn.reads_latents else None,
                                   latent_shift=shift)
     return wrapped
+
+
+def _inpaint_text(parts: dict, tok: Callable, options: dict, size: int) -> InpaintConditioner:
+    return InpaintConditioner(_sd_text(parts, tok, options, size), parts["vae"])
+
+
+def _inpainting(placed: dict) -> Inpainting:
+    return Inpainting(placed["denoiser.unet"])
+
+
+def _reads_mask(unet) -> bool:
+    """Whether a built UNet part reads latents, a mask and masked latents (in_channels = 2 out_channels + 1)."""
+    cfg = getattr(unet, "config", None)
+    return getattr(cfg, "in_channels", None) == 2 * getattr(cfg, "out_channels", -1) + 1
 
 
 VAE, DENOISER = "vae", "denoiser"  # where TextToImage holds its VAE and its denoiser
@@ -298,8 +325,17 @@ FAMILIES = (
                        "tokenizer_3": "conditioner.conditioner.tokenizers.2"},
            conditioner=ControlConditioner, build=_with_control(_sd3_text),
            accepts=lambda pipe: isinstance(pipe.conditioner.conditioner, SD3Conditioner)),
+    Family("sd-inpaint", pipeline="StableDiffusionInpaintPipeline", denoiser="unet",
+           parts=(Part("vae", VAE), Part("text_encoder", "conditioner.conditioner.text_encoder", writes=STATES),
+                  Part("unet", "denoiser.unet")),
+           tokenizers={"tokenizer": "conditioner.conditioner.tokenizer"},
+           conditioner=InpaintConditioner, build=_inpaint_text, wrap=_inpainting,
+           fixed=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+           accepts=lambda pipe: isinstance(pipe.conditioner.conditioner, TextConditioner)
+           and isinstance(pipe.denoiser, Inpainting)),
 )
 PIPELINES = {f.pipeline: f for f in FAMILIES}
+_FAMILY = {False: PIPELINES["StableDiffusionPipeline"], True: PIPELINES["StableDiffusionInpaintPipeline"]}
 
 
 def _family(class_name: str, what: str) -> Family:
@@ -400,6 +436,8 @@ def assemble(family: Family, parts: dict, tokenizers: dict, scheduler: dict, opt
     config and pipeline options (model_index.json's, e.g. force_zeros_for_empty_prompt, requires_aesthetics_score;
     the denoiser's sample_size; max_sequence_length)."""
     schedule, prediction = schedule_from_diffusers(scheduler)
+    if family.name in ("sd", "sd-inpaint"):  # the UNet says which: diffusers' inpaint pipeline also takes a
+        family = _FAMILY[_reads_mask(parts.get("unet"))]  # plain UNet (blended latents: sdlearn.inpaint.blended)
     placed = {p.at: parts.get(p.name) for p in family.parts}
     size = options["sample_size"] * placed[VAE].downsampling_factor
 
@@ -407,7 +445,7 @@ def assemble(family: Family, parts: dict, tokenizers: dict, scheduler: dict, opt
         return PretrainedTokenizer(tokenizers[name], max_length) if tokenizers.get(name) is not None else None
 
     conditioner = family.build(parts, tok, options, size)
-    return TextToImage(conditioner, placed[DENOISER], schedule, placed[VAE], prediction, size)
+    return TextToImage(conditioner, family.wrap(placed), schedule, placed[VAE], prediction, size)
 
 
 def from_diffusers(pipeline, refiner=None, dtype: torch.dtype | None = None, max_sequence_length: int = 256):
@@ -517,7 +555,10 @@ def load(path, config=None, refiner=None, refiner_config=None, device: str | tor
             return None
         cfg = json.loads((folder / name / "config.json").read_text())
         if single is not None:
-            return spec[1], cfg, _converter(spec[1]).single_file(single.pop(name), cfg)
+            state = single.pop(name)
+            if name == "unet" and "conv_in.weight" in state:  # an inpainting file (9 channels) with SD's configs
+                cfg["in_channels"] = state["conv_in.weight"].shape[1]
+            return spec[1], cfg, _converter(spec[1]).single_file(state, cfg)
         state = {}
         for f in _weights_file(folder / name, variant):
             state.update(files.read(f, allow_pickle=allow_pickle, device=device))
@@ -593,11 +634,13 @@ def to_diffusers(pipe):
     components.update({p.name: _written(family, p, _at(pipe, p.at)) for p in family.parts})
     components.update({name: _tokenizer(_at(pipe, at), name) for name, at in family.tokenizers.items()})
     components.update({name: _at(pipe, at) for name, at in family.options.items()})
+    size = pipe.image_size // pipe.vae.downsampling_factor  # set before the pipeline reads it (the inpaint one does)
+    components[family.denoiser].register_to_config(sample_size=size)
     with warnings.catch_warnings():  # StableDiffusionPipeline warns of, and sets, a steps_offset other than 1
         warnings.filterwarnings("ignore", "(?s).*steps_offset", FutureWarning)
         out = getattr(diffusers, family.pipeline)(**components)
     out.scheduler = schedule_to_diffusers(pipe.schedule, pipe.prediction)  # the one sdlearn samples with, as it is
-    getattr(out, family.denoiser).register_to_config(sample_size=pipe.image_size // pipe.vae.downsampling_factor)
+    getattr(out, family.denoiser).register_to_config(sample_size=size)
     return out
 
 
