@@ -51,6 +51,8 @@ MISTAKES = {
     "07_sdxl_refiner": (3, "t >= cutoff", "t > cutoff", "expected the base to get 40 timesteps"),
     "08_mmdit": (3, "x * (1 + scale[:, None])", "x * scale[:, None]", "the scale is 1 + scale"),
     "09_controlnet": (2, "r * scale for s, r", "r for s, r", "the mid block gets residual * scale but the skips'"),
+    "10_image_prompts_inpainting": (1, "text + scale * image", "scale * text + image",
+                                    "the scale is on the text's term"),
 }
 STUDENTS = ("solved", "unsolved", "partly")
 MARKERS = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n", re.M)

@@ -13,9 +13,11 @@ from tiny import sd3_conditioner, sd3_pipeline
 from torch import nn
 
 from sdlearn import flow, pretrained
+from sdlearn.adapters import ImagePrompted, IPAdapter
 from sdlearn.checks.pipeline import tiny_pipeline
 from sdlearn.diffusion import Denoiser, NoiseSchedule, Schedule, sample, samplers
 from sdlearn.flow import FlowSchedule
+from sdlearn.inpaint import Inpainting, widen_conv_in
 from sdlearn.measure import WithoutEncoder
 from sdlearn.mmdit import MMDiT, MMDiTConfig
 from sdlearn.pipeline import Conditioner, TextConditioner, TextToImage, training_loss
@@ -84,12 +86,16 @@ DENOISERS = {
     "adapter-on-unet": lambda: ControlAdapter(_tiny_unet()),
     "adapter-on-sdxl-unet": lambda: ControlAdapter(SDXLUNet(_tiny_unet(added_cond_dim=10 + 6 * 4), 6, 4), 1),
     "adapter-on-mmdit": lambda: ControlAdapter(_tiny_mmdit()),
+    # notebook 10's wrappers: an image prompt beside the text, and the 9-channel inpainting UNet
+    "ip-adapter-on-unet": lambda: ImagePrompted(_tiny_unet(), IPAdapter.from_unet(_tiny_unet(), embed_dim=6)),
+    "inpainting-unet": lambda: Inpainting(widen_conv_in(_tiny_unet())),
 }
 
 
 def _cond(denoiser, B, g):
     """An input for each condition the denoiser says it reads, shaped by what the entry is."""
-    shapes = {"context": lambda w: (B, 5, w), "time_ids": lambda w: (B, w), "control": lambda w: (B, w, 8, 8)}
+    shapes = {"context": lambda w: (B, 5, w), "time_ids": lambda w: (B, w), "control": lambda w: (B, w, 8, 8),
+              "mask": lambda w: (B, w, 8, 8), "masked_latents": lambda w: (B, w, 8, 8)}
     return {k: torch.randn(*shapes.get(k, lambda w: (B, w))(w), generator=g) for k, w in denoiser.cond_dims.items()}
 
 

@@ -19,13 +19,16 @@ NOTEBOOK = {
     "sdlearn.sdxl": 7, "sdlearn.measure": 7,
     "sdlearn.mmdit": 8, "sdlearn.flow": 8, "sdlearn.sd3": 8, "sdlearn.t5": 8,
     "sdlearn.controlnet": 9,
+    "sdlearn.adapters": 10, "sdlearn.inpaint": 10,
     # the exercise checkers and the release recipes belong to the notebook that uses them
     "sdlearn.checks.overview": 0, "sdlearn.checks.attention": 1, "sdlearn.checks.text": 2, "sdlearn.checks.vae": 3,
     "sdlearn.checks.diffusion": 4, "sdlearn.checks.unet": 5, "sdlearn.checks.pipeline": 6, "sdlearn.checks.sdxl": 7,
     "sdlearn.checks.mmdit": 8, "sdlearn.checks.samplers": 6, "sdlearn.checks.controlnet": 9,
+    "sdlearn.checks.images": 10,
     "sdlearn.recipes.clip": 2, "sdlearn.recipes.vae": 3, "sdlearn.recipes.t2i": 6, "sdlearn.recipes.sdxl": 7,
     "sdlearn.recipes.vae_xl": 7,
-    "sdlearn.recipes.mmdit": 8, "sdlearn.recipes.controlnet": 9,
+    "sdlearn.recipes.mmdit": 8, "sdlearn.recipes.controlnet": 9, "sdlearn.recipes.ip_adapter": 10,
+    "sdlearn.recipes.inpaint": 10,
 }
 # used by every notebook; they import one another only
 SHARED = {"sdlearn", "sdlearn.course", "sdlearn.data", "sdlearn.metrics", "sdlearn.viz", "sdlearn.train",

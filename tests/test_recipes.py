@@ -86,7 +86,8 @@ def test_a_release_command_parses_to_the_settings_it_names():
 
 def test_unknown_model_is_a_clear_error(capsys):
     assert cli(["train", "unet"]) == 2
-    assert "model must be one of clip, vae, t2i, vae-xl, sdxl, mmdit, got 'unet'" in capsys.readouterr().err
+    assert ("model must be one of clip, vae, t2i, vae-xl, sdxl, mmdit, ip-adapter, inpaint, got 'unet'"
+            in capsys.readouterr().err)
 
 
 def test_release_commands_are_the_recipes():
