@@ -22,7 +22,7 @@ import torch
 from sdlearn import pretrained
 from sdlearn.adapters import IPAdapter, attach, decoupled_attention, image_tokens
 from sdlearn.course import seed_everything
-from sdlearn.data import ShapesDataset, render_pool
+from sdlearn.data import ShapesDataset, parse_caption, render_pool
 from sdlearn.metrics import prompt_adherence
 from sdlearn.pipeline import TextToImage, drop_conditions, training_loss
 from sdlearn.recipes import Recipe, Release, command, option, parser, reproduce, set_threads, settings
@@ -109,7 +109,8 @@ def evaluate(pipe: TextToImage, n: int, text: str = "empty", image_scale: float 
              guidance_scale: float = 3.0, seed: int = 123) -> dict[str, float]:
     """Judge pipe on n image prompts (eval_images) with the text `text`: "empty" (the prompt ""), "same" (the image's
     caption) or "other" (another scene's caption). -> {"image_exact", ...: the judge's scores against the prompt
-    image's caption; with "other", "text_exact" too: against the text}. A pipeline without an image prompt (the base)
+    image's caption, also by the number of objects ("image_exact_1_object", ...); with "other", "text_exact" too:
+    against the text}. A pipeline without an image prompt (the base)
     is judged the same way, from the text alone."""
     images, captions = eval_images(n, pipe.image_size, seed)
     texts = {"empty": [""] * n, "same": captions, "other": captions[1:] + captions[:1]}[text]
@@ -117,6 +118,10 @@ def evaluate(pipe: TextToImage, n: int, text: str = "empty", image_scale: float 
     extra = {"image_prompt": images, "image_scale": image_scale} if takes_image else {}
     out = pipe.generate(texts, steps, guidance_scale, seed=seed, progress=False, **extra)
     scores = {f"image_{k}": v for k, v in prompt_adherence(out, captions).items()}
+    for count in (1, 2):                                   # exact by the number of objects in the prompt image
+        idx = [i for i, c in enumerate(captions) if len(parse_caption(c)) == count]
+        if idx:
+            scores[f"image_exact_{count}_object"] = prompt_adherence(out[idx], [captions[i] for i in idx])["exact"]
     if text == "other":
         scores.update({f"text_{k}": v for k, v in prompt_adherence(out, texts).items()})
     return scores
