@@ -15,7 +15,21 @@ from sdlearn.__main__ import main as cli
 from sdlearn.diffusion import NoiseSchedule
 from sdlearn.flow import FlowSchedule
 from sdlearn.pipeline import TextConditioner, TextToImage, training_loss
-from sdlearn.recipes import RECIPES, clip, command, command_line_options, mmdit, parse, sdxl, settings, t2i, vae, vae_xl
+from sdlearn.recipes import (
+    RECIPES,
+    clip,
+    command,
+    command_line_options,
+    inpaint,
+    ip_adapter,
+    mmdit,
+    parse,
+    sdxl,
+    settings,
+    t2i,
+    vae,
+    vae_xl,
+)
 from sdlearn.text import TextConfig, TextEncoder, Tokenizer
 from sdlearn.unet import UNet
 from sdlearn.vae import AutoencoderKL, VAEConfig
@@ -98,7 +112,8 @@ def test_release_commands_are_the_recipes():
                 ("shapes-vae-xl", 32, vae_xl.RELEASE), ("shapes-vae-sd3", 32, vae.RELEASE_SD3),
                 ("shapes-clip-bidir", 32, clip.RELEASE_BIDIR), ("shapes-clip-bidir-image", 32, clip.RELEASE_BIDIR),
                 ("shapes-mmdit", 32, mmdit.RELEASE),
-                ("shapes-sdxl-base", 32, sdxl.RELEASE["base"]), ("shapes-sdxl-refiner", 32, sdxl.RELEASE["refiner"])]
+                ("shapes-sdxl-base", 32, sdxl.RELEASE["base"]), ("shapes-sdxl-refiner", 32, sdxl.RELEASE["refiner"]),
+                ("shapes-inpaint", 32, inpaint.RELEASE), ("shapes-ip-adapter", 32, ip_adapter.RELEASE)]
     for name, size, made_by in releases:
         if f"{name}-{size}" in pretrained.available():
             assert pretrained.metadata(name, size)["command"] == made_by

@@ -143,6 +143,17 @@ def exact_figures(scores: dict[str, dict[str, float]]) -> dict[str, str]:
     return {f"exact_{k.replace(' ', '_').replace(',', '')}": f"{s['exact']:.3f}" for k, s in scores.items()}
 
 
+def save_trained(obj, name: str, recipe: Recipe, run: Release, made_by: str, seconds: float,
+                 released: dict[str, str], **figures: str) -> None:
+    """With --release or --out: write a trained model or composite (into sdlearn/weights/, or to run.out) in float16,
+    with the command that made it, its steps and training minutes, and the figures it was judged at."""
+    if run.release or run.out:
+        dest = pretrained.save(obj, name, recipe.size, made_by, Path(run.out) if run.out else None, released=released,
+                               dtype=torch.float16, steps=str(recipe.steps), train_minutes=f"{seconds / 60:.1f}",
+                               **figures)
+        print("wrote", dest)
+
+
 def set_threads(run: Release) -> None:
     if run.threads:
         torch.set_num_threads(run.threads)
