@@ -194,9 +194,9 @@ def generate(argv: list[str]) -> int:
             p.error(f"{flag} must be >= {least}, got {value}")
     if args.guidance < 0:
         p.error(f"--guidance must be >= 0 (1: no guidance; 3: the course's), got {args.guidance}")
-    if any(not q.strip() for q in args.prompts):
+    if any(not q.strip() for q in args.prompts) and args.image_prompt is None:  # with an image prompt: the image alone
         p.error(f"a prompt is empty: describe the image with the words the model knows ({', '.join(course_words())}"
-                f"), e.g. \"a red circle on the left\"")
+                f"), e.g. \"a red circle on the left\" (an empty prompt draws from an --image-prompt alone)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         p.error(f"--out {args.out}: the folder {out_dir} does not exist")

@@ -135,11 +135,11 @@ class Profile:
     cn_sample_steps: int = budget(2, 20, 30)      # sampling steps of every judged image
     cn_kind_steps: int = budget(3, 0, 3000)       # steps of the edge and scribble ControlNets (0: not trained)
     # 10 image prompts and inpainting (on the released shapes-t2i, 32 px only)
-    ip_steps: int = budget(3, 1000, 3000)         # IP-Adapter training steps (cpu: ~4 minutes on 2 cores)
+    ip_steps: int = budget(3, 800, 3000)          # IP-Adapter training steps (cpu: ~3 minutes on 2 cores)
     ip_batch: int = batch(4, 32, 64)              # its batch
     ip_pool: int = budget(32, 4000, 20000)        # training images, rendered and encoded once (each its own prompt)
     ip_eval: int = budget(4, 48, 200)             # image prompts judged per row of the tables
-    inp_steps: int = budget(3, 1000, 3000)        # inpainting UNet fine-tuning steps (cpu: ~5 minutes on 2 cores)
+    inp_steps: int = budget(3, 2000, 3000)        # inpainting fine-tuning steps (cpu: ~7 min; 1000 missed the goals)
     inp_batch: int = batch(4, 32, 64)             # its batch
     inp_pool: int = budget(32, 4000, 20000)       # training images, each with a mask, encoded once
     inp_cases: int = budget(4, 48, 200)           # repaint cases judged per method

@@ -105,3 +105,32 @@ def test_psnr_and_seam_measure_what_they_say():
     c = a.clone()
     c[..., 0, 0] = 1.0                                        # one pixel off by 2 (of 1 in [0, 1]) outside the mask
     assert inpaint_recipe.psnr(a, c, 1 - m).item() == pytest.approx(10 * torch.log10(torch.tensor(48.0)).item())
+
+
+@pytest.mark.parametrize("model, flags", [
+    ("shapes-inpaint", ["--image", "{src}", "--mask", "{mask}"]),
+    ("shapes-t2i", ["--image", "{src}", "--mask", "{mask}", "--blend", "--strength", "0.8"]),
+    ("shapes-ip-adapter", ["--image-prompt", "{src}", "--image-scale", "0.6"]),
+])
+def test_the_command_line_draws_with_the_released_image_models(model, flags, tmp_path, capsys):
+    """A fresh install's command line: repaint with the released inpainting model or by blending with shapes-t2i, and
+    draw from an image prompt with the empty text (the prompt "" is allowed there, and only there)."""
+    if f"{model}-32" not in pretrained.available():
+        pytest.skip(f"needs the released {model}-32")
+    from torchvision.utils import save_image
+
+    from sdlearn.__main__ import main as cli
+
+    c = inpaint_recipe.cases(1)
+    files = {"src": tmp_path / "src.png", "mask": tmp_path / "mask.png"}
+    save_image((c.images[0] + 1) / 2, files["src"])
+    save_image(c.masks[0].expand(3, -1, -1), files["mask"])
+    out = tmp_path / "out.png"
+    prompt = "" if model == "shapes-ip-adapter" else c.prompts[0]
+    args = [a.format(**files) for a in flags]
+    assert cli(["generate", prompt, "--model", model, *args, "--n", "2", "--steps", "3", "--out", str(out)]) == 0
+    assert out.exists() and "wrote" in capsys.readouterr().out
+    if model != "shapes-ip-adapter":
+        with pytest.raises(SystemExit):
+            cli(["generate", "", "--model", model, *args, "--out", str(out)])
+        assert "a prompt is empty" in capsys.readouterr().err
