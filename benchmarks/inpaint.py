@@ -1,6 +1,6 @@
 """Inpainting on the course's shapes: the 9-channel UNet against blended latents, on the same cases at equal steps.
 
-    python benchmarks/inpaint.py [--steps 1000] [--batch 32] [--lr 1e-3] [--n 200] [--sample-steps 20]
+    python benchmarks/inpaint.py [--steps 2000] [--batch 32] [--lr 1e-3] [--n 200] [--sample-steps 20]
 
 Fine-tunes notebook 10's inpainting UNet (sdlearn.recipes.inpaint, the cpu profile's settings unless told otherwise)
 from the released shapes-t2i, then repaints --n cases (a free-layout scene, a box over one object, the caption asking
@@ -24,11 +24,12 @@ from sdlearn.recipes import inpaint as recipe
 
 
 def main():
+    r = recipe.InpaintRecipe()                                        # the recipe's defaults
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1000, help="fine-tuning steps (notebook 10's cpu profile)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--pool", type=int, default=4000, help="training images, each with a mask")
+    ap.add_argument("--steps", type=int, default=2000, help="fine-tuning steps (notebook 10's cpu profile)")
+    ap.add_argument("--batch", type=int, default=r.batch_size)
+    ap.add_argument("--lr", type=float, default=r.lr)
+    ap.add_argument("--pool", type=int, default=r.pool, help="training images, each with a mask")
     ap.add_argument("--n", type=int, default=200, help="repaint cases")
     ap.add_argument("--sample-steps", type=int, default=20, help="sampling steps, both methods")
     ap.add_argument("--threads", type=int, default=1)

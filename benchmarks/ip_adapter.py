@@ -1,6 +1,6 @@
 """What an image prompt buys on the shapes: exact adherence to the prompt image, and the image against the text.
 
-    python benchmarks/ip_adapter.py [--steps 1000] [--batch 32] [--lr 2e-3] [--p-text 0.5] [--n 200]
+    python benchmarks/ip_adapter.py [--steps 800] [--lr 6e-3] [--tokens 8] [--p-text 0.5] [--n 200]
 
 Trains notebook 10's IP-Adapter (sdlearn.recipes.ip_adapter, the cpu profile's settings unless told otherwise) on the
 frozen released shapes-t2i and shapes-clip-image, then judges, on --n image prompts (half with a held-out colour-shape
@@ -23,13 +23,14 @@ from sdlearn.recipes import ip_adapter as recipe
 
 
 def main():
+    r = recipe.IPAdapterRecipe()                                      # the recipe's defaults
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1000, help="training steps (notebook 10's cpu profile)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--pool", type=int, default=4000, help="training images")
-    ap.add_argument("--p-text", type=float, default=0.5, help="text dropout while training (the paper: 0.05)")
-    ap.add_argument("--tokens", type=int, default=4, help="image tokens")
+    ap.add_argument("--steps", type=int, default=800, help="training steps (notebook 10's cpu profile)")
+    ap.add_argument("--batch", type=int, default=r.batch_size)
+    ap.add_argument("--lr", type=float, default=r.lr)
+    ap.add_argument("--pool", type=int, default=r.pool, help="training images")
+    ap.add_argument("--p-text", type=float, default=r.p_text, help="text dropout while training (the paper: 0.05)")
+    ap.add_argument("--tokens", type=int, default=r.tokens, help="image tokens")
     ap.add_argument("--n", type=int, default=200, help="judged image prompts, half with held-out pairs")
     ap.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the judged images")
     ap.add_argument("--every", type=int, default=250, help="steps between points of the adherence curve")
