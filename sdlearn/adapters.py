@@ -32,6 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from sdlearn.attention import Attention
+from sdlearn.controlnet import check_scale
 from sdlearn.pipeline import Conditioner, TextToImage
 from sdlearn.unet import TransformerBlock
 
@@ -177,15 +178,9 @@ class IPAdapter(nn.Module):
 
 
 def check_image_scale(scale, batch: int):
-    """An image scale: a finite number, or a tensor [B] -> a float or [B,1,1,1]."""
-    if isinstance(scale, torch.Tensor) and scale.ndim == 1 and scale.shape[0] == batch:
-        if not torch.isfinite(scale).all():
-            raise ValueError(f"image_scale must be finite numbers, got {scale.tolist()}")
-        return scale.view(-1, 1, 1, 1)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(scale)):
-        got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else repr(scale)
-        raise ValueError(f"image_scale must be a finite number (or a tensor [B] = [{batch}] of them), got {got}")
-    return float(scale)
+    """An image scale: a finite number, or a tensor [B] (controlnet.check_scale) -> a float or [B,1,1,1]."""
+    scale = check_scale(scale, batch, "image_scale")
+    return scale.view(-1, 1, 1, 1) if isinstance(scale, torch.Tensor) else scale
 
 
 class ImagePrompted(nn.Module):

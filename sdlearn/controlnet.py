@@ -86,15 +86,15 @@ def embedding_strides(image_size: int, latent_size: int) -> list[int]:
     return [1, 2] * (factor.bit_length() - 1)
 
 
-def check_scale(scale, batch: int) -> torch.Tensor | float:
+def check_scale(scale, batch: int, name: str = "control_scale") -> torch.Tensor | float:
     """A conditioning scale: a finite number, or a tensor [B] of them (one per sample) -> a float or [B,1]."""
     if isinstance(scale, torch.Tensor) and scale.ndim == 1 and scale.shape[0] == batch:
         if not torch.isfinite(scale).all():
-            raise ValueError(f"control_scale must be finite numbers, got {scale.tolist()}")
+            raise ValueError(f"{name} must be finite numbers, got {scale.tolist()}")
         return scale[:, None]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else repr(scale)
-        raise ValueError(f"control_scale must be a finite number (or a tensor [B] = [{batch}] of them), got {got}")
+        raise ValueError(f"{name} must be a finite number (or a tensor [B] = [{batch}] of them), got {got}")
     return float(scale)
 
 

@@ -135,6 +135,7 @@ class Profile:
     cn_sample_steps: int = budget(2, 20, 30)      # sampling steps of every judged image
     cn_kind_steps: int = budget(3, 0, 3000)       # steps of the edge and scribble ControlNets (0: not trained)
     # 10 image prompts and inpainting (on the released shapes-t2i, 32 px only)
+    img_size: int = knob(32, 32, 32)              # shapes-t2i and shapes-clip-image are released at 32 px only
     ip_steps: int = budget(3, 800, 3000)          # IP-Adapter training steps (cpu: ~3 minutes on 2 cores)
     ip_batch: int = batch(4, 32, 64)              # its batch
     ip_pool: int = budget(32, 4000, 20000)        # training images, rendered and encoded once (each its own prompt)

@@ -87,11 +87,14 @@ def check_mask(mask, image: torch.Tensor | None = None, size: int | None = None)
     return (mask >= 0.5).float()
 
 
-def check_image(image, size: int) -> torch.Tensor:
-    """A source image [N,3,size,size] float in [-1, 1]."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or tuple(image.shape[1:]) != (3, size, size):
+def check_image(image, size: int | None = None) -> torch.Tensor:
+    """A source image [N,3,size,size] (any H, W when size is None) float in [-1, 1]."""
+    want = (3, size, size) if size else None
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3 or \
+            (want and tuple(image.shape[1:]) != want):
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"image should be [N,3,{size},{size}] (RGB in [-1, 1], the pipeline's size), got {got}")
+        side = size or "H"
+        raise ValueError(f"image should be [N,3,{side},{size or 'W'}] (RGB in [-1, 1], the pipeline's size), got {got}")
     if not image.is_floating_point() or image.min() < -1 or image.max() > 1:
         raise ValueError(f"image should be float in [-1, 1], got {image.dtype} in [{image.min().item():.3g}, "
                          f"{image.max().item():.3g}]")
@@ -174,7 +177,7 @@ class InpaintConditioner(Conditioner):
             raise ValueError("this pipeline inpaints: pass image=[N,3,H,W] in [-1, 1] and mask=[N,1,H,W] in [0, 1] "
                              "(1 = repaint)")
         f = self.vae.downsampling_factor
-        image = check_image(image, image.shape[-1] if isinstance(image, torch.Tensor) else 0)
+        image = check_image(image)
         mask = check_mask(mask, image)
         p = next(self.vae.parameters())
         masked = self.vae.to_latent(masked_image(image, mask).to(p.device, p.dtype), sample=False).float()
@@ -276,7 +279,9 @@ def blended(pipe: TextToImage, image, mask, prompts, strength: float = 1.0, step
     source = pipe.vae.to_latent(image.to(pipe.device, p.dtype), sample=False).float()        # [N,C,h,w]
     m = mask_to_latent(mask.to(pipe.device), source.shape[-2:])                               # [N,1,h,w]
     noise = pipe.noise(len(prompts), seed)                                                    # z_T, as generate's
-    start = 1.0 - min(max(float(strength), 0.0), 1.0)
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+    start = 1.0 - float(strength)
     trajectory = pipe.schedule.trajectory(steps, start)
     if not trajectory:
         return pipe.decode(source).cpu()

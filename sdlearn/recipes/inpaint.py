@@ -217,12 +217,12 @@ def judge_cases(out: torch.Tensor, c: Cases) -> dict[str, float]:
 
 @torch.no_grad()
 def run_cases(pipe: TextToImage, c: Cases, method: str = "unet", steps: int = 20, guidance_scale: float = 3.0,
-              seed: int = 123, batch: int = 100) -> torch.Tensor:
+              seed: int = 123, batch: int = 100, **options) -> torch.Tensor:
     """The cases repainted by `method`: "unet" (inpaint, pipe an inpainting pipeline) or "blend" (blended, pipe a
-    plain one) -> images [n,3,H,W]."""
+    plain one; options such as step_fn, a learner's blend_step, go to it) -> images [n,3,H,W]."""
     fn = {"unet": inpaint, "blend": blended}[method]
     return torch.cat([fn(pipe, c.images[i:i + batch], c.masks[i:i + batch], c.prompts[i:i + batch], steps=steps,
-                         guidance_scale=guidance_scale, seed=seed + i, progress=False)
+                         guidance_scale=guidance_scale, seed=seed + i, progress=False, **options)
                       for i in range(0, len(c.prompts), batch)])
 
 
