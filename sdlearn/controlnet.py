@@ -23,6 +23,10 @@ SD3's ControlNet (diffusers' SD3ControlNetModel; `SD3ControlNet`): a copy of the
 (`pos_embed_input`) and added to the image tokens, one zero-initialised linear per block; the transformer adds
 control i to its image tokens after block j for i = int(j / (depth / N)), in every block but the last (pre-only).
 
+The LDM paper's way, for comparison (Rombach et al. 2022, sec. 4.3): `concatenate(pipe)` gives the UNet the map,
+resized to the latent grid, as extra input channels (`widen_conv_in`: zero-initialised, so it too starts as the
+base) and the whole UNet trains (`Concatenated`).
+
 Where the control image is encoded: in the conditioner. `ControlConditioner` wraps the text conditioner and takes
 `control` (images [N,3,H,W] in [0,1]) and `control_scale`; with a VAE (SD3) it encodes the images to latents (the
 posterior's mean), without one (the UNet's ControlNet embeds pixels itself) it checks and passes them on. The
@@ -379,6 +383,62 @@ class SD3ControlNet(MMDiT):
 
 
 # -----------------------------------------------------------------------------
+# the LDM paper's way: the map concatenated to the input
+
+
+def widen_conv_in(unet: UNet, extra: int | None = None) -> UNet:
+    """A copy of `unet` whose conv_in reads `extra` more input channels (default: 1 + its latent channels, SD's
+    inpainting UNet, 9 in all, notebook 10), their weights zero-initialised: at initialisation it is the text-to-image
+    UNet, whatever the extra inputs (the LDM paper's concatenation, sec. 4.3, started from a trained model)."""
+    cfg = unet.config
+    extra = 1 + cfg.in_channels if extra is None else extra
+    wide = UNet(replace(cfg, in_channels=cfg.in_channels + extra, out_channels=cfg.out_channels))
+    wide = wide.to(next(unet.parameters()).device)
+    state = dict(unet.state_dict())
+    w = state["conv_in.weight"]                                               # [C0, C, 3, 3]
+    state["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
+    wide.load_state_dict(state)
+    return wide
+
+
+
+class Concatenated(nn.Module):
+    """A map as extra input channels (Rombach et al. 2022, sec. 4.3, semantic synthesis): the control image
+    resized to the latent grid by area and concatenated to the latents; the whole UNet (widen_conv_in) is trained.
+    concatenated(x [B,C,h,w], t, control [B,3,H,W] in [0,1], control_scale, **cond)
+      = unet(cat([x, control_scale * area(control)]), t, **cond) -> [B,C,h,w]."""
+
+    def __init__(self, unet: UNet, control_channels: int = 3):
+        super().__init__()
+        cfg = unet.config
+        if cfg.in_channels != cfg.out_channels + control_channels:
+            raise ValueError(f"a map-concatenating UNet reads {cfg.out_channels} + {control_channels} channels "
+                             f"(latents, map), this one {cfg.in_channels}: widen_conv_in(unet, {control_channels})")
+        self.unet, self.control_channels = unet, control_channels
+
+    def init_args(self) -> dict:
+        return {"unet": self.unet, "control_channels": self.control_channels}
+
+    latent_channels = property(lambda self: self.unet.config.out_channels)
+    prediction = property(lambda self: self.unet.prediction)
+    cond_dims = property(lambda self: {**self.unet.cond_dims, "control": self.control_channels})
+
+    def residual_shapes(self, height: int, width: int) -> list:
+        return self.unet.residual_shapes(height, width)
+
+    def forward(self, x, t, control, control_scale=1.0, **cond):
+        B, _, h, w = x.shape
+        c = self.control_channels
+        if not isinstance(control, torch.Tensor) or control.ndim != 4 or tuple(control.shape[:2]) != (B, c):
+            got = tuple(control.shape) if isinstance(control, torch.Tensor) else type(control).__name__
+            raise ValueError(f"Concatenated: control should be maps [B,{c},H,W] = [{B},{c},H,W], got {got}")
+        scale = check_scale(control_scale, B)
+        scale = scale.view(-1, 1, 1, 1) if isinstance(scale, torch.Tensor) else scale      # [B,1,1,1] or a float
+        small = F.interpolate(control.to(x.dtype), size=(h, w), mode="area")               # [B,c,h,w]
+        return self.unet(torch.cat([x, small * scale], dim=1), t, **cond)
+
+
+# -----------------------------------------------------------------------------
 # a controlled denoiser, and the conditioner that takes the control image
 
 
@@ -487,6 +547,13 @@ def attach(pipe: TextToImage, controlnet: nn.Module, guess_mode: bool = False,
     conditioner = ControlConditioner(pipe.conditioner, pipe.vae if latents else None, guess_mode, shift)
     return TextToImage(conditioner, Controlled(pipe.denoiser, controlnet, guess_mode, add_residuals), pipe.schedule,
                        pipe.vae, image_size=pipe.image_size)
+
+
+def concatenate(pipe: TextToImage, control_channels: int = 3) -> TextToImage:
+    """pipe with the map concatenated to its UNet's input (Concatenated(widen_conv_in(unet))): a new, whole UNet to
+    train, which starts as pipe's own; the conditioner passes the maps on as pixels (ControlConditioner, no VAE)."""
+    unet = Concatenated(widen_conv_in(pipe.denoiser, control_channels), control_channels)
+    return TextToImage(ControlConditioner(pipe.conditioner), unet, pipe.schedule, pipe.vae, image_size=pipe.image_size)
 
 
 # -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdlearn.controlnet import widen_conv_in  # notebook 09's concatenation; here 9 channels
 from sdlearn.diffusion import Level
 from sdlearn.pipeline import Conditioner, TextToImage, _check_prompts
 from sdlearn.unet import SD15, UNet
@@ -103,20 +104,6 @@ def check_image(image, size: int | None = None) -> torch.Tensor:
 
 # -----------------------------------------------------------------------------
 # the inpainting UNet
-
-
-def widen_conv_in(unet: UNet, extra: int | None = None) -> UNet:
-    """A copy of `unet` whose conv_in reads `extra` more input channels (default: 1 + its latent channels, SD's 9 in
-    all), their weights zero-initialised: at initialisation it is the text-to-image UNet, whatever the extra inputs."""
-    cfg = unet.config
-    extra = 1 + cfg.in_channels if extra is None else extra
-    wide = UNet(replace(cfg, in_channels=cfg.in_channels + extra, out_channels=cfg.out_channels))
-    wide = wide.to(next(unet.parameters()).device)
-    state = dict(unet.state_dict())
-    w = state["conv_in.weight"]                                               # [C0, C, 3, 3]
-    state["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
-    wide.load_state_dict(state)
-    return wide
 
 
 class Inpainting(nn.Module):

@@ -15,6 +15,7 @@ from torch import nn
 from sdlearn import flow, pretrained
 from sdlearn.adapters import ImagePrompted, IPAdapter
 from sdlearn.checks.pipeline import tiny_pipeline
+from sdlearn.controlnet import Concatenated
 from sdlearn.diffusion import Denoiser, NoiseSchedule, Schedule, sample, samplers
 from sdlearn.flow import FlowSchedule
 from sdlearn.inpaint import Inpainting, widen_conv_in
@@ -86,6 +87,7 @@ DENOISERS = {
     "adapter-on-unet": lambda: ControlAdapter(_tiny_unet()),
     "adapter-on-sdxl-unet": lambda: ControlAdapter(SDXLUNet(_tiny_unet(added_cond_dim=10 + 6 * 4), 6, 4), 1),
     "adapter-on-mmdit": lambda: ControlAdapter(_tiny_mmdit()),
+    "map-concatenating-unet": lambda: Concatenated(widen_conv_in(_tiny_unet(), 3)),   # LDM's way (notebook 09)
     # notebook 10's wrappers: an image prompt beside the text, and the 9-channel inpainting UNet
     "ip-adapter-on-unet": lambda: ImagePrompted(_tiny_unet(), IPAdapter.from_unet(_tiny_unet(), embed_dim=6)),
     "inpainting-unet": lambda: Inpainting(widen_conv_in(_tiny_unet())),
