@@ -78,7 +78,8 @@ def _is_part(value) -> bool:
 def describe(obj, state: dict[str, torch.Tensor], prefix: str = "", released: dict[str, str] | None = None) -> dict:
     """The spec that rebuilds `obj`, adding its weights to `state` under `prefix`. Three kinds of spec:
     {"release": name, "sha256": ...}  a part that is a release of its own (`released` maps its path, e.g.
-                                      "vae" or "conditioner.text_encoder", to the release's file stem);
+                                      "vae" or "conditioner.text_encoder", to the release's file stem), or a
+                                      part of one ("shapes-t2i-32:denoiser", with "part": "denoiser");
     {"class", "parts", "args"}        a composite (anything with init_args(): a pipeline, a conditioner, a schedule,
                                       a wrapper such as SDXL's UNet or a ControlNet): its init_args(), parts
                                       described in turn, plain values (str, numbers) as they are, and the weights
@@ -87,8 +88,8 @@ def describe(obj, state: dict[str, torch.Tensor], prefix: str = "", released: di
     released = released or {}
     path = prefix.rstrip(".")
     if path in released:
-        name = released[path]
-        return {"release": name, "sha256": _sha256(WEIGHTS / f"{name}.safetensors")}
+        name, _, part = released[path].partition(":")
+        return {"release": name, "sha256": _sha256(WEIGHTS / f"{name}.safetensors"), **({"part": part} if part else {})}
     spec = {"class": _class_path(obj)}
     if hasattr(obj, "init_args"):
         args = obj.init_args()
@@ -199,7 +200,10 @@ def build(spec: dict, state: dict[str, torch.Tensor], prefix: str = "", source: 
         if _sha256(file) != spec["sha256"]:
             raise ValueError(f"{source} was trained on another {name} than the one installed (its sha256 "
                              f"differs): retrain it with the command in its metadata")
-        return load_path(file)
+        obj = load_path(file)
+        for attr in filter(None, spec.get("part", "").split(".")):
+            obj = getattr(obj, attr)
+        return obj
     cls = _import(spec["class"])
     if "config" in spec:
         model = cls(_config_class(cls)(**spec["config"]))
