@@ -1,9 +1,11 @@
 """What a ControlNet buys on the course's shapes: layout IoU with and without the map, text adherence kept.
 
-    python benchmarks/controlnet.py [--steps 800] [--batch 32] [--lr 5e-4] [--kind segmentation] [--n 200]
+    python benchmarks/controlnet.py [--base shapes-t2i] [--steps 800] [--batch 32] [--lr 5e-4] [--kind segmentation]
+                                    [--n 200]
 
 Trains notebook 09's ControlNet (sdlearn.recipes.controlnet, the cpu profile's settings unless told otherwise) on
-the frozen released shapes-t2i, then judges, on --n free-layout scenes (half naming held-out colour-shape pairs):
+the frozen released --base (shapes-t2i: the UNet's ControlNet; shapes-mmdit: SD3's, --depth joint blocks), then
+judges, on --n free-layout scenes (half naming held-out colour-shape pairs):
 the base from the captions alone (layout IoU against the scenes it was not told about, exact adherence), and the
 ControlNet from captions and maps. The issue's goal: IoU >= 0.8 with the map, <= 0.4 without, exact no lower than
 the base's by more than 0.02. Layout IoU is also measured every --every steps on --curve-n scenes (the curve where
@@ -24,6 +26,9 @@ from sdlearn.recipes import controlnet as recipe
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--base", default="shapes-t2i", choices=("shapes-t2i", "shapes-mmdit"),
+                    help="the frozen released pipeline to steer (shapes-mmdit: SD3's ControlNet)")
+    ap.add_argument("--depth", type=int, default=0, help="shapes-mmdit: joint blocks copied (0: half the base's)")
     ap.add_argument("--steps", type=int, default=800, help="training steps (notebook 09's cpu profile)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -41,7 +46,7 @@ def main():
     start = time.perf_counter()
     out = Path(__file__).parent / "results" / args.out
     rows, curve = {}, []
-    base = pretrained.load("shapes-t2i", 32)
+    base = pretrained.load(args.base, 32)
     rows["base, caption only"] = recipe.evaluate(base, args.n, args.kind, args.sample_steps, control=False)
     print("base, caption only:", rows["base, caption only"], flush=True)
 
@@ -52,12 +57,13 @@ def main():
         write(out, args, start, rows, curve)
 
     settings = recipe.ControlNetRecipe(steps=args.steps, batch_size=args.batch, lr=args.lr, pool=args.pool,
-                                       p_uncond=args.p_uncond, kind=args.kind)
+                                       p_uncond=args.p_uncond, kind=args.kind, base=args.base, depth=args.depth)
     t0 = time.perf_counter()
     pipe, hist = recipe.train(settings, callback=on_step, callback_every=args.every, progress=False)
     train_s = time.perf_counter() - t0
     rows["ControlNet, caption and map"] = recipe.evaluate(pipe, args.n, args.kind, args.sample_steps)
     rows["ControlNet, caption and map"]["training seconds (incl. curve)"] = round(train_s)
+    rows["ControlNet, trainable parameters"] = sum(p.numel() for p in pipe.denoiser.controlnet.parameters())
     rows["ControlNet, final loss (mean of last 50)"] = sum(hist.losses[-50:]) / len(hist.losses[-50:])
     print("ControlNet:", rows["ControlNet, caption and map"], flush=True)
     write(out, args, start, rows, curve)

@@ -45,8 +45,8 @@ def _generate_parser() -> argparse.ArgumentParser:
                    help="Karras et al.'s sigma spacing (rho = 7) for euler, euler_a, dpmpp_2m (a NoiseSchedule)")
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="Lin et al. 2024's guidance rescale phi (0: off; 0.7 with zero-terminal-SNR models)")
-    p.add_argument("--model", default="shapes-t2i", help=f"a released pipeline ({', '.join(pretrained.available())}); "
-                   "shapes-sdxl is shapes-sdxl-base")
+    p.add_argument("--model", default=None, help=f"a released pipeline ({', '.join(pretrained.available())}); "
+                   "shapes-sdxl is shapes-sdxl-base (default: shapes-t2i; with --control, shapes-controlnet-seg)")
     p.add_argument("--refiner", action="store_true", help="SDXL: hand over to <model>-refiner part-way")
     p.add_argument("--switch", type=float, default=0.8, help="with --refiner: where the refiner takes over")
     p.add_argument("--size", type=int, default=32, help="image size of the released model")
@@ -186,6 +186,7 @@ def generate(argv: list[str]) -> int:
     p = _generate_parser()
     args = p.parse_args(argv)
     args.scale = args.scale or (1 if args.checkpoint else 4)
+    args.model = args.model or ("shapes-controlnet-seg" if args.control and not args.checkpoint else "shapes-t2i")
     if args.checkpoint and args.refiner:
         p.error("--refiner pairs the released shapes-sdxl models; a checkpoint folder holding base/ and refiner/ "
                 "(as sdlearn.convert.save writes an SDXL pair) loads both by itself")

@@ -8,6 +8,7 @@
 - bad input is a clear error.
 """
 import copy
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +19,7 @@ from tiny import err, one_thread, perturbed  # noqa: F401
 
 from sdlearn import convert, presets, pretrained
 from sdlearn.checks.pipeline import tiny_pipeline
-from sdlearn.controlnet import Controlled, ControlNet, SD3ControlNet, attach
+from sdlearn.controlnet import Concatenated, Controlled, ControlNet, SD3ControlNet, attach, concatenate
 from sdlearn.pipeline import training_loss
 
 pytest.importorskip("diffusers")
@@ -66,6 +67,38 @@ def test_the_controlnet_starts_as_the_base_bit_for_bit_and_training_changes_it(t
     again = pretrained.load_path(path)
     assert type(again.denoiser) is Controlled and type(again.denoiser.controlnet) is ControlNet
     assert torch.equal(again.generate(COURSE_PROMPTS, steps=3, progress=False, control=control), trained)
+
+
+def test_the_concatenating_unet_starts_as_the_base_reads_the_map_and_saves(tmp_path):
+    base = tiny_pipeline("v")
+    pipe = concatenate(base)
+    assert pipe.denoiser.unet.config.in_channels == base.denoiser.config.in_channels + 3
+    g = torch.Generator().manual_seed(4)
+    control = torch.rand(2, 3, base.image_size, base.image_size, generator=g)
+    before = base.generate(COURSE_PROMPTS, steps=3, progress=False)
+    assert torch.equal(pipe.generate(COURSE_PROMPTS, steps=3, progress=False, control=control), before)
+
+    opt = torch.optim.Adam(pipe.denoiser.requires_grad_(True).parameters(), lr=1e-2)   # the whole UNet, as in LDM
+    z0, cond = torch.randn(2, *base.latent_shape, generator=g), {**base.encode_prompts(COURSE_PROMPTS),
+                                                                  "control": control}
+    for _ in range(3):
+        loss = training_loss(pipe.denoiser.train(), base.schedule, z0, cond, base.conditioner.unconditional(1), 0.5,
+                             prediction="v", generator=g)
+        opt.zero_grad(), loss.backward(), opt.step()
+    pipe.denoiser.eval()
+    new_inputs = pipe.denoiser.unet.conv_in.weight[:, base.denoiser.config.in_channels:]
+    assert new_inputs.abs().max() > 0, "the map's input weights, zero at first, learn"
+    trained = pipe.generate(COURSE_PROMPTS, steps=3, progress=False, control=control)
+    other = pipe.generate(COURSE_PROMPTS, steps=3, progress=False, control=control.flip(-1))
+    assert (trained - other).abs().max() > 1e-4, "the map is read"
+    path = pretrained.save(pipe, "tiny-concat", base.image_size, "a test", tmp_path / "concat.safetensors")
+    again = pretrained.load_path(path)
+    assert type(again.denoiser) is Concatenated
+    assert torch.equal(again.generate(COURSE_PROMPTS, steps=3, progress=False, control=control), trained)
+    with pytest.raises(ValueError, match=r"reads 4 \+ 3 channels \(latents, map\), this one 4: widen_conv_in"):
+        Concatenated(base.denoiser)
+    with pytest.raises(ValueError, match=r"control should be maps \[B,3,H,W\] = \[2,3,H,W\], got \(2, 1, 8, 8\)"):
+        pipe.denoiser(z0, torch.tensor([1, 2]), control=torch.rand(2, 1, 8, 8), **base.encode_prompts(COURSE_PROMPTS))
 
 
 # -----------------------------------------------------------------------------
@@ -342,6 +375,36 @@ def test_the_command_line_draws_with_a_map(sd_controlnet, published, tmp_path):
         main([*args, "--control", str(tmp_path / "map.txt")])
     with pytest.raises(SystemExit):
         main([*args[:4], *args[6:], "--control", str(tmp_path / "map.png")])  # no --controlnet: no ControlNet
+
+
+@pytest.mark.skipif("shapes-controlnet-seg-32" not in pretrained.available(),
+                    reason="needs the released shapes-controlnet-seg-32")
+def test_the_command_line_draws_with_the_released_controlnet_by_default(tmp_path):
+    from PIL import Image
+
+    from sdlearn.__main__ import main
+    from sdlearn.data import parse_scene, render_map
+
+    scene = render_map(parse_scene("a red circle at 0.3 0.6 size 0.3"), 32)
+    Image.fromarray((scene.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(tmp_path / "map.png")
+    drawn = []
+    for scale in ("1", "0"):   # no --model: with --control the released ControlNet draws
+        assert main(["generate", "a red circle", "--control", str(tmp_path / "map.png"), "--control-scale", scale,
+                     "--steps", "4", "--n", "1", "--scale", "1", "--out", str(tmp_path / "out.png")]) == 0
+        drawn.append(torch.tensor(np.asarray(Image.open(tmp_path / "out.png")), dtype=torch.float32))
+    assert (drawn[0] - drawn[1]).abs().max() > 2, "the map is read"
+
+
+@pytest.mark.skipif("shapes-controlnet-seg-32" not in pretrained.available(),
+                    reason="needs the released shapes-controlnet-seg-32")
+def test_the_released_controlnet_holds_its_own_weights_and_references_its_frozen_base():
+    state, meta = pretrained.load_file_checked(pretrained.path("shapes-controlnet-seg", 32))
+    assert state and all(k.startswith("denoiser.controlnet.") for k in state), "the base, VAE and text: references"
+    assert json.loads(meta["parts"])["denoiser"]["parts"]["base"]["part"] == "denoiser"
+    pipe, t2i = pretrained.load("shapes-controlnet-seg", 32), pretrained.load("shapes-t2i", 32)
+    assert type(pipe.denoiser) is Controlled
+    ours, theirs = pipe.denoiser.base.state_dict(), t2i.denoiser.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
 
 
 def test_a_map_file_that_is_not_an_image_is_a_clear_error(tmp_path):

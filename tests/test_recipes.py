@@ -20,6 +20,7 @@ from sdlearn.recipes import (
     clip,
     command,
     command_line_options,
+    controlnet,
     inpaint,
     ip_adapter,
     mmdit,
@@ -100,7 +101,7 @@ def test_a_release_command_parses_to_the_settings_it_names():
 
 def test_unknown_model_is_a_clear_error(capsys):
     assert cli(["train", "unet"]) == 2
-    assert ("model must be one of clip, vae, t2i, vae-xl, sdxl, mmdit, ip-adapter, inpaint, got 'unet'"
+    assert ("model must be one of clip, vae, t2i, vae-xl, sdxl, mmdit, ip-adapter, inpaint, controlnet, got 'unet'"
             in capsys.readouterr().err)
 
 
@@ -113,7 +114,8 @@ def test_release_commands_are_the_recipes():
                 ("shapes-clip-bidir", 32, clip.RELEASE_BIDIR), ("shapes-clip-bidir-image", 32, clip.RELEASE_BIDIR),
                 ("shapes-mmdit", 32, mmdit.RELEASE),
                 ("shapes-sdxl-base", 32, sdxl.RELEASE["base"]), ("shapes-sdxl-refiner", 32, sdxl.RELEASE["refiner"]),
-                ("shapes-inpaint", 32, inpaint.RELEASE), ("shapes-ip-adapter", 32, ip_adapter.RELEASE)]
+                ("shapes-inpaint", 32, inpaint.RELEASE), ("shapes-ip-adapter", 32, ip_adapter.RELEASE),
+                ("shapes-controlnet-seg", 32, controlnet.RELEASE)]
     for name, size, made_by in releases:
         if f"{name}-{size}" in pretrained.available():
             assert pretrained.metadata(name, size)["command"] == made_by

@@ -32,7 +32,8 @@ from sdlearn import pretrained
 # model name on the command line -> the recipe module
 RECIPES = {"clip": "sdlearn.recipes.clip", "vae": "sdlearn.recipes.vae", "t2i": "sdlearn.recipes.t2i",
            "vae-xl": "sdlearn.recipes.vae_xl", "sdxl": "sdlearn.recipes.sdxl", "mmdit": "sdlearn.recipes.mmdit",
-           "ip-adapter": "sdlearn.recipes.ip_adapter", "inpaint": "sdlearn.recipes.inpaint"}
+           "ip-adapter": "sdlearn.recipes.ip_adapter", "inpaint": "sdlearn.recipes.inpaint",
+           "controlnet": "sdlearn.recipes.controlnet"}
 
 
 def option(default: Any, help: str, *, command_line: bool = True) -> Any:
