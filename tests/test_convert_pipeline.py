@@ -279,6 +279,36 @@ def test_side_by_side_on_a_local_folder(family):
     assert theirs.std() > 0.05 and ((theirs > 0.01) & (theirs < 0.99)).float().mean() > 0.5  # an image, not a blank
 
 
+@pytest.mark.parametrize("family", ["sd15"], indirect=True)
+def test_side_by_side_with_a_controlnet(family, tmp_path, monkeypatch):
+    """Notebook 08's real-weights cell ("sd15" steered by "sd15-canny") on tiny folders: a local ControlNet folder;
+    then the names, with the base in an fp16 variant and the ControlNet without one, as the published pair is."""
+    from test_controlnet import _controlnet_model
+
+    from sdlearn.convert import hub
+
+    torch.manual_seed(3)
+    _controlnet_model(xl=False).save_pretrained(tmp_path / "controlnet", safe_serialization=True)
+    g = torch.Generator().manual_seed(4)
+    edges = [(torch.rand(1, 3, SIZE, SIZE, generator=g) > 0.8).float() for _ in range(2)]  # white edges on black
+    run = dict(steps=STEPS, guidance_scale=GUIDANCE, device="cpu", dtype=torch.float32, control_scale=0.8)
+    ours, theirs, _ = hub.side_by_side(str(family.folder), PROMPTS[0], controlnet=str(tmp_path / "controlnet"),
+                                       control=edges[0], **run)
+    print(f"ControlNet side by side: max abs error {err(ours, theirs):.2e}")
+    assert ours.shape == theirs.shape == (1, 3, SIZE, SIZE) and err(ours, theirs) <= 1e-4
+
+    family.pipe.save_pretrained(tmp_path / "fp16", variant="fp16", safe_serialization=True)
+    monkeypatch.setitem(hub.CHECKPOINTS, "tiny", dict(hub.CHECKPOINTS["sd15"], repo=None))
+    monkeypatch.setitem(hub.CONTROLNETS, "tiny-canny", dict(hub.CONTROLNETS["sd15-canny"], repo=None, base="tiny"))
+    monkeypatch.setattr(hub, "download", {"tiny": tmp_path / "fp16", "tiny-canny": tmp_path / "controlnet"}.get)
+    other, theirs, _ = hub.side_by_side("tiny", PROMPTS[0], controlnet="tiny-canny", control=edges[1], **run)
+    assert err(other, theirs) <= 1e-4 and err(other, ours) > 1e-3, "the control image steers the image"
+    with pytest.raises(ValueError, match="unknown ControlNet 'sd15-cany'; known: .*sd15-canny"):
+        hub.side_by_side("sd15", PROMPTS[0], controlnet="sd15-cany", control=edges[0])
+    with pytest.raises(ValueError, match="steers 'tiny', not 'sd15'"):
+        hub.side_by_side("sd15", PROMPTS[0], controlnet="tiny-canny", control=edges[0])
+
+
 @pytest.mark.parametrize("family", ["sd15"], indirect=True)  # one family is enough for the command line
 def test_the_command_line_draws_from_a_checkpoint(family, tmp_path):
     from torchvision.io import read_image
