@@ -1,6 +1,6 @@
 """What a ControlNet buys on the course's shapes: layout IoU with and without the map, text adherence kept.
 
-    python benchmarks/controlnet.py [--base shapes-t2i] [--steps 800] [--batch 32] [--lr 5e-4] [--kind segmentation]
+    python benchmarks/controlnet.py [--base shapes-t2i] [--steps 800] [--batch 32] [--lr 1e-3] [--kind segmentation]
                                     [--n 200]
 
 Trains notebook 09's ControlNet (sdlearn.recipes.controlnet, the cpu profile's settings unless told otherwise) on
@@ -12,12 +12,10 @@ the base's by more than 0.02. Layout IoU is also measured every --every steps on
 the paper's "sudden convergence" would show). Writes benchmarks/results/controlnet.json (rewritten as it goes).
 """
 import argparse
-import datetime
-import json
-import platform
 import time
 from pathlib import Path
 
+import record
 import torch
 
 from sdlearn import pretrained
@@ -54,7 +52,7 @@ def main():
         iou = recipe.evaluate(pipe, args.curve_n, args.kind, args.sample_steps)["iou"]
         curve.append((step, iou))
         print(f"step {step}: layout IoU {iou:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-        write(out, args, start, rows, curve)
+        record.write(out, __file__, args, start, rows, iou_curve=curve)
 
     settings = recipe.ControlNetRecipe(steps=args.steps, batch_size=args.batch, lr=args.lr, pool=args.pool,
                                        p_uncond=args.p_uncond, kind=args.kind, base=args.base, depth=args.depth)
@@ -66,18 +64,8 @@ def main():
     rows["ControlNet, trainable parameters"] = sum(p.numel() for p in pipe.denoiser.controlnet.parameters())
     rows["ControlNet, final loss (mean of last 50)"] = sum(hist.losses[-50:]) / len(hist.losses[-50:])
     print("ControlNet:", rows["ControlNet, caption and map"], flush=True)
-    write(out, args, start, rows, curve)
+    record.write(out, __file__, args, start, rows, iou_curve=curve)
     print("wrote", out)
-
-
-def write(out: Path, args, start: float, rows: dict, curve: list) -> None:
-    out.write_text(json.dumps({
-        "command": "python benchmarks/controlnet.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {args.threads} threads "
-                                                              "(a 2-core machine shared with other jobs)",
-        "minutes": round((time.perf_counter() - start) / 60, 1), "args": vars(args), "results": rows,
-        "iou_curve": curve}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,10 @@ map) exact adherence on the base's own judge prompts (sdlearn.metrics.eval_promp
 Writes benchmarks/results/controlnet_concat.json (rewritten as it goes).
 """
 import argparse
-import datetime
-import json
-import platform
 import time
 from pathlib import Path
 
+import record
 import torch
 
 from sdlearn import pretrained
@@ -53,7 +51,7 @@ def main():
     base = pretrained.load("shapes-t2i", 32)
     rows["base (caption only)"] = {**recipe.evaluate(base, args.n, steps=args.sample_steps, control=False),
                                    "kept exact (named positions)": kept(base, args.n, args.sample_steps)["exact"]}
-    write(out, args, start, rows)
+    record.write(out, __file__, args, start, rows)
 
     def run(label, settings):
         pipe, hist = recipe.train(settings, progress=False)
@@ -65,7 +63,7 @@ def main():
                        "trainable parameters": trainable,
                        "final loss (mean of last 50)": sum(hist.losses[-50:]) / len(hist.losses[-50:])}
         print(label, rows[label], flush=True)
-        write(out, args, start, rows)
+        record.write(out, __file__, args, start, rows)
         return hist
 
     cn = run("ControlNet", recipe.ControlNetRecipe(steps=args.steps, method="controlnet"))
@@ -76,16 +74,6 @@ def main():
                             "ControlNet seconds per step": cn.seconds / args.steps}
     run("concatenation (LDM)", recipe.ControlNetRecipe(steps=steps, method="concat"))
     print("wrote", out)
-
-
-def write(out: Path, args, start: float, rows: dict) -> None:
-    out.write_text(json.dumps({
-        "command": "python benchmarks/controlnet_concat.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {args.threads} threads "
-                                                              "(a 2-core machine shared with other jobs)",
-        "minutes": round((time.perf_counter() - start) / 60, 1), "args": vars(args), "results": rows}, indent=1)
-                     + "\n")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ another scene's caption at image scales 0 .. 1.5 (which one it follows). The iss
 prompt image's caption >= 0.8 with the empty text. Writes benchmarks/results/<--out>.
 """
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
+import record
 import torch
 
 from sdlearn import pretrained
@@ -50,7 +49,7 @@ def main():
     def on_step(step, pipe):
         curve.append((step, recipe.evaluate(pipe, args.curve_n, "empty", steps=args.sample_steps)["image_exact"]))
         print(f"step {step}: exact {curve[-1][1]:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-        write(out, args, start, rows, curve)
+        record.write(out, __file__, args, start, rows, exact_curve=curve)
 
     settings = recipe.IPAdapterRecipe(steps=args.steps, batch_size=args.batch, lr=args.lr, pool=args.pool,
                                       p_text=args.p_text, tokens=args.tokens)
@@ -64,19 +63,9 @@ def main():
         rows[f"image prompt, another caption, scale {s}"] = recipe.evaluate(pipe, args.n, "other", image_scale=s,
                                                                              steps=args.sample_steps)
         print(s, rows[f"image prompt, another caption, scale {s}"], flush=True)
-    write(out, args, start, rows, curve)
+    record.write(out, __file__, args, start, rows, exact_curve=curve)
     print(json.dumps(rows, indent=1))
     print("wrote", out)
-
-
-def write(out: Path, args, start: float, rows: dict, curve: list) -> None:
-    out.write_text(json.dumps({
-        "command": "python benchmarks/ip_adapter.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {args.threads} threads "
-                                                              "(a 2-core machine shared with other jobs)",
-        "minutes": round((time.perf_counter() - start) / 60, 1), "args": vars(args), "results": rows,
-        "exact_curve": curve}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

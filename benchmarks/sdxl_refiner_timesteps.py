@@ -10,12 +10,10 @@ on --n judge prompts (half naming held-out colour-shape pairs), the same seeds f
 reference row. Writes benchmarks/results/sdxl_refiner_timesteps.json.
 """
 import argparse
-import datetime
-import json
-import platform
 import time
 from pathlib import Path
 
+import record
 import torch
 
 from sdlearn import pretrained
@@ -54,19 +52,10 @@ def main():
         images = SDXLPipeline(base, refiner, 0.8).generate(captions, args.sample_steps, 3.0, progress=False)
         rows[f"+ refiner on {label}"] = image_scores(images, captions)
         print(f"{label}: {rows[f'+ refiner on {label}']} ({time.perf_counter() - start:.0f} s)", flush=True)
-        write(out, args, start, rows)
+        record.write(out, __file__, args, start, rows)
     print_table(rows)
     print("wrote", out)
 
-
-def write(out: Path, args, start: float, rows: dict) -> None:
-    out.write_text(json.dumps({
-        "command": "python benchmarks/sdxl_refiner_timesteps.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {args.threads} threads "
-                                                              "(a 2-core machine shared with other jobs)",
-        "minutes": round((time.perf_counter() - start) / 60, 1), "args": vars(args), "results": rows}, indent=1)
-        + "\n")
 
 if __name__ == "__main__":
     main()
