@@ -289,6 +289,16 @@ def score(detected: Sequence[DetectedObject], wanted: Sequence[ShapeObject]) -> 
     return right
 
 
+def clearly_differ(p: float, q: float, n: int, m: int | None = None) -> bool:
+    """Whether adherence rates p (a share of n prompts) and q (of m, default n) differ by more than two standard
+    errors of their difference, sqrt(p(1-p)/n + q(1-q)/m) (two independent binomial proportions): a smaller
+    difference is within what another draw of the judged prompts could move."""
+    m = n if m is None else m
+    if n < 1 or m < 1 or not (0 <= p <= 1 and 0 <= q <= 1):
+        raise ValueError(f"clearly_differ: rates in [0, 1] over at least one prompt each, got {p} of {n}, {q} of {m}")
+    return abs(p - q) > 2 * (p * (1 - p) / n + q * (1 - q) / m) ** 0.5
+
+
 def judge_report(images: torch.Tensor, captions: Sequence[str]) -> list[dict]:
     """Per image: caption, what was detected, and which attributes are right."""
     images = _check_images(images)

@@ -17,7 +17,15 @@ from sdlearn.data import (
     parse_caption,
     render,
 )
-from sdlearn.metrics import DetectedObject, detect_batch, detect_objects, judge_report, prompt_adherence, score
+from sdlearn.metrics import (
+    DetectedObject,
+    clearly_differ,
+    detect_batch,
+    detect_objects,
+    judge_report,
+    prompt_adherence,
+    score,
+)
 
 KEYS = {"exact", "color", "shape", "position", "count"}
 
@@ -204,3 +212,15 @@ def test_speed():
     start = time.perf_counter()
     prompt_adherence(images, captions)
     assert time.perf_counter() - start < 10  # ~0.5 s on one core
+
+
+def test_clearly_differ_weighs_a_difference_against_its_standard_error():
+    # 0.575 vs 0.595 on 200 prompts: the difference's standard error is 0.049, so 0.02 is noise; 0.70 vs 0.575 is
+    # 2.6 of them
+    assert not clearly_differ(0.575, 0.595, 200)
+    assert clearly_differ(0.70, 0.575, 200)
+    assert not clearly_differ(0.70, 0.575, 30), "on 30 prompts the same gap is within noise"
+    assert clearly_differ(0.5, 0.6, 1000, 1000) and not clearly_differ(0.5, 0.6, 10, 1000)
+    assert not clearly_differ(1.0, 1.0, 5)
+    with pytest.raises(ValueError, match=r"rates in \[0, 1\] .*got 1.5 of 10"):
+        clearly_differ(1.5, 0.5, 10)
