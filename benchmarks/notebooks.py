@@ -58,9 +58,28 @@ def _tree_rss_mib(proc: psutil.Process) -> dict[int, float]:
     return rss
 
 
+def reference_s(threads: int) -> float:
+    """This machine's speed this minute, to set beside a wall time on a shared machine: the seconds that twenty
+    2000x2000 fp32 matrix products take on the CPU with `threads` threads (after one to warm up)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(2000, 2000)
+        a @ a
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ a
+        return round(time.perf_counter() - start, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_one(path: Path, profile: str, dry_run: bool = False, device: str | None = None,
             timeout: int | None = None) -> dict:
-    """Run one notebook under `pytest --nbval-lax` in `profile`; its record (passed, wall_s, peak memory).
+    """Run one notebook under `pytest --nbval-lax` in `profile`; its record (passed, wall_s, peak memory, the date,
+    and but for a dry run the machine's reference_s just before it).
     timeout: seconds (default DRY_RUN_TIMEOUT for a dry run, else TIMEOUT)."""
     timeout = timeout or (DRY_RUN_TIMEOUT if dry_run else TIMEOUT)
     env = dict(os.environ, SDLEARN_PROFILE=profile, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
@@ -74,6 +93,7 @@ def run_one(path: Path, profile: str, dry_run: bool = False, device: str | None 
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-p", "no:xdist",
            "-o", "addopts=", "-q", "--durations=5", "--durations-min=1", f"--nbval-cell-timeout={timeout}", str(path)]
+    reference = None if dry_run else reference_s(int(env["OMP_NUM_THREADS"]))   # a dry run times no work
     gpu0 = _gpu_memory_mib()
     peak = {"rss": 0.0, "gpu": gpu0}
     start = time.perf_counter()
@@ -99,6 +119,7 @@ def run_one(path: Path, profile: str, dry_run: bool = False, device: str | None 
     watcher.join()
     wall = time.perf_counter() - start
     record = {"notebook": path.stem, "passed": proc.returncode == 0, "wall_s": round(wall, 1),
+              "date": datetime.date.today().isoformat(), **({"reference_s": reference} if reference else {}),
               "peak_kernel_rss_mib": round(peak["rss"]),
               "peak_gpu_mib": None if peak["gpu"] is None else round(peak["gpu"] - (gpu0 or 0))}
     # where the time went: pytest's --durations lines, "12.34s call     solutions/06_x.ipynb::Cell 12"

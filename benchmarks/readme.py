@@ -25,12 +25,13 @@ def _minutes(s: float) -> str:
 
 
 def notebook_table() -> str:
-    """One column per results file, one row per notebook: wall time (peak kernel memory, peak GPU memory)."""
+    """One column per results file, one row per notebook: wall time (peak kernel memory, peak GPU memory; the
+    date and the reference time measured just before it, where the record has them)."""
     files = sorted(RESULTS.glob("notebooks_*.json")) + sorted(RESULTS.glob("gpu_validate.json"))
     runs = [json.loads(f.read_text()) for f in files]
     if not runs:
         return "(no results yet: run `python benchmarks/notebooks.py --profile smoke`)"
-    head = [f"{r['profile']}{' (dry run)' if r['dry_run'] else ''}, {r['machine']}, {r['date']}" for r in runs]
+    head = [f"{r['profile']}{' (dry run)' if r['dry_run'] else ''}, {r['machine']}, last run {r['date']}" for r in runs]
     lines = ["| notebook | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(runs)]
     names = sorted({n for r in runs for n in r["notebooks"]})
     for n in names:
@@ -43,7 +44,8 @@ def notebook_table() -> str:
             mem = f"{rec['peak_kernel_rss_mib'] / 1024:.1f} GiB RAM"
             if rec.get("peak_gpu_mib") is not None:
                 mem += f", {rec['peak_gpu_mib'] / 1024:.1f} GiB GPU"
-            cells.append(f"{_minutes(rec['wall_s'])} ({mem})" + ("" if rec["passed"] else " **failed**"))
+            when = f"; {rec['date']}, reference {rec['reference_s']} s" if "reference_s" in rec else ""
+            cells.append(f"{_minutes(rec['wall_s'])} ({mem}{when})" + ("" if rec["passed"] else " **failed**"))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("| all | " + " | ".join(_minutes(r["total_s"]) + ("" if len(r["notebooks"]) == len(names) else
                                           f" ({len(r['notebooks'])} notebooks)") for r in runs) + " |")
