@@ -401,7 +401,6 @@ def widen_conv_in(unet: UNet, extra: int | None = None) -> UNet:
     return wide
 
 
-
 class Concatenated(nn.Module):
     """A map as extra input channels (Rombach et al. 2022, sec. 4.3, semantic synthesis): the control image
     resized to the latent grid by area and concatenated to the latents; the whole UNet (widen_conv_in) is trained.
