@@ -101,6 +101,20 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
+def _controlnet_spec(name: str, controlnet: str | None, control, refiner) -> dict:
+    """side_by_side's ControlNet arguments checked: CONTROLNETS[controlnet] ({} for a local folder or none)."""
+    if controlnet is not None and not Path(controlnet).is_dir() and controlnet not in CONTROLNETS:
+        raise ValueError(f"unknown ControlNet {controlnet!r}; known: {', '.join(CONTROLNETS)} (or a local diffusers "
+                         f"ControlNetModel folder)")
+    cn_spec = CONTROLNETS.get(controlnet, {})
+    if cn_spec and name in CHECKPOINTS and cn_spec["base"] != name:
+        raise ValueError(f"the ControlNet {controlnet!r} steers {cn_spec['base']!r}, not {name!r}")
+    if (controlnet is None) != (control is None) or (controlnet is not None and refiner):
+        raise ValueError("controlnet= and control= go together, and without refiner=; got controlnet="
+                         f"{controlnet!r}, control={'None' if control is None else 'a tensor'}, refiner={refiner!r}")
+    return cn_spec
+
+
 def side_by_side(name: str, prompt: str, steps: int = 30, guidance_scale: float = 7.0, seed: int = 0,
                  device: str = "cuda", dtype: torch.dtype = torch.float16, skip: tuple[str, ...] = (),
                  refiner: bool | str = False, size: int | None = None, controlnet: str | None = None,
@@ -113,16 +127,7 @@ def side_by_side(name: str, prompt: str, steps: int = 30, guidance_scale: float 
     folder), with control the map it reads, [1, 3, H, W] in [0, 1] at the checkpoint's image size (a canny
     ControlNet: white edges on black) and control_scale its residuals' weight (diffusers' StableDiffusionControlNet-
     Pipeline with image=control, controlnet_conditioning_scale=control_scale)."""
-    spec = CHECKPOINTS.get(name, {})
-    if controlnet is not None and not Path(controlnet).is_dir() and controlnet not in CONTROLNETS:
-        raise ValueError(f"unknown ControlNet {controlnet!r}; known: {', '.join(CONTROLNETS)} (or a local diffusers "
-                         f"ControlNetModel folder)")
-    cn_spec = CONTROLNETS.get(controlnet, {})
-    if cn_spec and name in CHECKPOINTS and cn_spec["base"] != name:
-        raise ValueError(f"the ControlNet {controlnet!r} steers {cn_spec['base']!r}, not {name!r}")
-    if (controlnet is None) != (control is None) or (controlnet is not None and refiner):
-        raise ValueError("controlnet= and control= go together, and without refiner=; got controlnet="
-                         f"{controlnet!r}, control={'None' if control is None else 'a tensor'}, refiner={refiner!r}")
+    spec, cn_spec = CHECKPOINTS.get(name, {}), _controlnet_spec(name, controlnet, control, refiner)
     folder, variant = download(name), spec.get("variant")
     refiner_folder = download(name, refiner=True) if refiner is True else (Path(refiner) if refiner else None)
     cn_folder, cn_variant = (download(controlnet), cn_spec.get("variant")) if controlnet else (None, None)

@@ -104,6 +104,40 @@ def controlled_pipeline(base: TextToImage, controlnet: ControlNet | SD3ControlNe
     return pipe
 
 
+def _check(r: ControlNetRecipe, base: TextToImage, custom: list[str]) -> None:
+    """A clear error for a base no ControlNet fits, and for the UNet's options (custom: the exercises' functions
+    given) on an MMDiT or the MMDiT's (depth) on a UNet."""
+    mmdit = isinstance(base.denoiser, MMDiT)
+    if not mmdit and not isinstance(getattr(base.denoiser, "unet", base.denoiser), UNet):   # an SDXLUNet: its UNet
+        raise ValueError(f"ControlNetRecipe: base {r.base!r} has a {type(base.denoiser).__name__} denoiser; a "
+                         f"ControlNet steers a UNet (shapes-t2i) or an MMDiT (shapes-mmdit)")
+    if mmdit and (custom or r.method != "controlnet"):
+        raise ValueError(f"ControlNetRecipe: base {r.base!r} is an MMDiT, steered by SD3's ControlNet (method "
+                         f"'controlnet', its own zero linears added to the joint blocks); got method {r.method!r} "
+                         f"and the UNet's {custom or 'nothing'} (notebook 09's exercises: for a UNet base only)")
+    if r.depth and not mmdit:
+        raise ValueError(f"ControlNetRecipe: depth ({r.depth}) is the joint blocks an MMDiT's ControlNet copies; "
+                         f"base {r.base!r} is a UNet, whose ControlNet copies the whole down path: leave depth 0")
+
+
+def _build(r: ControlNetRecipe, base: TextToImage, maps: torch.Tensor, zero_conv: Callable, add_residuals: Callable,
+           strides: Callable) -> tuple[TextToImage, torch.nn.Module, torch.Tensor]:
+    """(the pipeline to train, the module that trains, the pool's maps [N,3,H,W] as that module reads them)."""
+    if r.method == "concat":            # the LDM paper's way: a new whole UNet, the map as input channels
+        pipe = concatenate(base)
+        return pipe, pipe.denoiser.requires_grad_(True), maps
+    if isinstance(base.denoiser, MMDiT):  # SD3's: a copy of the first joint blocks, reading the map's VAE latents
+        trained = SD3ControlNet.from_mmdit(base.denoiser, copied_blocks(base.denoiser, r.depth))
+        pipe = controlled_pipeline(base, trained)
+        with torch.no_grad():           # the maps as the ControlNet reads them, encoded once as the pool's latents
+            latents = torch.cat([pipe.conditioner.encode_control(maps[i:i + 500]).cpu()
+                                 for i in range(0, len(maps), 500)])                     # [N,C,h,w]
+        return pipe, trained, latents
+    trained = ControlNet.from_unet(base.denoiser, downscale=base.vae.downsampling_factor, zero_conv=zero_conv,
+                                   strides=strides(r.size, base.latent_shape[-1]))
+    return controlled_pipeline(base, trained, add_residuals), trained, maps
+
+
 def train(recipe: ControlNetRecipe, *, zero_conv: Callable = zero_conv, add_residuals: Callable = add_residuals,
           strides: Callable = embedding_strides, callback: Callable[[int, TextToImage], None] | None = None,
           callback_every: int = 0, progress: bool = True) -> tuple[TextToImage, History]:
@@ -117,36 +151,12 @@ def train(recipe: ControlNetRecipe, *, zero_conv: Callable = zero_conv, add_resi
     r = recipe
     seed_everything(r.seed)
     base = pretrained.load(r.base, r.size, r.device)
-    mmdit = isinstance(base.denoiser, MMDiT)
-    if not mmdit and not isinstance(getattr(base.denoiser, "unet", base.denoiser), UNet):   # an SDXLUNet: its UNet
-        raise ValueError(f"ControlNetRecipe: base {r.base!r} has a {type(base.denoiser).__name__} denoiser; a "
-                         f"ControlNet steers a UNet (shapes-t2i) or an MMDiT (shapes-mmdit)")
     custom = [k for k, f in (("zero_conv", zero_conv), ("add_residuals", add_residuals), ("strides", strides))
               if f is not train.__kwdefaults__[k]]
-    if mmdit and (custom or r.method != "controlnet"):
-        raise ValueError(f"ControlNetRecipe: base {r.base!r} is an MMDiT, steered by SD3's ControlNet (method "
-                         f"'controlnet', its own zero linears added to the joint blocks); got method {r.method!r} "
-                         f"and the UNet's {custom or 'nothing'} (notebook 09's exercises: for a UNet base only)")
-    if r.depth and not mmdit:
-        raise ValueError(f"ControlNetRecipe: depth ({r.depth}) is the joint blocks an MMDiT's ControlNet copies; "
-                         f"base {r.base!r} is a UNet, whose ControlNet copies the whole down path: leave depth 0")
+    _check(r, base, custom)
     images, captions, maps, _ = scenes(r.kind, r.size, r.pool, "train", r.seed)
     latents, conds = encode_pool(base.vae, base.conditioner, images, captions)
-    conds["control"] = maps
-    latent_size = base.latent_shape[-1]
-    if r.method == "concat":            # the LDM paper's way: a new whole UNet, the map as input channels
-        pipe = concatenate(base)
-        trained = pipe.denoiser.requires_grad_(True)
-    elif mmdit:                         # SD3's: a copy of the first joint blocks, reading the map's VAE latents
-        trained = SD3ControlNet.from_mmdit(base.denoiser, copied_blocks(base.denoiser, r.depth))
-        pipe = controlled_pipeline(base, trained)
-        with torch.no_grad():           # the maps as the ControlNet reads them, encoded once as the pool's latents
-            conds["control"] = torch.cat([pipe.conditioner.encode_control(maps[i:i + 500]).cpu()
-                                          for i in range(0, len(maps), 500)])            # [N,C,h,w]
-    else:
-        trained = ControlNet.from_unet(base.denoiser, downscale=base.vae.downsampling_factor, zero_conv=zero_conv,
-                                       strides=strides(r.size, latent_size))
-        pipe = controlled_pipeline(base, trained, add_residuals)
+    pipe, trained, conds["control"] = _build(r, base, maps, zero_conv, add_residuals, strides)
     model, schedule = pipe.denoiser, base.schedule
     schedule.parse_prediction(model.prediction)    # a denoiser the schedule cannot sample: an error now
     uncond = {k: v for k, v in base.conditioner.unconditional(1).items() if k in base.conditioner.dropout_keys}
