@@ -8,7 +8,6 @@
 - bad input is a clear error.
 """
 import copy
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -393,18 +392,6 @@ def test_the_command_line_draws_with_the_released_controlnet_by_default(tmp_path
                      "--steps", "4", "--n", "1", "--scale", "1", "--out", str(tmp_path / "out.png")]) == 0
         drawn.append(torch.tensor(np.asarray(Image.open(tmp_path / "out.png")), dtype=torch.float32))
     assert (drawn[0] - drawn[1]).abs().max() > 2, "the map is read"
-
-
-@pytest.mark.skipif("shapes-controlnet-seg-32" not in pretrained.available(),
-                    reason="needs the released shapes-controlnet-seg-32")
-def test_the_released_controlnet_holds_its_own_weights_and_references_its_frozen_base():
-    state, meta = pretrained.load_file_checked(pretrained.path("shapes-controlnet-seg", 32))
-    assert state and all(k.startswith("denoiser.controlnet.") for k in state), "the base, VAE and text: references"
-    assert json.loads(meta["parts"])["denoiser"]["parts"]["base"]["part"] == "denoiser"
-    pipe, t2i = pretrained.load("shapes-controlnet-seg", 32), pretrained.load("shapes-t2i", 32)
-    assert type(pipe.denoiser) is Controlled
-    ours, theirs = pipe.denoiser.base.state_dict(), t2i.denoiser.state_dict()
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
 
 
 def test_a_map_file_that_is_not_an_image_is_a_clear_error(tmp_path):

@@ -1,3 +1,4 @@
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -92,3 +93,19 @@ def test_a_release_saved_by_python_dash_m_names_the_importable_module(weights, t
     from safetensors import safe_open
     with safe_open(out, framework="pt") as f:
         assert f.metadata()["class"] == "pkg.mod.M"
+
+
+@pytest.mark.parametrize("name, own", [("shapes-controlnet-seg", "denoiser.controlnet."),
+                                       ("shapes-ip-adapter", "denoiser.adapter.")])
+def test_a_release_that_steers_shapes_t2i_holds_only_its_own_weights(name, own):
+    """Its frozen base is a reference to a part of another release (shapes-t2i-32:denoiser), loaded equal to it."""
+    if not {f"{name}-32", "shapes-t2i-32"} <= set(pretrained.available()):
+        pytest.skip(f"needs the released {name}-32 and shapes-t2i-32")
+    state, meta = pretrained.load_file_checked(pretrained.path(name, 32))
+    assert state and all(k.startswith(own) for k in state), "the base, the VAE and the encoders are references"
+    assert json.loads(meta["parts"])["denoiser"]["parts"]["base"] == {
+        "release": "shapes-t2i-32", "part": "denoiser",
+        "sha256": pretrained._sha256(pretrained.path("shapes-t2i", 32))}
+    ours, theirs = pretrained.load(name, 32).denoiser.base.state_dict(), pretrained.load("shapes-t2i", 32).denoiser
+    theirs = theirs.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())

@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained {r.steps} steps in {hist.seconds / 60:.1f} min; {scores}")
     save_trained(pipe, NAME, r, run, command("ip-adapter", argv), hist.seconds,
                  {"vae": f"shapes-vae-{r.size}", "conditioner.conditioner.text_encoder": "shapes-clip-32",
-                  "conditioner.image_encoder": f"{r.encoder}-{r.size}"}, image_exact=f"{scores['image_exact']:.3f}")
+                  "conditioner.image_encoder": f"{r.encoder}-{r.size}",
+                  "denoiser.base": f"shapes-t2i-{r.size}:denoiser"},            # the frozen base, by reference
+                 image_exact=f"{scores['image_exact']:.3f}")
     return 0
 
 
