@@ -62,7 +62,12 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _nbgrader(course: Path, *args: str) -> str:
     r = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, capture_output=True, text=True,
                        timeout=1500)
-    assert r.returncode == 0, f"nbgrader {' '.join(args)} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+    if r.returncode != 0:
+        log = r.stdout + r.stderr
+        first = next((i for i in (log.find("Traceback"), log.find("| ERROR]")) if i >= 0), -1)   # the first error's
+        # own lines, which a long log's tail leaves out
+        cause = f"{log[max(0, first - 1500):first + 6000]}\n[...]\n" if first >= 0 else ""
+        raise AssertionError(f"nbgrader {' '.join(args)} failed:\n{cause}{log[-3000:]}")
     return r.stdout + r.stderr
 
 
