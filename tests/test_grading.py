@@ -121,6 +121,13 @@ class _GradingRound:
         r = subprocess.run([sys.executable, "-m", "sdlearn.course", "make-course", str(course)], capture_output=True,
                            text=True)
         assert r.returncode == 0, r.stderr
+        # The rounds start kernels side by side, and over TCP two kernels started at once can be handed the same
+        # free port (jupyter_client picks it, the kernel binds it later): a client then waits on the wrong kernel
+        # ("Kernel didn't respond in 60 seconds") and a whole assignment fails. Unix sockets under an absolute
+        # prefix of this round's own (a relative one resolves in the notebook's folder for the kernel and in the
+        # course folder for nbgrader) have no such race.
+        with open(course / "nbgrader_config.py", "a") as f:
+            f.write(f'\nc.KernelManager.transport = "ipc"\nc.KernelManager.ip = {str(course / "kernel")!r}\n')
         for other in set(ASSIGNMENTS) - set(names):  # the other rounds grade these
             shutil.rmtree(course / "source" / other)
         logs = {"generate_assignment": _nbgrader(course, "generate_assignment", "*")}
