@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = command_line().parse_args(argv)
     start = time.perf_counter()
     if args.cmd == "eval":
-        pipe = pretrained.load(f"{NAME}", 32)
+        pipe = pretrained.load(NAME, 32)
         print({"ControlNet, caption and map": evaluate(pipe, args.n, control_scale=args.control_scale),
                "VAE reconstruction (ceiling)": ceiling(pipe.vae, args.n)})
         reproduce(NAME, 32, start)
